@@ -1,0 +1,1 @@
+"""Command-line interface: thin click layers over the library's configs."""

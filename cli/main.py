@@ -1,0 +1,37 @@
+"""`xtoken-align`: the click group. Each command lives in its own module and registers here.
+
+User errors (`XTokenError`, bad options) print one `error: ...` line and exit with code 2, never a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from xtoken_align.errors import XTokenError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except XTokenError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="xtoken")
+def align_cli() -> None:
+    """Cross-tokenizer alignment tools: overlap reports, alignments and sparse projections."""
+
+
+def _register() -> None:
+    from cli.overlap_cmd import overlap_report_cmd
+
+    align_cli.add_command(overlap_report_cmd)
+
+
+_register()
