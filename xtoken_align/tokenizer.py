@@ -52,6 +52,7 @@ class TokenizerInfo:
     is_special: np.ndarray  # [vocab_size] bool
     is_unused: np.ndarray  # [vocab_size] bool
     special_tokens: dict[int, str] = field(repr=False)  # id -> content, for special ids
+    _prefix_always: bool = field(default=False, repr=False)  # Prepend normalizer (see adds_phantom_space)
     config: dict = field(repr=False, compare=False, default_factory=dict)
 
     @cached_property
@@ -59,9 +60,14 @@ class TokenizerInfo:
         """The `tokenizers.Tokenizer` that encodes (loaded on first use: overlap statistics need
         only the vocabulary, and parsing 200k merges costs about a second)."""
         try:
-            return Tokenizer.from_file(self.source)
+            backend = Tokenizer.from_file(self.source)
         except Exception as exc:
             raise TokenizerLoadError(f"{self.source}: the tokenizers library cannot load it: {exc}") from None
+        # Some tokenizer.json files ship with padding/truncation switched on (BERT's pads every
+        # encoding to 128 ids); xtoken pads and truncates batches itself, at byte boundaries.
+        backend.no_padding()
+        backend.no_truncation()
+        return backend
 
     @cached_property
     def packed(self) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +87,17 @@ class TokenizerInfo:
             if b is not None and b not in out:
                 out[b] = i
         return out
+
+    def adds_phantom_space(self, text: str) -> bool:
+        """Whether encoding `text` yields a leading space that is not in the text.
+
+        SentencePiece-style Metaspace ("first"/"always") prepends `▁` only when the text does not
+        already start with one (tokenizers' Metaspace), so " Hello" gets no phantom space while
+        "Hello" does; a legacy `Prepend` normalizer prepends to any non-empty text.
+        """
+        if not self.prefix_space or not text:
+            return False
+        return self._prefix_always or not text.startswith(" ")
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text` (no BOS/EOS unless asked)."""
@@ -336,5 +353,6 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
         is_special=is_special,
         is_unused=is_unused,
         special_tokens=specials,
+        _prefix_always=any(c.get("type") == "Prepend" for c in _components(spec.get("normalizer"))),
         config=config,
     )
