@@ -30,8 +30,11 @@ def align_cli() -> None:
 
 def _register() -> None:
     from cli.overlap_cmd import overlap_report_cmd
+    from cli.projection_cmd import build_projection_cmd, inspect_cmd
 
     align_cli.add_command(overlap_report_cmd)
+    align_cli.add_command(build_projection_cmd)
+    align_cli.add_command(inspect_cmd)
 
 
 _register()

@@ -1,0 +1,158 @@
+"""`xtoken-align build-projection` and `xtoken-align inspect`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from xtoken_align import load_tokenizer
+from xtoken_align import artifacts as art
+from xtoken_align.errors import XTokenError
+
+
+class _StepProgress:
+    """A rich progress display on stderr: one line per step, a bar where the step has a total."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description:<52}"), BarColumn(),
+                                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                  console=Console(stderr=True), transient=False)
+        self._task = None
+        self._name = None
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._finish()
+        self._progress.stop()
+
+    def _finish(self):
+        if self._task is not None:
+            t = self._progress.tasks[self._task]
+            self._progress.update(self._task, total=t.total or 1, completed=t.total or 1)
+
+    def __call__(self, step: str, completed: int | None = None, total: int | None = None) -> None:
+        if step != self._name:
+            self._finish()
+            self._name = step
+            self._task = self._progress.add_task(step, total=total or 1, completed=0)
+        if completed is not None:
+            self._progress.update(self._task, completed=completed, total=total)
+
+
+@click.command("build-projection")
+@click.option("--student", required=True, help="Student tokenizer: fixture name, local path or Hub name.")
+@click.option("--teacher", required=True, help="Teacher tokenizer: fixture name, local path or Hub name.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Artifact directory to write (new, empty, or an earlier projection artifact).")
+@click.option("--top-k", default=4, show_default=True, type=int, help="Entries kept per row.")
+@click.option("--corpus", type=click.Path(path_type=Path),
+              help="UTF-8 corpus (JSON lines with a \"text\" field, or plain text lines) whose co-occurrence "
+                   "counts refine the rule-based rows.")
+@click.option("--both-directions", is_flag=True, help="Also write the teacher-to-student projection "
+                                                      "under OUT/teacher_to_student/.")
+@click.option("--student-vocab-size", type=int, help="Student model output width (rows), if wider than the "
+                                                     "tokenizer; padded rows are empty.")
+@click.option("--teacher-vocab-size", type=int, help="Teacher model output width, if wider than the tokenizer "
+                                                     "(e.g. 151936 for Qwen3); padded teacher ids get no weight.")
+@click.option("--no-reverse", is_flag=True, help="Skip the reverse pass (teacher tokens split by the student).")
+@click.option("--prior-strength", default=4.0, show_default=True, type=float,
+              help="Corpus blend: pseudo-count of the rule-based prior per row.")
+def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corpus: Path | None,
+                         both_directions: bool, student_vocab_size: int | None, teacher_vocab_size: int | None,
+                         no_reverse: bool, prior_strength: float) -> None:
+    """Build a sparse student-to-teacher projection (CONTRACTS §4 artifact) into OUT."""
+    from xtoken_align.projection import ProjectionConfig, build_projection
+    from xtoken_align.projection_refine import read_corpus
+
+    start = time.perf_counter()
+    cfg = ProjectionConfig(top_k=top_k, reverse=not no_reverse, prior_strength=prior_strength,
+                           student_model_vocab_size=student_vocab_size,
+                           teacher_model_vocab_size=teacher_vocab_size, both_directions=both_directions)
+    cfg.validate()
+    art.check_writable(out, marker=art.PROJECTION_JSON)  # fail before the work, not after
+    texts = read_corpus(corpus) if corpus is not None else None
+    with _StepProgress() as progress:
+        progress("loading tokenizers")
+        s_tok = load_tokenizer(student)
+        t_tok = load_tokenizer(teacher)
+        build = build_projection(s_tok, t_tok, cfg, corpus=texts, corpus_name=str(corpus) if corpus else None,
+                                 progress=progress)
+        progress("writing artifact")
+        build.save(out)
+    st = build.forward.meta["stats"]
+    extra = f", teacher_to_student {build.reverse.meta['stats']['mapped_rows']} mapped" if build.reverse else ""
+    click.echo(f"wrote {out}: {s_tok.name} -> {t_tok.name}, {st['rows']} rows x top-{top_k}: "
+               f"{st['exact_rows']} exact, {st['decomposed_rows']} decomposed, {st['special_rows']} special, "
+               f"{st['unmapped_rows']} unmapped{extra}; {time.perf_counter() - start:.1f} s")
+
+
+def _sample_rows(kind: np.ndarray, code: int, n: int) -> list[int]:
+    ids = np.flatnonzero(kind == code)
+    if len(ids) <= n:
+        return ids.tolist()
+    return ids[np.linspace(0, len(ids) - 1, n).round().astype(int)].tolist()
+
+
+def _try_load(side: dict):
+    try:
+        tok = load_tokenizer(side["name"])
+    except XTokenError:
+        return None
+    return tok if tok.fingerprint == side["fingerprint"] else None
+
+
+@click.command("inspect")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--samples", default=3, show_default=True, type=int, help="Sample rows shown per row kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print metadata and samples as JSON.")
+def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
+    """Show a projection artifact's metadata, statistics and sample rows."""
+    proj = art.read_projection(artifact_dir)
+    meta = proj.meta
+    rows_side, cols_side = meta.get("rows", "student"), meta.get("columns", "teacher")
+    row_tok, col_tok = _try_load(meta[rows_side]), _try_load(meta[cols_side])
+    kind = proj.row_kind if proj.row_kind is not None else np.full(proj.num_rows, 255, dtype=np.uint8)
+
+    def name(tok, i):
+        return f"{tok.token_repr(i)!r}" if tok is not None and i < tok.vocab_size else f"#{i}"
+
+    sample = {}
+    for code, kname in enumerate(art.ROW_KIND_NAMES):
+        if kname in ("unmapped", "padded", "unused"):
+            continue
+        for i in _sample_rows(kind, code, samples):
+            sample.setdefault(kname, []).append(
+                {"id": i, "token": name(row_tok, i), "entries": [[name(col_tok, j), round(w, 4)] for j, w in proj.row(i)]})
+    if as_json:
+        click.echo(json.dumps({"meta": meta, "samples": sample}, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"projection {artifact_dir}  ({meta['direction']}, schema {meta['schema_version']}, "
+               f"{meta.get('created_with', '?')})")
+    for side in ("student", "teacher"):
+        d = meta[side]
+        click.echo(f"  {side:<8} {d['name']:<14} vocab {d['vocab_size']:>7}  model vocab {d['model_vocab_size']:>7}  "
+                   f"{d['fingerprint'][:23]}…")
+    click.echo(f"  rows {rows_side} ids, columns {cols_side} ids; top_k {meta['top_k']}; method {meta['method']['name']}")
+    click.echo(f"  params {json.dumps(meta['method']['params'], ensure_ascii=False)}")
+    click.echo("stats:")
+    for k, v in meta["stats"].items():
+        click.echo(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
+    if (artifact_dir / art.REVERSE_SUBDIR).is_dir():
+        click.echo(f"(also holds {art.REVERSE_SUBDIR}/: inspect {artifact_dir / art.REVERSE_SUBDIR})")
+    if row_tok is None or col_tok is None:
+        click.echo("(tokenizers not found or fingerprints differ: showing ids)")
+    for kname, rows in sample.items():
+        click.echo(f"sample {kname} rows:")
+        for r in rows:
+            entries = ", ".join(f"{t} {w:.3f}" for t, w in r["entries"])
+            click.echo(f"  {r['id']:>7} {r['token']:<24} -> {entries}")

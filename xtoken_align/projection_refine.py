@@ -1,0 +1,115 @@
+"""Corpus evidence for a projection: how student and teacher tokens co-occur at shared boundaries.
+
+At a byte position where both tokenizations of the same text have a token boundary, both models
+condition on exactly the same text, and the next student token and the next teacher token start at
+the same byte. Each such boundary is one observation "student token s <-> teacher token t";
+`cooccurrence_counts` returns these counts as a sparse `[V_s, V_t]` matrix. The projection
+builder blends them with its rule-based prior (`projection.py`).
+
+Boundaries come from exact byte offsets: each side's canonical token byte lengths, cumulated
+(a SentencePiece phantom space is not counted). A text on which either side is not byte-exact
+(a lossy normalizer, a special-token string in the text) is skipped and counted. Texts are
+NFC-normalised first when either tokenizer is `exact_nfc` (Qwen), so both sides see the same bytes.
+The chunk aligner (`xtoken_align.alignment`) produces the same boundaries on byte-exact text; this
+module does not depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from xtoken_align.errors import XTokenError
+from xtoken_align.tokenizer import TokenizerInfo
+
+BATCH = 256
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Texts of a corpus file: JSON lines with a `"text"` field (`.jsonl`), else one text per
+    non-empty line. Raises `XTokenError` if the file is missing or not UTF-8."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise XTokenError(f"cannot read corpus {path}: {exc.strerror or exc}") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise XTokenError(f"corpus {path} is not UTF-8 (invalid byte at line {line}, offset {exc.start}); "
+                          f"convert it to UTF-8 first") from None
+    lines = [ln for ln in content.splitlines() if ln.strip()]
+    if path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{")):
+        texts = []
+        for n, ln in enumerate(lines, 1):
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as exc:
+                raise XTokenError(f"corpus {path} line {n} is not valid JSON ({exc.msg}); "
+                                  f"give JSON lines with a \"text\" field or plain text") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise XTokenError(f"corpus {path} line {n} has no string \"text\" field")
+            texts.append(obj["text"])
+        return texts
+    return lines
+
+
+def _boundaries(tok: TokenizerInfo, texts: list[str], encodings) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per text: (start byte offsets of the non-empty tokens, their ids), or None if the token bytes
+    do not reproduce the text's bytes."""
+    lengths_all = tok.token_lengths
+    tb = tok.token_bytes
+    out = []
+    for text, enc in zip(texts, encodings):
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        if len(ids) == 0:
+            out.append(None)
+            continue
+        lengths = lengths_all[ids].copy()
+        if tok.adds_phantom_space(text) and tb[ids[0]] is not None and tb[ids[0]].startswith(b" "):
+            lengths[0] -= 1
+        ends = np.cumsum(lengths)
+        if ends[-1] != len(text.encode("utf-8")):
+            out.append(None)
+            continue
+        keep = lengths > 0
+        out.append(((ends - lengths)[keep], ids[keep]))
+    return out
+
+
+def cooccurrence_counts(student: TokenizerInfo, teacher: TokenizerInfo, texts: list[str], *,
+                        progress: Callable[..., None] | None = None) -> tuple[sp.csr_matrix, dict]:
+    """`[V_s, V_t]` counts of (next student token, next teacher token) at shared boundaries, and
+    a summary (texts used / skipped, boundaries counted)."""
+    nfc = "exact_nfc" in (student.exactness, teacher.exactness)
+    rows, cols = [], []
+    used = skipped = 0
+    for start in range(0, len(texts), BATCH):
+        batch = texts[start:start + BATCH]
+        if nfc:
+            batch = [unicodedata.normalize("NFC", t) for t in batch]
+        bs = _boundaries(student, batch, student.backend.encode_batch(batch, add_special_tokens=False))
+        bt = _boundaries(teacher, batch, teacher.backend.encode_batch(batch, add_special_tokens=False))
+        for s, t in zip(bs, bt):
+            if s is None or t is None:
+                skipped += 1
+                continue
+            used += 1
+            common, i_s, i_t = np.intersect1d(s[0], t[0], assume_unique=True, return_indices=True)
+            rows.append(s[1][i_s])
+            cols.append(t[1][i_t])
+        if progress is not None:
+            progress("corpus co-occurrence", min(start + BATCH, len(texts)), len(texts))
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    counts = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(student.vocab_size, teacher.vocab_size)).tocsr()
+    counts.sum_duplicates()
+    info = {"aligner": "exact_offsets", "texts": len(texts), "texts_used": used, "texts_skipped": skipped,
+            "boundaries": int(len(r)), "nfc": nfc}
+    return counts, info
