@@ -31,8 +31,11 @@ class _StepProgress:
         self._progress.start()
         return self
 
-    def __exit__(self, *exc):
-        self._finish()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self._finish()
+        else:  # an error message follows: leave no half-finished display above it
+            self._progress.live.transient = True
         self._progress.stop()
 
     def _finish(self):
@@ -71,7 +74,7 @@ def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corp
                          both_directions: bool, student_vocab_size: int | None, teacher_vocab_size: int | None,
                          no_reverse: bool, prior_strength: float) -> None:
     """Build a sparse student-to-teacher projection (CONTRACTS §4 artifact) into OUT."""
-    from xtoken_align.projection import ProjectionConfig, build_projection
+    from xtoken_align.projection import ProjectionConfig, build_projection, model_vocab_sizes
     from xtoken_align.projection_refine import read_corpus
 
     start = time.perf_counter()
@@ -81,10 +84,10 @@ def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corp
     cfg.validate()
     art.check_writable(out, marker=art.PROJECTION_JSON)  # fail before the work, not after
     texts = read_corpus(corpus) if corpus is not None else None
+    s_tok = load_tokenizer(student)  # ~0.5 s each: no progress display, so errors stay one line
+    t_tok = load_tokenizer(teacher)
+    model_vocab_sizes(s_tok, t_tok, cfg)
     with _StepProgress() as progress:
-        progress("loading tokenizers")
-        s_tok = load_tokenizer(student)
-        t_tok = load_tokenizer(teacher)
         build = build_projection(s_tok, t_tok, cfg, corpus=texts, corpus_name=str(corpus) if corpus else None,
                                  progress=progress)
         progress("writing artifact")
@@ -133,6 +136,10 @@ def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
         for i in _sample_rows(kind, code, samples):
             sample.setdefault(kname, []).append(
                 {"id": i, "token": name(row_tok, i), "entries": [[name(col_tok, j), round(w, 4)] for j, w in proj.row(i)]})
+    spread = np.flatnonzero((proj.weights[:, 0] < 0.6) & (proj.indices[:, 0] >= 0))
+    for i in spread[np.linspace(0, len(spread) - 1, min(samples, len(spread))).round().astype(int)].tolist():
+        sample.setdefault("spread (top weight < 0.6)", []).append(
+            {"id": i, "token": name(row_tok, i), "entries": [[name(col_tok, j), round(w, 4)] for j, w in proj.row(i)]})
     if as_json:
         click.echo(json.dumps({"meta": meta, "samples": sample}, indent=2, ensure_ascii=False))
         return

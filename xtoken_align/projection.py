@@ -94,6 +94,12 @@ def _model_vocab_size(tok: TokenizerInfo, size: int | None, option: str) -> int:
     return size
 
 
+def model_vocab_sizes(student: TokenizerInfo, teacher: TokenizerInfo, cfg: ProjectionConfig) -> tuple[int, int]:
+    """(student rows, teacher rows): the model output widths, checked against the tokenizers."""
+    return (_model_vocab_size(student, cfg.student_model_vocab_size, "student_model_vocab_size (--student-vocab-size)"),
+            _model_vocab_size(teacher, cfg.teacher_model_vocab_size, "teacher_model_vocab_size (--teacher-vocab-size)"))
+
+
 def _text_ids(tok: TokenizerInfo) -> np.ndarray:
     return ~(tok.is_special | tok.is_unused)
 
@@ -104,8 +110,7 @@ def build_projection(student: TokenizerInfo, teacher: TokenizerInfo, config: Pro
     """Build the projection(s) between two tokenizers (see the module docstring)."""
     cfg = config or ProjectionConfig()
     cfg.validate()
-    rows_s = _model_vocab_size(student, cfg.student_model_vocab_size, "student_model_vocab_size (--student-vocab-size)")
-    rows_t = _model_vocab_size(teacher, cfg.teacher_model_vocab_size, "teacher_model_vocab_size (--teacher-vocab-size)")
+    rows_s, rows_t = model_vocab_sizes(student, teacher, cfg)
     say = progress or (lambda *a, **k: None)
 
     say("exact matches")

@@ -1,0 +1,175 @@
+"""Projection artifacts (round trip, version and fingerprint checks, atomic writes) and the
+`build-projection` / `inspect` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import align_cli
+from xtoken_align import ArtifactError, load_tokenizer
+from xtoken_align import artifacts as art
+from xtoken_align.projection import ProjectionConfig, build_projection
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_tokenizer("mistral-v1", name="mistral-v1"), load_tokenizer("bert-uncased", name="bert-uncased")
+
+
+@pytest.fixture(scope="module")
+def build(pair):
+    return build_projection(*pair, ProjectionConfig(both_directions=True, student_model_vocab_size=32000 + 64))
+
+
+def test_round_trip(tmp_path, pair, build):
+    out = tmp_path / "proj"
+    build.save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["projection.json", "projection.safetensors", "teacher_to_student"]
+    fwd = art.read_projection(out, student=pair[0], teacher=pair[1])
+    rev = art.read_projection(out, reverse=True, student=pair[0].fingerprint, teacher=pair[1].fingerprint)
+    for a, b in [(fwd, build.forward), (rev, build.reverse)]:
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.weights, b.weights)
+        np.testing.assert_array_equal(a.row_kind, b.row_kind)
+        assert a.meta == json.loads(json.dumps(b.meta))
+    meta = fwd.meta
+    assert meta["schema_version"] == 1 and meta["kind"] == "projection"
+    assert meta["direction"] == "student_to_teacher" and meta["top_k"] == 4
+    assert set(meta["student"]) == {"name", "fingerprint", "vocab_size", "model_vocab_size"}
+    assert meta["student"]["model_vocab_size"] == 32064 and fwd.num_rows == 32064
+    assert meta["created_with"].startswith("xtoken ")
+    assert {"name", "params"} <= set(meta["method"])
+    csr = fwd.to_scipy()
+    assert csr.shape == (32064, pair[1].vocab_size)
+    sums = np.asarray(csr.sum(axis=1)).ravel()
+    np.testing.assert_allclose(sums[fwd.indices[:, 0] >= 0], 1.0, atol=1e-5)
+
+
+def test_fingerprint_and_version_mismatch(tmp_path, pair, build):
+    out = tmp_path / "proj"
+    build.save(out)
+    other = load_tokenizer("llama3", name="llama3")
+    with pytest.raises(ArtifactError, match=r"teacher tokenizer differs .*bert-uncased.*llama3"):
+        art.read_projection(out, student=pair[0], teacher=other)
+    with pytest.raises(ArtifactError, match="student tokenizer differs"):
+        art.read_projection(out, student="sha256:0000")
+    meta = json.loads((out / "projection.json").read_text())
+    meta["schema_version"] = 2
+    (out / "projection.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="schema_version 2 is not supported"):
+        art.read_projection(out)
+    meta["schema_version"], meta["kind"] = 1, "alignment"
+    (out / "projection.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="kind is 'alignment'"):
+        art.read_projection(out)
+    with pytest.raises(ArtifactError, match="projection.json is missing"):
+        art.read_projection(tmp_path)
+
+
+def test_shape_mismatch_is_an_error(tmp_path, build):
+    out = tmp_path / "proj"
+    bad = art.ProjectionArtifact(indices=build.forward.indices[:-1], weights=build.forward.weights[:-1],
+                                 meta=build.forward.meta)
+    art.write_projection(out, bad)
+    with pytest.raises(ArtifactError, match="projection.json says"):
+        art.read_projection(out)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, build, monkeypatch):
+    out = tmp_path / "proj"
+    calls = []
+
+    def failing_meta(path, meta):
+        calls.append(path)
+        if len(calls) == 2:  # the teacher_to_student part fails after the forward part is written
+            raise OSError("disk full")
+        art.json.dump(meta, open(path, "w"))
+
+    monkeypatch.setattr(art, "write_meta", failing_meta)
+    with pytest.raises(OSError, match="disk full"):
+        build.save(out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind
+    # an existing artifact survives a failed rewrite unchanged
+    monkeypatch.undo()
+    build.save(out)
+    before = (out / "projection.safetensors").read_bytes()
+    calls.clear()
+    monkeypatch.setattr(art, "write_meta", failing_meta)
+    with pytest.raises(OSError):
+        build.save(out)
+    assert (out / "projection.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
+    monkeypatch.undo()
+    build.save(out)  # and a successful rewrite replaces it
+    assert art.read_projection(out).num_rows == build.forward.num_rows
+
+
+def test_refuses_non_artifact_directory(tmp_path, build):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not empty and holds no projection.json"):
+        build.save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+def _run(args):
+    return CliRunner().invoke(align_cli, args)
+
+
+def test_cli_build_and_inspect(tmp_path):
+    out = tmp_path / "p"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Hello world, this is a test of 123 numbers.\nAnother line.\n", encoding="utf-8")
+    r = _run(["build-projection", "--student", "mistral-v1", "--teacher", "bert-uncased", "--out", str(out),
+              "--top-k", "3", "--both-directions", "--corpus", str(corpus), "--teacher-vocab-size", "30600"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}: mistral-v1 -> bert-uncased" in r.stdout and r.stdout.count("\n") == 1
+    proj = art.read_projection(out)
+    assert proj.top_k == 3 and proj.meta["teacher"]["model_vocab_size"] == 30600
+    assert proj.meta["method"]["params"]["corpus"]["path"] == str(corpus)
+    assert art.read_projection(out, reverse=True).num_rows == 30600
+    r = _run(["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    for word in ("exact_rows", "decomposed_rows", "special_rows", "unmapped_rows", "mean_row_entropy",
+                 "sample exact rows", "sample decomposed rows", "teacher_to_student"):
+        assert word in r.output
+    r = _run(["inspect", "--json", str(out / "teacher_to_student")])
+    assert r.exit_code == 0 and json.loads(r.stdout)["meta"]["direction"] == "teacher_to_student"
+
+
+@pytest.mark.parametrize("case", ["unknown_tokenizer", "top_k", "unwritable", "corpus_not_utf8", "bad_width",
+                                  "inspect_missing"])
+def test_cli_errors_one_line_exit_2(tmp_path, case):
+    out = str(tmp_path / "p")
+    base = ["build-projection", "--student", "mistral-v1", "--teacher", "bert-uncased", "--out", out]
+    if case == "unknown_tokenizer":
+        args = ["build-projection", "--student", "./no/such/tokenizer", "--teacher", "bert-uncased", "--out", out]
+    elif case == "top_k":
+        args = base + ["--top-k", "0"]
+    elif case == "unwritable":
+        f = tmp_path / "a_file"
+        f.write_text("x")
+        args = base[:-1] + [str(f / "sub")]
+    elif case == "corpus_not_utf8":
+        c = tmp_path / "c.txt"
+        c.write_bytes(b"fine line\n\xff\xfe broken\n")
+        args = base + ["--corpus", str(c)]
+    elif case == "bad_width":
+        args = base + ["--student-vocab-size", "100"]
+    else:
+        args = ["inspect", str(tmp_path / "nothing")]
+    r = _run(args)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not (tmp_path / "p").exists()
+    expected = {"unknown_tokenizer": "tokenizer", "top_k": "top_k", "unwritable": "not a writable directory",
+                "corpus_not_utf8": "not UTF-8", "bad_width": "--student-vocab-size", "inspect_missing": "nothing"}
+    assert expected[case] in lines[0]
