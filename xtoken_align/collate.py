@@ -1,0 +1,280 @@
+"""The collator API: a batch of texts or conversations -> the CONTRACTS §2 training batch.
+
+    collator = AlignmentCollator(student, [teacher_a, teacher_b], CollateConfig(max_length=2048))
+    batch = collator(["some text", ...])          # or conversations: [[{"role", "content"}, ...]]
+
+Steps: tokenize every side (`alignment.encode_side`), put conversations on their common axis
+(`alignment_chat`), align the student with each cross-tokenizer teacher (`alignment.align_sides`),
+truncate all sides at one shared chunk boundary (`truncate`), pad into tensors (`to_tensors`).
+A teacher whose fingerprint equals the student's is same-vocab: it reads the student's
+`input_ids` and gets no keys of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xtoken_align import alignment_kernels as K
+from xtoken_align.alignment import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
+from xtoken_align.alignment_chat import common_segments, render_conversation
+from xtoken_align.errors import AlignmentError
+from xtoken_align.tokenizer import TokenizerInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollateConfig:
+    """Options of the collator.
+
+    max_length: student token budget per sample (None: no truncation).
+    teacher_max_length: each teacher's token budget (None: same as max_length).
+    add_special_tokens: add each tokenizer's post-processor tokens (BOS/EOS) to plain texts, as
+        `tokenizer(text)` does; conversations take theirs from the chat template.
+    text_field / messages_field: keys read when samples are dicts.
+    """
+
+    max_length: int | None = None
+    teacher_max_length: int | None = None
+    add_special_tokens: bool = True
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+    def __post_init__(self):
+        for name in ("max_length", "teacher_max_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise AlignmentError(f"CollateConfig.{name} must be a positive integer or None, "
+                                     f"got {value!r}")
+
+    @property
+    def teacher_budget(self) -> int | None:
+        return self.teacher_max_length if self.teacher_max_length is not None else self.max_length
+
+
+@dataclass
+class AlignedBatch:
+    """A batch before padding: the student's tokens, each teacher's (None: same-vocab) and each
+    pair's alignment, flat (see `alignment.SideBatch`, `alignment.PairBatch`)."""
+
+    student: SideBatch
+    teachers: list[SideBatch | None]
+    pairs: list[PairBatch | None]
+    num_bytes: np.ndarray  # [B] int64: axis bytes of each sample
+
+
+def _sample_input(sample, config: CollateConfig):
+    """('text', str) or ('chat', messages) for one sample."""
+    if isinstance(sample, str):
+        return "text", sample
+    if isinstance(sample, list):
+        return "chat", sample
+    if isinstance(sample, dict):
+        if config.messages_field in sample and isinstance(sample[config.messages_field], list):
+            return "chat", sample[config.messages_field]
+        if isinstance(sample.get(config.text_field), str):
+            return "text", sample[config.text_field]
+        raise AlignmentError(f"sample has neither a string {config.text_field!r} nor a list "
+                             f"{config.messages_field!r} (keys: {sorted(sample)[:8]})")
+    raise AlignmentError(f"a sample must be a str, a conversation (list of messages) or a dict, "
+                         f"got {type(sample).__name__}")
+
+
+def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerInfo],
+                config: CollateConfig = CollateConfig()) -> AlignedBatch:
+    """Tokenize and align a batch (no truncation, no padding)."""
+    inputs = [_sample_input(s, config) for s in samples]
+    chat = np.array([kind == "chat" for kind, _ in inputs], bool)
+    distinct: dict[str, TokenizerInfo] = {student.fingerprint: student}
+    for t in teachers:
+        distinct.setdefault(t.fingerprint, t)
+    texts: dict[str, list[str]] = {}
+    located: dict[str, list] = {}
+    for fp, info in distinct.items():
+        texts[fp], located[fp] = [], []
+        for kind, value in inputs:
+            if kind == "chat":
+                rendered, loc = render_conversation(info, value)
+                texts[fp].append(rendered)
+                located[fp].append(loc)
+            else:
+                texts[fp].append(value)
+                located[fp].append(None)
+    sides: dict[str, SideBatch] = {}
+    segments: dict[str, list[np.ndarray]] = {}
+    raw0 = None
+    for fp, info in distinct.items():
+        side, raw = encode_side(info, texts[fp], add_special_tokens=config.add_special_tokens & ~chat)
+        segments[fp] = plain_segments(raw)
+        if raw0 is None:
+            raw0 = raw
+        sides[fp] = side
+    num_bytes = np.array([len(r) for r in raw0], np.int64)
+    for b in np.flatnonzero(chat):
+        per_side = common_segments([located[fp][b] for fp in distinct])
+        for fp, seg in zip(distinct, per_side):
+            segments[fp][b] = seg
+        num_bytes[b] = int((per_side[0][:, 1] - per_side[0][:, 0]).sum())
+    if chat.any():
+        sides = {fp: to_axis(side, segments[fp]) for fp, side in sides.items()}
+    s_side = sides[student.fingerprint]
+    pairs: dict[str, PairBatch] = {fp: align_sides(s_side, side) for fp, side in sides.items()
+                                   if fp != student.fingerprint}
+    return AlignedBatch(
+        student=s_side,
+        teachers=[None if t.fingerprint == student.fingerprint else sides[t.fingerprint] for t in teachers],
+        pairs=[None if t.fingerprint == student.fingerprint else pairs[t.fingerprint] for t in teachers],
+        num_bytes=num_bytes,
+    )
+
+
+def _keep_prefix_mask(offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    lengths = np.diff(offsets)
+    local = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    return local < np.repeat(keep, lengths)
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def _cut_side(side: SideBatch, keep: np.ndarray) -> tuple[SideBatch, np.ndarray]:
+    mask = _keep_prefix_mask(side.offsets, keep)
+    return SideBatch(side.ids[mask], _offsets(keep), side.starts[mask], side.ends[mask],
+                     side.faithful[mask], side.keys[mask], side.fallback), mask
+
+
+def truncate(batch: AlignedBatch, max_length: int | None, teacher_max_length: int | None = None
+             ) -> AlignedBatch:
+    """Cut every sample at the last byte position that is a chunk boundary of every pair with the
+    student within `max_length` tokens and each teacher within `teacher_max_length` (default: the
+    same). All sides then cover the same bytes. A sample whose first chunk is already over budget
+    becomes empty."""
+    if max_length is None and teacher_max_length is None:
+        return batch
+    big = np.iinfo(np.int64).max
+    max_s = big if max_length is None else max_length
+    max_t = big if teacher_max_length is None else teacher_max_length
+    s = batch.student
+    n_s = np.diff(s.offsets)
+    b_count = len(n_s)
+    valid = np.ones(s.offsets[-1] + b_count, np.bool_)
+    cross = [p for p in batch.pairs if p is not None]
+    for p in cross:
+        K.valid_cuts(p.chunks, p.offsets, s.offsets, max_s, max_t, valid)
+    if not cross:  # student alone: any token boundary
+        keep_s = np.minimum(n_s, max_s)
+        ends_excl = np.concatenate([[0], np.cumsum(s.token_bytes, dtype=np.int64)])
+        num_bytes = ends_excl[s.offsets[:-1] + keep_s] - ends_excl[s.offsets[:-1]]
+    else:
+        base = s.offsets[:-1] + np.arange(b_count)
+        keep_s = np.array([np.flatnonzero(valid[base[b]:base[b] + n_s[b] + 1]).max()
+                           for b in range(b_count)], np.int64)
+        num_bytes = None
+    s_new, s_mask = _cut_side(s, keep_s)
+    teachers, pairs = [], []
+    cut_cache: dict[int, tuple] = {}
+    for side, p in zip(batch.teachers, batch.pairs):
+        if p is None:
+            teachers.append(None)
+            pairs.append(None)
+            continue
+        if id(p) not in cut_cache:
+            keep_t = np.empty(b_count, np.int64)
+            keep_c = np.empty(b_count, np.int64)
+            keep_bytes = np.empty(b_count, np.int64)
+            K.cut_pair(p.chunks, p.offsets, keep_s, max_t, keep_t, keep_c, keep_bytes)
+            t_new, t_mask = _cut_side(side, keep_t)
+            c_mask = _keep_prefix_mask(p.offsets, keep_c)
+            p_new = PairBatch(p.chunks[c_mask], _offsets(keep_c), p.a_chunk[s_mask],
+                              p.b_chunk[t_mask], p.a_exact[s_mask], p.b_exact[t_mask])
+            cut_cache[id(p)] = (t_new, p_new, keep_bytes)
+        t_new, p_new, keep_bytes = cut_cache[id(p)]
+        if num_bytes is None:
+            num_bytes = keep_bytes
+        elif not np.array_equal(num_bytes, keep_bytes):
+            raise AlignmentError("truncation found different byte cuts for two teachers "
+                                 "(internal error; please report it)")
+        teachers.append(t_new)
+        pairs.append(p_new)
+    return AlignedBatch(s_new, teachers, pairs, np.asarray(num_bytes, np.int64))
+
+
+def _pad(flat: np.ndarray, offsets: np.ndarray, fill, dtype) -> torch.Tensor:
+    lengths = np.diff(offsets)
+    width = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = np.full((len(lengths), width), fill, dtype=dtype)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    out[rows, cols] = flat
+    return torch.from_numpy(out)
+
+
+def pad_id(info: TokenizerInfo) -> int:
+    """The id padding uses: the pad token, else EOS, else 0 (padding is masked anyway)."""
+    roles = info.special_roles
+    return int(roles.get("pad", roles.get("eos", 0)))
+
+
+def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
+               teacher_pad_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The CONTRACTS §2 dict, padded on the right (every padded axis at least 1 wide)."""
+    s = batch.student
+    n_s = np.diff(s.offsets)
+    out: dict[str, torch.Tensor] = {
+        "input_ids": _pad(s.ids, s.offsets, student_pad_id, np.int64),  # [B, T_s]
+        "token_mask": _pad(np.ones(len(s.ids), bool), s.offsets, False, np.bool_),
+        "sample_mask": torch.from_numpy(n_s > 0),  # [B]
+        "token_bytes": _pad(s.token_bytes, s.offsets, 0, np.int32),
+        "num_bytes": torch.from_numpy(np.asarray(batch.num_bytes, np.int64)),
+    }
+    for i, (t, p) in enumerate(zip(batch.teachers, batch.pairs)):
+        if p is None:
+            continue
+        fill = teacher_pad_ids[i] if teacher_pad_ids else 0
+        out[f"teacher_{i}_input_ids"] = _pad(t.ids, t.offsets, fill, np.int64)  # [B, T_t]
+        out[f"teacher_{i}_token_mask"] = _pad(np.ones(len(t.ids), bool), t.offsets, False, np.bool_)
+        out[f"teacher_{i}_token_bytes"] = _pad(t.token_bytes, t.offsets, 0, np.int32)
+        a = f"alignment_{i}_"
+        out[a + "student_chunk_id"] = _pad(p.a_chunk, s.offsets, -1, np.int64)  # [B, T_s]
+        out[a + "teacher_chunk_id"] = _pad(p.b_chunk, t.offsets, -1, np.int64)  # [B, T_t]
+        out[a + "pair_valid"] = _pad(np.ones(len(p.chunks), bool), p.offsets, False, np.bool_)  # [B, P]
+        out[a + "pair_is_correct"] = _pad(p.chunks[:, 6].astype(bool), p.offsets, False, np.bool_)
+        out[a + "chunk_bytes"] = _pad((p.chunks[:, 1] - p.chunks[:, 0]).astype(np.int32), p.offsets,
+                                      0, np.int32)
+        out[a + "num_chunks"] = torch.from_numpy(np.diff(p.offsets).astype(np.int64))  # [B]
+        out[a + "student_exact_partition_mask"] = _pad(p.a_exact, s.offsets, False, np.bool_)
+        out[a + "teacher_exact_partition_mask"] = _pad(p.b_exact, t.offsets, False, np.bool_)
+    return out
+
+
+class AlignmentCollator:
+    """Callable collator: `collator(samples) -> dict[str, torch.Tensor]` (CONTRACTS §2).
+
+    Samples are plain strings, conversations (lists of `{"role", "content"}` messages) or dicts
+    holding either under `config.text_field` / `config.messages_field`.
+    """
+
+    def __init__(self, student: TokenizerInfo, teachers: list[TokenizerInfo],
+                 config: CollateConfig = CollateConfig()):
+        self.student = student
+        self.teachers = list(teachers)
+        self.config = config
+
+    def align(self, samples: list) -> AlignedBatch:
+        """Aligned and truncated, not yet padded."""
+        batch = align_batch(samples, self.student, self.teachers, self.config)
+        return truncate(batch, self.config.max_length, self.config.teacher_budget)
+
+    def __call__(self, samples: list) -> dict[str, torch.Tensor]:
+        return to_tensors(self.align(samples), pad_id(self.student),
+                          [pad_id(t) for t in self.teachers])
+
+
+def collate(samples: list, student: TokenizerInfo, teachers: list[TokenizerInfo], **options
+            ) -> dict[str, torch.Tensor]:
+    """One-call form of `AlignmentCollator(student, teachers, CollateConfig(**options))(samples)`."""
+    return AlignmentCollator(student, teachers, CollateConfig(**options))(samples)
