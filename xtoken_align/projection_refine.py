@@ -6,12 +6,15 @@ the same byte. Each such boundary is one observation "student token s <-> teache
 `cooccurrence_counts` returns these counts as a sparse `[V_s, V_t]` matrix. The projection
 builder blends them with its rule-based prior (`projection.py`).
 
-Boundaries come from exact byte offsets: each side's canonical token byte lengths, cumulated
-(a SentencePiece phantom space is not counted). A text on which either side is not byte-exact
-(a lossy normalizer, a special-token string in the text) is skipped and counted. Texts are
-NFC-normalised first when either tokenizer is `exact_nfc` (Qwen), so both sides see the same bytes.
-The chunk aligner (`xtoken_align.alignment`) produces the same boundaries on byte-exact text; this
-module does not depend on it.
+Boundaries come from the chunk aligner (`xtoken_align.alignment`) when it is importable and
+accepts the batch: each chunk with tokens on both sides contributes (its first student token, its
+first teacher token); its fallback for text a normalizer changed (NFC, lowercasing) applies, so no
+text is skipped. Otherwise (the aligner missing, or raising on a batch), boundaries come from exact
+byte offsets: each side's canonical token byte lengths, cumulated (a SentencePiece phantom space is
+not counted); a text on which either side is not byte-exact (a lossy normalizer, a special-token
+string in the text) is skipped and counted, and texts are NFC-normalised first when either
+tokenizer is `exact_nfc` (Qwen). On byte-exact text both give the same boundaries. The summary's
+`aligner` field says which was used ("chunk_aligner", "exact_offsets" or "mixed").
 """
 
 from __future__ import annotations
@@ -83,6 +86,32 @@ def _boundaries(tok: TokenizerInfo, texts: list[str], encodings) -> list[tuple[n
     return out
 
 
+def _chunk_aligner():
+    """The chunk aligner's (encode_side, align_sides), or None where it is not available."""
+    try:
+        from xtoken_align.alignment import align_sides, encode_side
+    except ImportError:
+        return None
+    return encode_side, align_sides
+
+
+def _aligner_pairs(aligner, student: TokenizerInfo, teacher: TokenizerInfo, texts: list[str]
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(student ids, teacher ids) of the first tokens of every chunk with tokens on both sides, or
+    None if the aligner rejects the batch (the caller falls back to exact offsets)."""
+    encode_side, align_sides = aligner
+    try:
+        sa, _ = encode_side(student, texts, add_special_tokens=False)
+        sb, _ = encode_side(teacher, texts, add_special_tokens=False)
+        pair = align_sides(sa, sb)
+        ch = pair.chunks  # [C, 7]: byte_start, byte_end, a_start, a_end, b_start, b_end, correct
+        sample = np.repeat(np.arange(len(texts)), np.diff(pair.offsets))
+        both = (ch[:, 2] < ch[:, 3]) & (ch[:, 4] < ch[:, 5])
+        return (sa.ids[(sa.offsets[sample] + ch[:, 2])[both]], sb.ids[(sb.offsets[sample] + ch[:, 4])[both]])
+    except (XTokenError, AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
 def cooccurrence_counts(student: TokenizerInfo, teacher: TokenizerInfo, texts: list[str], *,
                         progress: Callable[..., None] | None = None) -> tuple[sp.csr_matrix, dict]:
     """`[V_s, V_t]` counts of (next student token, next teacher token) at shared boundaries, and
@@ -90,8 +119,20 @@ def cooccurrence_counts(student: TokenizerInfo, teacher: TokenizerInfo, texts: l
     nfc = "exact_nfc" in (student.exactness, teacher.exactness)
     rows, cols = [], []
     used = skipped = 0
+    by_aligner = by_offsets = 0
+    aligner = _chunk_aligner()
     for start in range(0, len(texts), BATCH):
         batch = texts[start:start + BATCH]
+        pairs = _aligner_pairs(aligner, student, teacher, batch) if aligner is not None else None
+        if pairs is not None:
+            rows.append(pairs[0])
+            cols.append(pairs[1])
+            used += len(batch)
+            by_aligner += len(batch)
+            if progress is not None:
+                progress("corpus co-occurrence", min(start + BATCH, len(texts)), len(texts))
+            continue
+        by_offsets += len(batch)
         if nfc:
             batch = [unicodedata.normalize("NFC", t) for t in batch]
         bs = _boundaries(student, batch, student.backend.encode_batch(batch, add_special_tokens=False))
@@ -110,6 +151,7 @@ def cooccurrence_counts(student: TokenizerInfo, teacher: TokenizerInfo, texts: l
     c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
     counts = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(student.vocab_size, teacher.vocab_size)).tocsr()
     counts.sum_duplicates()
-    info = {"aligner": "exact_offsets", "texts": len(texts), "texts_used": used, "texts_skipped": skipped,
-            "boundaries": int(len(r)), "nfc": nfc}
+    name = "chunk_aligner" if not by_offsets else "exact_offsets" if not by_aligner else "mixed"
+    info = {"aligner": name, "texts": len(texts), "texts_used": used, "texts_skipped": skipped,
+            "boundaries": int(len(r)), "nfc": bool(nfc and by_offsets)}
     return counts, info
