@@ -270,3 +270,28 @@ def test_exact_offset_fallback_matches_the_aligner(monkeypatch):
     counts, info = cooccurrence_counts(L, tok("bert-uncased"), ["Hello World", "plain words"])
     assert info["texts_skipped"] >= 1
     assert counts.shape == (L.vocab_size, tok("bert-uncased").vocab_size)
+
+
+def test_top_k_rows_matches_a_dense_reference():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 5), st.lists(st.tuples(
+        st.integers(0, 5), st.integers(0, 8), st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0, 2.0])), max_size=40))
+    def check(n_rows, n_cols, k, entries):
+        entries = [(r % n_rows, c % n_cols, v) for r, c, v in entries]
+        dense = np.zeros((n_rows, n_cols))
+        for r, c, v in entries:
+            dense[r, c] += v
+        m = sp.csr_matrix((np.array([e[2] for e in entries], dtype=float),
+                           (np.array([e[0] for e in entries], dtype=np.int64),
+                            np.array([e[1] for e in entries], dtype=np.int64))), shape=(n_rows, n_cols))
+        idx, w, _ = top_k_rows(m, k)
+        for r in range(n_rows):
+            nz = [c for c in np.argsort(-dense[r], kind="stable") if dense[r, c] > 0][:k]
+            assert idx[r, :len(nz)].tolist() == nz and np.all(idx[r, len(nz):] == -1)
+            if nz:
+                np.testing.assert_allclose(w[r, :len(nz)], dense[r, nz] / dense[r, nz].sum())
+
+    check()
