@@ -93,7 +93,11 @@ def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corp
         progress("writing artifact")
         build.save(out)
     st = build.forward.meta["stats"]
-    extra = f", teacher_to_student {build.reverse.meta['stats']['mapped_rows']} mapped" if build.reverse else ""
+    extra = f", {st['corpus_refined_rows']} refined by the corpus" if texts is not None else ""
+    if build.reverse is not None:
+        extra += f"; teacher_to_student {build.reverse.meta['stats']['mapped_rows']} mapped rows"
+    if st["unmatched_special_roles"]:
+        extra += f"; unmatched specials: {', '.join(st['unmatched_special_roles'])}"
     click.echo(f"wrote {out}: {s_tok.name} -> {t_tok.name}, {st['rows']} rows x top-{top_k}: "
                f"{st['exact_rows']} exact, {st['decomposed_rows']} decomposed, {st['special_rows']} special, "
                f"{st['unmapped_rows']} unmapped{extra}; {time.perf_counter() - start:.1f} s")
