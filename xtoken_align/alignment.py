@@ -180,6 +180,14 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
         K.place_by_offsets(ids, lo, lo + len(enc.ids), byte_starts, tables.surf_data,
                            tables.surf_off, tables.special, info.prefix_space, text,
                            int(text_off[b]), int(text_off[b + 1]), starts, ends, faithful)
+        if not enc.ids and offsets[b + 1] > offsets[b]:
+            # The tokenizer dropped the whole text (BERT on whitespace): its added tokens cover it,
+            # the first suffix token (EOS) holding the bytes, unfaithful.
+            holder = lo if n_suf[b] else lo - 1
+            starts[offsets[b]:offsets[b + 1]] = 0
+            ends[offsets[b]:holder + 1] = 0
+            ends[holder:offsets[b + 1]] = len(raw[b])
+            starts[holder + 1:offsets[b + 1]] = len(raw[b])
     side = SideBatch(ids, offsets, starts, ends, faithful, tables.keys[ids], fallback=~ok)
     return side, raw
 
