@@ -133,17 +133,19 @@ def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
     def name(tok, i):
         return f"{tok.token_repr(i)!r}" if tok is not None and i < tok.vocab_size else f"#{i}"
 
+    def describe(i):
+        return {"id": i, "token": name(row_tok, i),
+                "entries": [[name(col_tok, j), round(w, 4)] for j, w in proj.row(i)]}
+
     sample = {}
     for code, kname in enumerate(art.ROW_KIND_NAMES):
         if kname in ("unmapped", "padded", "unused"):
             continue
         for i in _sample_rows(kind, code, samples):
-            sample.setdefault(kname, []).append(
-                {"id": i, "token": name(row_tok, i), "entries": [[name(col_tok, j), round(w, 4)] for j, w in proj.row(i)]})
+            sample.setdefault(kname, []).append(describe(i))
     spread = np.flatnonzero((proj.weights[:, 0] < 0.6) & (proj.indices[:, 0] >= 0))
     for i in spread[np.linspace(0, len(spread) - 1, min(samples, len(spread))).round().astype(int)].tolist():
-        sample.setdefault("spread (top weight < 0.6)", []).append(
-            {"id": i, "token": name(row_tok, i), "entries": [[name(col_tok, j), round(w, 4)] for j, w in proj.row(i)]})
+        sample.setdefault("spread (top weight < 0.6)", []).append(describe(i))
     if as_json:
         click.echo(json.dumps({"meta": meta, "samples": sample}, indent=2, ensure_ascii=False))
         return
@@ -153,7 +155,8 @@ def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
         d = meta[side]
         click.echo(f"  {side:<8} {d['name']:<14} vocab {d['vocab_size']:>7}  model vocab {d['model_vocab_size']:>7}  "
                    f"{d['fingerprint'][:23]}…")
-    click.echo(f"  rows {rows_side} ids, columns {cols_side} ids; top_k {meta['top_k']}; method {meta['method']['name']}")
+    click.echo(f"  rows {rows_side} ids, columns {cols_side} ids; top_k {meta['top_k']}; "
+               f"method {meta['method']['name']}")
     click.echo(f"  params {json.dumps(meta['method']['params'], ensure_ascii=False)}")
     click.echo("stats:")
     for k, v in meta["stats"].items():

@@ -178,7 +178,8 @@ def check_tokenizers(meta: dict, path: Path, **expected) -> None:
 # --- projections ---------------------------------------------------------------------------------
 
 # Row kinds stored in `row_kind [R] uint8` (an extra tensor beside CONTRACTS §4's two).
-ROW_UNMAPPED, ROW_EXACT, ROW_SPECIAL, ROW_DECOMPOSED, ROW_REVERSE_ONLY, ROW_CORPUS_ONLY, ROW_PADDED, ROW_UNUSED = range(8)
+(ROW_UNMAPPED, ROW_EXACT, ROW_SPECIAL, ROW_DECOMPOSED, ROW_REVERSE_ONLY, ROW_CORPUS_ONLY, ROW_PADDED,
+ ROW_UNUSED) = range(8)
 ROW_KIND_NAMES = ("unmapped", "exact", "special", "decomposed", "reverse_only", "corpus_only", "padded", "unused")
 
 
