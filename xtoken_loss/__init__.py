@@ -1,6 +1,42 @@
 """xtoken_loss: framework-agnostic distillation losses that consume xtoken projection artifacts.
 
 The loss functions never import `xtoken_align`: they read the artifact format themselves.
+
+Every loss has the CONTRACTS §5 shape
+`loss_fn(student_logits, teacher_outputs, batch, *, normalizer=None, **options) -> (loss, metrics)`
+and a thin `nn.Module` wrapper with the same argument order. Formulas: docs/losses.md.
 """
 
+from xtoken_loss.ce import ce_loss
+from xtoken_loss.combine import combine_losses, kd_ce_loss
+from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError, XTokenLossError
+from xtoken_loss.kl import kl_loss
+from xtoken_loss.modules import CELoss, KDCELoss, KLLoss, PKLLoss
+from xtoken_loss.pkl import pkl_loss
+from xtoken_loss.projection import Projection, load_projection
+from xtoken_loss.units import count_units
+
 __version__ = "0.1.0"
+
+LOSSES = {"pkl": pkl_loss, "kl": kl_loss, "ce": ce_loss}
+
+__all__ = [
+    "CELoss",
+    "KDCELoss",
+    "KLLoss",
+    "LOSSES",
+    "LossInputError",
+    "LossOptionError",
+    "PKLLoss",
+    "Projection",
+    "ProjectionArtifactError",
+    "XTokenLossError",
+    "__version__",
+    "ce_loss",
+    "combine_losses",
+    "count_units",
+    "kd_ce_loss",
+    "kl_loss",
+    "load_projection",
+    "pkl_loss",
+]

@@ -1,0 +1,309 @@
+"""Float64 dense references for the `xtoken_loss` losses, shared by the tests and the benchmark.
+
+One reference per loss, written to be obviously right rather than fast: a dense W `[V_s, V_t]`,
+explicit Python loops over samples, chunks and positions, autograd for gradients. They read the
+CONTRACTS §2 batch themselves (they do not reuse `xtoken_loss.units`), so the library is checked
+against an independent reading of the formulas in docs/losses.md.
+
+Also here: `synthetic_batch`, a small hand-built CONTRACTS §2 batch with a random chunk structure
+(1:1, 1:n, n:1, one-sided and not-correct chunks, padding, a dropped sample).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# batch reading
+
+
+def _real(batch, key, b, p, length):
+    tm = batch.get(key)
+    return bool(tm[b, p]) if tm is not None else p < length
+
+
+def _kept(batch, b):
+    sm = batch.get("sample_mask")
+    return True if sm is None else bool(sm[b])
+
+
+def next_token_valid(batch, b, p, length, prefix=""):
+    """Position p predicts a real token: p and p + 1 are real and the sample is kept."""
+    key = f"{prefix}token_mask"
+    return (
+        p + 1 < length
+        and _kept(batch, b)
+        and _real(batch, key, b, p, length)
+        and _real(batch, key, b, p + 1, length)
+    )
+
+
+def _kl(P, Q, direction):
+    """KL between two probability vectors with 0 log 0 = 0 (P, Q float64, same length)."""
+    total = torch.zeros((), dtype=torch.float64)
+    A, Bv = (P, Q) if direction == "forward" else (Q, P)
+    for i in range(A.shape[0]):
+        if A[i] > 0:
+            total = total + A[i] * (torch.log(A[i]) - torch.log(Bv[i]))
+    return total
+
+
+def _top_columns(scores, k):
+    """Columns with score > -inf, the k highest, ties to the lower id, returned ascending."""
+    cand = [j for j in range(scores.shape[0]) if scores[j] > float("-inf")]
+    cand.sort(key=lambda j: (-float(scores[j]), j))
+    if k is not None:
+        cand = cand[:k]
+    return sorted(cand)
+
+
+# ---------------------------------------------------------------------------------------------
+# CE
+
+
+def reference_ce(student_logits, batch, *, normalizer=None):
+    """Sum over next-token positions of -log softmax(z_p)[input_ids[p + 1]], / normalizer."""
+    z = student_logits.to(torch.float64)
+    B, L, V = z.shape
+    ids = batch["input_ids"]
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(B):
+        for p in range(L):
+            if next_token_valid(batch, b, p, L):
+                total = total - torch.log_softmax(z[b, p], dim=0)[int(ids[b, p + 1])]
+                count += 1
+    norm = normalizer if normalizer is not None else max(count, 1)
+    return total / norm, count
+
+
+# ---------------------------------------------------------------------------------------------
+# same-vocab KL
+
+
+def reference_kl(student_logits, teacher_outputs, batch, *, temperature=1.0, direction="forward",
+                 tail="bucket", normalizer=None):
+    z = student_logits.to(torch.float64)
+    B, L, V = z.shape
+    T = float(temperature)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(B):
+        for p in range(L):
+            if not next_token_valid(batch, b, p, L):
+                continue
+            count += 1
+            q = torch.softmax(z[b, p] / T, dim=0)
+            if isinstance(teacher_outputs, torch.Tensor):
+                zt = teacher_outputs[b, p].to(torch.float64)
+                if zt.shape[0] < V:
+                    zt = torch.cat([zt, torch.full((V - zt.shape[0],), float("-inf"), dtype=torch.float64)])
+                P = torch.softmax(zt / T, dim=0)
+                total = total + _kl(P, q, direction)
+                continue
+            lp = teacher_outputs["topk_logprobs"][b, p].to(torch.float64)
+            idx = teacher_outputs["topk_indices"][b, p]
+            keep = [j for j in range(idx.shape[0]) if int(idx[j]) >= 0 and lp[j] > float("-inf")]
+            if not keep:
+                continue
+            ids = [int(idx[j]) for j in keep]
+            lps = torch.stack([lp[j] for j in keep])
+            qs = q[ids]
+            if tail == "bucket":
+                Ps = torch.exp(lps)
+                Pvec = torch.cat([Ps, (1 - Ps.sum()).clamp_min(0).reshape(1)])
+                Qvec = torch.cat([qs, (1 - qs.sum()).clamp_min(0).reshape(1)])
+            else:
+                Pvec = torch.softmax(lps / T, dim=0)
+                Qvec = qs / qs.sum()
+            total = total + _kl(Pvec, Qvec, direction)
+    norm = normalizer if normalizer is not None else max(count, 1)
+    return T * T * total / norm, count
+
+
+# ---------------------------------------------------------------------------------------------
+# P-KL
+
+
+def dense_projection(indices, weights, student_width, teacher_width):
+    """Dense float64 W `[student_width, teacher_width]` from the sparse artifact tensors."""
+    W = torch.zeros(student_width, teacher_width, dtype=torch.float64)
+    for v in range(min(indices.shape[0], student_width)):
+        for k in range(indices.shape[1]):
+            j = int(indices[v, k])
+            if j >= 0:
+                W[v, j] += float(weights[v, k])
+    return W
+
+
+def _chunk_positions(batch, i, b, c, length, side):
+    """Next-token positions p of `side` whose next token is in chunk c (all, and chunk starts)."""
+    cid = batch[f"alignment_{i}_{side}_chunk_id"][b]
+    prefix = "" if side == "student" else f"teacher_{i}_"
+    allp, starts = [], []
+    for p in range(length - 1):
+        if next_token_valid(batch, b, p, length, prefix) and int(cid[p + 1]) == c:
+            allp.append(p)
+            if int(cid[p]) != c:
+                starts.append(p)
+    return allp, starts
+
+
+def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, temperature=1.0,
+                  direction="forward", top_k_columns=8192, columns=None, public=False,
+                  correct_only=True, public_eps=1e-10, normalizer=None):
+    """P-KL with a dense W; see docs/losses.md for the two forms. Returns (loss, count, columns)."""
+    i = teacher_index
+    zs = student_logits.to(torch.float64)
+    zt = teacher_logits.to(torch.float64)
+    B, Ls, Vs = zs.shape
+    Lt, Vt = zt.shape[1], zt.shape[2]
+    T = float(temperature)
+    if W.shape[0] < Vs:
+        W = torch.cat([W, torch.zeros(Vs - W.shape[0], W.shape[1], dtype=torch.float64)])
+    if W.shape[1] < Vt:
+        W = torch.cat([W, torch.zeros(W.shape[0], Vt - W.shape[1], dtype=torch.float64)], dim=1)
+    P_slots = batch[f"alignment_{i}_pair_valid"].shape[1]
+
+    units = []  # (b, student positions, teacher positions)
+    for b in range(B):
+        for c in range(P_slots):
+            if not bool(batch[f"alignment_{i}_pair_valid"][b, c]) or not _kept(batch, b):
+                continue
+            if correct_only and not bool(batch[f"alignment_{i}_pair_is_correct"][b, c]):
+                continue
+            s_all, s_start = _chunk_positions(batch, i, b, c, Ls, "student")
+            t_all, t_start = _chunk_positions(batch, i, b, c, Lt, "teacher")
+            if public and s_all and t_all:
+                units.append((b, s_all, t_all))
+            if not public and s_start and t_start:
+                units.append((b, s_start[:1], t_start[:1]))
+
+    reach = W.sum(dim=0) > 0
+    if columns is not None:
+        S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and (public or bool(reach[int(j)]))})
+    elif public:
+        scores = zt.reshape(-1, Vt).max(dim=0).values
+        S = _top_columns(scores, top_k_columns)
+    else:
+        scores = torch.full((Vt,), float("-inf"), dtype=torch.float64)
+        for b, _, t_pos in units:
+            lp = torch.log_softmax(zt[b, t_pos[0]] / T, dim=0)
+            scores = torch.maximum(scores, lp)
+        scores = torch.where(reach, scores, torch.full_like(scores, float("-inf")))
+        S = _top_columns(scores, top_k_columns)
+    in_s = torch.zeros(Vt, dtype=torch.bool)
+    in_s[S] = True
+    rest = reach & ~in_s
+
+    total = torch.zeros((), dtype=torch.float64)
+    for b, s_pos, t_pos in units:
+        if public:
+            Q = torch.stack([(torch.softmax(zs[b, p] / T, dim=0) @ W)[S] for p in s_pos]).mean(dim=0)
+            Q = Q / Q.sum()
+            Lc = torch.stack([torch.log_softmax(zt[b, p, S] / T, dim=0) for p in t_pos]).mean(dim=0)
+            logQ = torch.log(torch.clamp(Q, min=public_eps))
+            total = total + (torch.exp(Lc) * (Lc - logQ)).sum()
+            continue
+        q = torch.softmax(zs[b, s_pos[0]] / T, dim=0) @ W  # [V_t]
+        q = q / q.sum()
+        Pt = torch.softmax(zt[b, t_pos[0]] / T, dim=0)
+        Pt = torch.where(reach, Pt, torch.zeros_like(Pt))
+        Pt = Pt / Pt.sum()
+        Pvec = torch.cat([Pt[S], Pt[rest].sum().reshape(1)])
+        Qvec = torch.cat([q[S], q[rest].sum().reshape(1)])
+        total = total + _kl(Pvec, Qvec, direction)
+    count = len(units)
+    norm = normalizer if normalizer is not None else max(count, 1)
+    return T * T * total / norm, count, S
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-built batches
+
+
+def synthetic_batch(seed, *, batch_size=3, num_chunks=(5, 9), vocab_s=40, vocab_t=50, pad=2,
+                    drop_sample=True, teacher_index=0, max_side=3):
+    """A random CONTRACTS §2 batch for one cross-tokenizer teacher.
+
+    Each sample is a sequence of chunks with 1..max_side tokens per side (a few one-sided chunks
+    and not-correct chunks mixed in); samples differ in length and are right-padded, plus `pad`
+    extra padded positions; the last sample is dropped (`sample_mask`) when `drop_sample`.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    samples = []
+    for _ in range(batch_size):
+        chunks = []
+        for _c in range(rint(*num_chunks)):
+            r = float(torch.rand((), generator=g))
+            ns, nt = (rint(1, max_side), rint(1, max_side)) if r > 0.15 else ((1, 0) if r > 0.07 else (0, 1))
+            if r > 0.5:
+                ns, nt = 1, 1
+            correct = ns > 0 and nt > 0 and float(torch.rand((), generator=g)) > 0.1
+            chunks.append((ns, nt, correct))
+        samples.append(chunks)
+    Ls = max(sum(c[0] for c in s) for s in samples) + pad
+    Lt = max(sum(c[1] for c in s) for s in samples) + pad
+    P = max(len(s) for s in samples) + 1
+    i = teacher_index
+    out = {
+        "input_ids": torch.zeros(batch_size, Ls, dtype=torch.int64),
+        "token_mask": torch.zeros(batch_size, Ls, dtype=torch.bool),
+        "sample_mask": torch.ones(batch_size, dtype=torch.bool),
+        f"teacher_{i}_input_ids": torch.zeros(batch_size, Lt, dtype=torch.int64),
+        f"teacher_{i}_token_mask": torch.zeros(batch_size, Lt, dtype=torch.bool),
+        f"alignment_{i}_student_chunk_id": torch.full((batch_size, Ls), -1, dtype=torch.int64),
+        f"alignment_{i}_teacher_chunk_id": torch.full((batch_size, Lt), -1, dtype=torch.int64),
+        f"alignment_{i}_pair_valid": torch.zeros(batch_size, P, dtype=torch.bool),
+        f"alignment_{i}_pair_is_correct": torch.zeros(batch_size, P, dtype=torch.bool),
+        f"alignment_{i}_num_chunks": torch.zeros(batch_size, dtype=torch.int64),
+    }
+    for b, chunks in enumerate(samples):
+        ps = pt = 0
+        for c, (ns, nt, correct) in enumerate(chunks):
+            out[f"alignment_{i}_student_chunk_id"][b, ps : ps + ns] = c
+            out[f"alignment_{i}_teacher_chunk_id"][b, pt : pt + nt] = c
+            out[f"alignment_{i}_pair_valid"][b, c] = True
+            out[f"alignment_{i}_pair_is_correct"][b, c] = correct
+            ps, pt = ps + ns, pt + nt
+        out["token_mask"][b, :ps] = True
+        out[f"teacher_{i}_token_mask"][b, :pt] = True
+        out["input_ids"][b, :ps] = torch.randint(0, vocab_s, (ps,), generator=g)
+        out[f"teacher_{i}_input_ids"][b, :pt] = torch.randint(0, vocab_t, (pt,), generator=g)
+        out[f"alignment_{i}_num_chunks"][b] = len(chunks)
+    if drop_sample and batch_size > 1:
+        out["sample_mask"][-1] = False
+    return out
+
+
+def random_projection(seed, vocab_s, vocab_t, top_k=4, *, empty_rows=2, unreachable=3):
+    """A random sparse W: rows sum to 1 with 1..top_k distinct entries, `empty_rows` unmapped rows,
+    and the last `unreachable` teacher columns never used."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((vocab_s, top_k), -1, dtype=torch.int64)
+    w = torch.zeros(vocab_s, top_k, dtype=torch.float32)
+    usable = vocab_t - unreachable
+    empty = set(torch.randperm(vocab_s, generator=g)[:empty_rows].tolist())
+    for v in range(vocab_s):
+        if v in empty:
+            continue
+        k = int(torch.randint(1, top_k + 1, (1,), generator=g))
+        cols = torch.randperm(usable, generator=g)[:k]
+        ws = torch.rand(k, generator=g) + 0.05
+        idx[v, :k] = cols
+        w[v, :k] = ws / ws.sum()
+    return idx, w
+
+
+def random_logits(seed, shape, *, scale=3.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def is_close(a, b, tol=1e-6):
+    return math.isclose(float(a), float(b), rel_tol=tol, abs_tol=tol)

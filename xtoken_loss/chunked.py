@@ -1,0 +1,123 @@
+"""Shared machinery of the memory-bounded losses.
+
+Every loss here is a sum over rows (positions) of a function of one row's softmax, so it processes
+rows in chunks and computes the gradient with respect to the logits *in the forward pass*, chunk by
+chunk, into one buffer the size of the logits (the "their gradient" that any loss must write). The
+backward only scales that buffer by the upstream gradient. Peak extra memory is a few `[n, V]`
+chunk temporaries, whatever the number of positions (the Liger-Kernel approach).
+
+Arithmetic runs in float32 (float64 when the inputs are float64); the gradient buffer has the
+logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xtoken_loss.errors import LossOptionError
+
+# Elements per chunk temporary when the caller does not pick a position chunk size: 2**22 float32
+# values = 16 MiB, i.e. 32 rows of a 128k vocabulary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows_per_chunk(position_chunk_size: int | None, width: int) -> int:
+    if position_chunk_size is None:
+        return max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
+    if not isinstance(position_chunk_size, int) or position_chunk_size < 1:
+        raise LossOptionError(f"position_chunk_size must be a positive integer or None, got {position_chunk_size!r}")
+    return position_chunk_size
+
+
+def check_temperature(temperature) -> float:
+    t = float(temperature)
+    if not t > 0 or t == float("inf"):
+        raise LossOptionError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise LossOptionError(f"{name}={value!r}: valid values are {', '.join(map(repr, choices))}")
+
+
+def softmax_rows(z: torch.Tensor, temperature: float, out: torch.Tensor | None = None):
+    """Row softmax of `z / temperature` in the compute dtype, safe for rows that are all -inf
+    (they give p = 0 and lse = -inf, never NaN). Returns `(p [n, V], lse [n])`; `out`, when given,
+    is used as the buffer for p (it may be the gradient buffer's slice)."""
+    cdt = compute_dtype(z.dtype)
+    mx = z.amax(dim=1).to(cdt)  # [n]
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    if out is None:
+        out = torch.empty(z.shape, dtype=cdt, device=z.device)
+    torch.sub(z, mx[:, None], out=out)
+    if temperature != 1.0:
+        out.div_(temperature)
+    out.exp_()
+    s = out.sum(dim=1)  # [n]
+    out.mul_(torch.where(s > 0, 1.0 / s, torch.zeros_like(s))[:, None])
+    lse = mx / temperature + torch.log(s)
+    return out, lse
+
+
+def coarse_divergence(a: torch.Tensor, log_p: torch.Tensor, direction: str):
+    """KL between a teacher distribution `exp(log_p) [n, m]` (normalised) and the student
+    distribution `a / a.sum(1)` (a: unnormalised student masses on the same m outcomes).
+
+    Returns `(loss [n], d_a [n, m])` with `d_a = d loss / d a`. Exact for zeros: a teacher outcome
+    of probability 0 adds nothing to the forward KL, a student outcome of mass 0 nothing to the
+    reverse KL; mass on one side where the other has none gives +inf, the true value.
+    """
+    m = a.sum(dim=1, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    log_q = torch.log(a) - torch.log(m)
+    if direction == "forward":
+        p = torch.exp(log_p)
+        pos = p > 0
+        terms = torch.where(pos, p * (log_p - log_q), torch.zeros_like(p))
+        d_a = 1.0 / m - torch.where(pos, p / a, torch.zeros_like(p))
+        return terms.sum(dim=1), d_a
+    q = a / m
+    ell = torch.where(q > 0, log_q - log_p, torch.zeros_like(q))
+    loss = (q * ell).sum(dim=1)
+    return loss, (ell - loss[:, None]) / m
+
+
+class PrecomputedGrad(torch.autograd.Function):
+    """Attach a gradient computed in the forward pass to `loss`: backward returns
+    `grad_logits * grad_output` (in place when grad_output is not 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, loss, grad_logits):
+        ctx.save_for_backward(grad_logits)
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grad = grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None
+
+
+def attach_grad(logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    if grad is None:
+        return loss
+    return PrecomputedGrad.apply(logits, loss, grad)
+
+
+def needs_grad(logits: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
+def resolve_normalizer(normalizer, num_units: torch.Tensor, cdt) -> torch.Tensor:
+    """The loss divisor: the caller's (e.g. a global count under data parallelism), else the local
+    count of valid units, at least 1 (an all-masked batch gives 0 / 1 = 0)."""
+    if normalizer is None:
+        return num_units.to(cdt).clamp_min(1.0)
+    n = torch.as_tensor(normalizer, dtype=cdt, device=num_units.device)
+    return n

@@ -1,0 +1,86 @@
+"""KD + CE combined (CONTRACTS §5 signature), with fixed weights or dynamic scaling.
+
+Principled default: the KD sum (over chunks or positions) and the CE sum (over next-token positions)
+are divided by the *same* normaliser, the number of student next-token positions (or the caller's
+`normalizer`, e.g. that count all-reduced over data-parallel ranks). The result is one total divided
+by one count, so the KD/CE balance does not drift with how many chunks a batch happens to have, and
+gradient accumulation and data parallelism stay exact.
+`public=True` reproduces the published trainers: KD divided by its own unit count (chunks for P-KL),
+CE by its token count, then added.
+
+Scaling:
+- `"fixed"`: `kd_weight * KD + ce_weight * CE`.
+- `"dynamic"`: `kd_weight * (sg|CE| / sg|KD|) * KD + ce_weight * CE` (sg = detached); when KD is 0
+  the KD term is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xtoken_loss.ce import ce_loss
+from xtoken_loss.chunked import check_choice
+from xtoken_loss.errors import LossOptionError
+from xtoken_loss.kl import kl_loss
+from xtoken_loss.pkl import pkl_loss
+from xtoken_loss.units import count_units
+
+SCALINGS = ("fixed", "dynamic")
+KD_KINDS = ("pkl", "kl")
+
+
+def combine_losses(kd: torch.Tensor, ce: torch.Tensor, *, scaling: str = "fixed", kd_weight: float = 1.0,
+                   ce_weight: float = 1.0):
+    """Combine two already-normalised scalar losses. Returns `(loss, metrics)`; metrics: `kd`, `ce`,
+    `kd_scale` (the factor applied to KD)."""
+    check_choice("scaling", scaling, SCALINGS)
+    if scaling == "fixed":
+        scale = torch.as_tensor(float(kd_weight), dtype=kd.dtype, device=kd.device)
+    else:
+        kd_abs, ce_abs = kd.detach().abs(), ce.detach().abs().to(kd.dtype)
+        scale = kd_weight * torch.where(kd_abs > 0, ce_abs / torch.where(kd_abs > 0, kd_abs, torch.ones_like(kd_abs)),
+                                        torch.zeros_like(kd_abs))
+    loss = scale * kd + ce_weight * ce.to(kd.dtype)
+    return loss, {"kd": kd.detach(), "ce": ce.detach(), "kd_scale": scale.detach()}
+
+
+def kd_ce_loss(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    *,
+    normalizer=None,
+    kd: str = "pkl",
+    scaling: str = "fixed",
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    public: bool = False,
+    kd_options: dict | None = None,
+    check_inputs: bool = False,
+    position_chunk_size: int | None = None,
+):
+    """KD of kind `kd` (`"pkl"` or `"kl"`, options in `kd_options`, e.g. the P-KL `projection`)
+    plus next-token CE, combined as the module doc says. Returns `(loss, metrics)`; metrics: the KD
+    loss's own metrics prefixed `kd_`, plus `kd`, `ce`, `kd_scale`.
+
+    With `public=True` the P-KL also runs in its public form unless `kd_options` says otherwise.
+    """
+    check_choice("kd", kd, KD_KINDS)
+    opts = dict(kd_options or {})
+    common = {"check_inputs": check_inputs, "position_chunk_size": position_chunk_size}
+    if "normalizer" in opts:
+        raise LossOptionError("kd_ce_loss: pass `normalizer` to kd_ce_loss itself, not in kd_options")
+    if public:
+        if kd == "pkl":
+            opts.setdefault("public", True)
+        kd_norm = ce_norm = None  # each divided by its own unit count
+    else:
+        if normalizer is None:
+            normalizer = count_units(batch, "ce", device=student_logits.device).clamp_min(1)
+        kd_norm = ce_norm = normalizer
+    fn = pkl_loss if kd == "pkl" else kl_loss
+    kd_value, kd_metrics = fn(student_logits, teacher_outputs, batch, normalizer=kd_norm, **common, **opts)
+    ce_value, ce_metrics = ce_loss(student_logits, None, batch, normalizer=ce_norm, **common)
+    loss, metrics = combine_losses(kd_value, ce_value, scaling=scaling, kd_weight=kd_weight, ce_weight=ce_weight)
+    metrics.update({f"kd_{k}": v for k, v in kd_metrics.items()})
+    return loss, metrics

@@ -1,0 +1,264 @@
+"""Hybrid cross-tokenizer losses (kinds `"hkl"` and `"gold"`): a KL on a *common set* of token pairs
+plus ULD's sorted-probability L1 on everything else.
+
+Common set C: pairs (student id s_j, teacher id t_j), each student id and each teacher id at most once.
+- H-KL (`hkl_loss`): from the projection W, a student row s is common when its largest weight is
+  >= `threshold` (default 0.6); its partner is that weight's teacher column.
+- GOLD (`gold_loss`): student and teacher tokens with identical canonical bytes (exact matches), read
+  from the artifact's `row_kind` tensor, or given as a `[V_s]` map.
+Collision rule (one partner per teacher token): when several student rows choose the same teacher
+column, the pair with the largest weight wins; ties go to the lowest student id. The losers become
+uncommon. The rule depends on W only, never on the batch.
+
+Per valid chunk, with q the student's and p the teacher's chunk distribution (`uld.py` chunk forms):
+- principled (default, `public=False`): chunk form `"start"`;
+  `loss_c = T^2 * common_weight * KL(p_C / p(C) || q_C / q(C)) + uncommon_weight * L1(sort q_U, sort p_U)`,
+  a true KL between the renormalised common-set distributions (>= 0), and the full sorted L1 over the
+  uncommon entries U (the complement of C on each side). Whatever mass the two sides put on C
+  differently shows up in the uncommon L1 (it is at least |q(U) - p(U)|), so the loss is 0 exactly
+  when the conditional common-set distributions agree and the sorted uncommon masses agree.
+- public (`public=True`, the published hybrid): chunk form `"mean_log"` on both sides; the common-set
+  term is `sum_j p_j (log p_j - log q_j)` without renormalising (it can be negative); the sorted
+  uncommon vectors are cut to their `min(|U_s|, |U_t|, tail_cut)` largest entries (tail_cut 8192).
+Sum over valid chunks / `normalizer` (default: the number of valid chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xtoken_loss.chunked import check_choice, check_temperature
+from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_loss.projection import Projection, as_projection
+from xtoken_loss.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1
+
+DEFAULT_THRESHOLD = 0.6
+PUBLIC_TAIL_CUT = 8192
+ROW_KIND_EXACT = 1  # `row_kind` value of exact rows in a projection artifact (CONTRACTS §4 extra tensor)
+
+
+@dataclass(frozen=True, eq=False)
+class CommonSet:
+    """Common pairs `(student_ids[j], teacher_ids[j])`, distinct on each side, sorted by student id."""
+
+    student_ids: torch.Tensor  # [m] int64
+    teacher_ids: torch.Tensor  # [m] int64
+    method: str = ""
+
+    @property
+    def size(self) -> int:
+        return int(self.student_ids.shape[0])
+
+    def to(self, device) -> CommonSet:
+        return CommonSet(self.student_ids.to(device), self.teacher_ids.to(device), self.method)
+
+    @classmethod
+    def from_pairs(cls, student_ids, teacher_ids, scores=None, *, method: str = "") -> CommonSet:
+        """Resolve candidate pairs with the collision rule: per teacher id keep the highest `score`
+        (all equal when None), ties to the lowest student id; student ids must already be distinct."""
+        s = torch.as_tensor(student_ids, dtype=torch.int64).flatten()
+        t = torch.as_tensor(teacher_ids, dtype=torch.int64).flatten()
+        if s.shape != t.shape:
+            raise LossOptionError(f"common set: {s.numel()} student ids but {t.numel()} teacher ids")
+        if s.numel() != torch.unique(s).numel():
+            raise LossOptionError("common set: a student id appears in two pairs (one partner per student token)")
+        sc = torch.ones(s.shape, dtype=torch.float64) if scores is None else torch.as_tensor(scores).to(torch.float64)
+        # order: teacher id, then score descending, then student id; keep the first of each teacher id
+        order = torch.argsort(s, stable=True)
+        order = order[torch.argsort(-sc[order], stable=True)]
+        order = order[torch.argsort(t[order], stable=True)]
+        ts = t[order]
+        first = torch.ones_like(ts, dtype=torch.bool)
+        first[1:] = ts[1:] != ts[:-1]
+        keep = order[first]
+        keep = keep[torch.argsort(s[keep])]
+        return cls(s[keep].contiguous(), t[keep].contiguous(), method)
+
+    @classmethod
+    def from_map(cls, student_to_teacher, *, method: str = "map") -> CommonSet:
+        """From a `[V_s]` map of teacher ids (-1: no partner); collisions resolved to the lowest student id."""
+        m = torch.as_tensor(student_to_teacher, dtype=torch.int64).flatten()
+        s = (m >= 0).nonzero().squeeze(1)
+        return cls.from_pairs(s, m[s], method=method)
+
+
+def common_by_threshold(projection, threshold: float = DEFAULT_THRESHOLD) -> CommonSet:
+    """H-KL's common set: rows whose largest W weight is >= `threshold`, paired with that column
+    (the first such slot on equal weights), collisions by the rule in the module doc."""
+    th = float(threshold)
+    if not 0.0 < th <= 1.0:
+        raise LossOptionError(f"threshold must be in (0, 1], got {threshold!r}")
+    proj = projection if isinstance(projection, Projection) else as_projection(projection, "cpu")
+    idx, w = proj.indices.cpu(), proj.weights.cpu().to(torch.float64)
+    w = torch.where(idx >= 0, w, torch.full_like(w, -1.0))
+    top_w, slot = w.max(dim=1)
+    rows = (top_w >= th - 1e-6).nonzero().squeeze(1)  # float32 artifacts: 0.6 stored as 0.6000000238
+    cols = idx[rows, slot[rows]]
+    return CommonSet.from_pairs(rows, cols, top_w[rows], method=f"max_weight>={th:g}")
+
+
+def common_exact(source) -> CommonSet:
+    """GOLD's common set: exact byte matches.
+
+    `source`: a `[V_s]` map (tensor / list; teacher id or -1); or a projection artifact directory whose
+    `projection.safetensors` holds `row_kind` (exact rows are one-hot on the matching teacher token).
+    """
+    if isinstance(source, (str, Path)):
+        from safetensors.torch import load_file
+
+        path = Path(source)
+        if path.is_file():
+            path = path.parent
+        try:
+            tensors = load_file(str(path / "projection.safetensors"))
+        except Exception as exc:  # safetensors raises several types
+            raise ProjectionArtifactError(f"{path}: cannot read projection.safetensors: {exc}") from None
+        if "row_kind" not in tensors:
+            raise ProjectionArtifactError(
+                f"{path}: no `row_kind` tensor, so exact rows are unknown; rebuild the artifact with "
+                "`xtoken-align build-projection`, or pass gold_loss(common=...) a [V_s] exact map"
+            )
+        exact = tensors["row_kind"].to(torch.int64) == ROW_KIND_EXACT
+        rows = exact.nonzero().squeeze(1)
+        return CommonSet.from_pairs(rows, tensors["indices"][rows, 0], method="exact")
+    if isinstance(source, CommonSet):
+        return source
+    return CommonSet.from_map(source, method="exact")
+
+
+def _as_common(common, device) -> CommonSet:
+    if isinstance(common, CommonSet):
+        return common.to(device)
+    return CommonSet.from_map(common).to(device)
+
+
+def hybrid_loss(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    *,
+    common,
+    teacher_index: int = 0,
+    normalizer=None,
+    temperature: float = 1.0,
+    public: bool = False,
+    common_weight: float = 1.0,
+    uncommon_weight: float = 1.0,
+    chunk_form: str | None = None,
+    tail_cut: int | None = None,
+    correct_only: bool = True,
+    position_chunk_size: int | None = None,
+    check_inputs: bool = False,
+    loss_name: str = "hybrid",
+):
+    """KL on the common set `common` (a `CommonSet` or a `[V_s]` map) + sorted L1 on the rest
+    (module doc). Returns `(loss, metrics)`; metrics (means per valid chunk): `common_kl` (without
+    T^2), `uncommon_l1`, `teacher_common_mass`, `student_common_mass`."""
+    T = check_temperature(temperature)
+    form = chunk_form if chunk_form is not None else ("mean_log" if public else "start")
+    check_choice("chunk_form", form, CHUNK_FORMS)
+    tail_cut = check_tail_cut(tail_cut if tail_cut is not None else (PUBLIC_TAIL_CUT if public else None))
+    zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
+                        correct_only=correct_only, check_inputs=check_inputs, form=form)
+    Vs, Vt = student_logits.shape[2], zt.shape[2]
+    cs = _as_common(common, student_logits.device)
+    if cs.size and (int(cs.student_ids.max()) >= Vs or int(cs.teacher_ids.max()) >= Vt):
+        raise LossInputError(
+            f"{loss_name}: the common set pairs student ids up to {int(cs.student_ids.max())} with teacher ids up to "
+            f"{int(cs.teacher_ids.max())}, but the logits are {Vs} and {Vt} wide; build it for these vocabularies"
+        )
+    s_ids, t_ids = cs.student_ids, cs.teacher_ids
+    cut = None if tail_cut is None else min(Vs - cs.size, Vt - cs.size, tail_cut)
+    wc, wu = float(common_weight), float(uncommon_weight)
+    neg_inf = float("-inf")
+
+    def unit_fn(log_q, log_p):
+        lq_c, lp_c = log_q[:, s_ids], log_p[:, t_ids]  # [n, m]
+        if public:
+            pc = torch.exp(lp_c)
+            kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
+        elif cs.size:
+            lp_n = lp_c - torch.logsumexp(lp_c, dim=1, keepdim=True)
+            lq_n = lq_c - torch.logsumexp(lq_c, dim=1, keepdim=True)
+            pc = torch.exp(lp_n)
+            kl = torch.where(pc > 0, pc * (lp_n - lq_n), torch.zeros_like(pc)).sum(dim=1)
+            kl = torch.where(torch.isfinite(lp_c).any(dim=1), kl, torch.zeros_like(kl))  # teacher has no common mass
+        else:
+            kl = torch.zeros(log_q.shape[0], dtype=log_q.dtype, device=log_q.device)
+        qu = torch.exp(log_q).index_fill(1, s_ids, 0.0)
+        pu = torch.exp(log_p).index_fill(1, t_ids, 0.0)
+        l1 = sorted_l1(qu, pu, cut)
+        loss = (T * T * wc) * kl + wu * l1
+        with torch.no_grad():
+            extra = {
+                "common_kl": kl.detach(),
+                "uncommon_l1": l1.detach(),
+                "teacher_common_mass": torch.exp(lp_c).sum(dim=1),
+                "student_common_mass": torch.exp(lq_c).sum(dim=1),
+            }
+        return loss, extra
+
+    del neg_inf
+    return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
+                     normalizer=normalizer, position_chunk_size=position_chunk_size,
+                     metric_names=("common_kl", "uncommon_l1", "teacher_common_mass", "student_common_mass"))
+
+
+def hkl_loss(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    *,
+    projection=None,
+    common: CommonSet | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    normalizer=None,
+    **options,
+):
+    """H-KL: `hybrid_loss` with the common set of W rows whose top weight is >= `threshold`.
+
+    Pass `projection` (a `Projection`, an artifact directory or `(indices, weights)`), or a
+    precomputed `common` (`common_by_threshold(projection, threshold)`; the module wrapper caches it).
+    Other options as `hybrid_loss`."""
+    if common is None:
+        if projection is None:
+            raise LossOptionError("hkl: pass projection=... (or a precomputed common=common_by_threshold(...))")
+        proj = as_projection(projection, "cpu") if not isinstance(projection, Projection) else projection
+        proj.check_widths(student_logits.shape[-1], teacher_logits_width(teacher_outputs))
+        common = common_by_threshold(proj, threshold)
+    return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
+                       loss_name="hkl", **options)
+
+
+def gold_loss(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    *,
+    common=None,
+    projection=None,
+    normalizer=None,
+    **options,
+):
+    """GOLD hybrid: `hybrid_loss` with the exact-match common set.
+
+    Pass `common` (a `CommonSet` or a `[V_s]` map of teacher ids, -1 = none) or `projection`, an
+    artifact directory whose `row_kind` marks the exact rows. Other options as `hybrid_loss`."""
+    if common is None:
+        if projection is None or not isinstance(projection, (str, Path)):
+            raise LossOptionError(
+                "gold: pass common=... (a [V_s] map of exactly matching teacher ids) or projection=<artifact "
+                "directory> (its row_kind marks exact rows)"
+            )
+        common = common_exact(projection)
+    return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
+                       loss_name="gold", **options)
+
+
+def teacher_logits_width(teacher_outputs) -> int:
+    from xtoken_loss.uld import teacher_logits_of
+
+    return teacher_logits_of(teacher_outputs, "hkl").shape[-1]

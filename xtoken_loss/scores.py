@@ -1,0 +1,177 @@
+"""Per-teacher quality scores on a batch, for dynamic teacher weights and teacher selection.
+
+Each score is measured on the teacher's own tokens at temperature 1, at the teacher's *next-token
+positions* (position p predicts token p+1; tokens p and p+1 real, sample kept; `units.next_token_mask`):
+- `"ce"`: mean next-token cross-entropy in nats, `-log p(token p+1)`.
+- `"entropy"`: mean entropy of the next-token distribution in nats.
+- `"max_prob"`: mean probability of the most likely next token.
+- `"bpb"`: bits per byte, `sum of -log p / ln 2 / sum of text bytes`, over the positions whose
+  next token covers at least one text byte (`token_bytes`, or `teacher_{i}_token_bytes`). Tokens
+  that are not text (BOS/EOS, template scaffolding, zero bytes) are left out of both sums, so teachers
+  with different tokenizers are compared on the same text.
+
+Every score is a ratio `sum / count` (count: positions, or bytes for `"bpb"`). Sums and counts are
+kept per sequence (`[B]`), so per-sequence variants need no extra pass, and a batch score is
+`sum over sequences / count over sequences`. Under data parallelism the *sums and counts* are
+all-reduced, never the means (`reduce_sums`), so every rank gets the value the concatenated global
+batch would give.
+
+Top-k teacher outputs (CONTRACTS §3): `"ce"` and `"bpb"` read `target_logprob`; `"max_prob"` is
+exact (the top-1 token is listed); `"entropy"` is the entropy of the coarsened distribution (the k
+listed tokens plus one outcome for the rest), a lower bound of the true entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xtoken_loss.chunked import check_choice, rows_per_chunk, softmax_rows
+from xtoken_loss.errors import LossInputError
+from xtoken_loss.units import get_key, next_token_mask
+
+SCORES = ("ce", "entropy", "max_prob", "bpb")
+LOWER_IS_BETTER = ("ce", "entropy", "bpb")
+
+
+def teacher_inputs(batch: dict, teacher_index: int | None, batch_size: int, length: int):
+    """`(prefix, target ids [B, T], token_bytes key)` of a teacher: the student's keys for a same-vocab
+    teacher (`teacher_index=None`), the `teacher_{i}_` keys for a cross-tokenizer one."""
+    if teacher_index is None:
+        prefix = ""
+    else:
+        prefix = f"teacher_{teacher_index}_"
+    ids = get_key(batch, f"{prefix}input_ids", (batch_size, length))
+    return prefix, ids, f"{prefix}token_bytes"
+
+
+def _split_outputs(teacher_outputs):
+    if isinstance(teacher_outputs, torch.Tensor):
+        return teacher_outputs, None, None, None
+    if isinstance(teacher_outputs, dict):
+        if teacher_outputs.get("logits") is not None:
+            return teacher_outputs["logits"], None, None, None
+        if teacher_outputs.get("topk_logprobs") is not None and teacher_outputs.get("topk_indices") is not None:
+            return (None, teacher_outputs["topk_logprobs"], teacher_outputs["topk_indices"],
+                    teacher_outputs.get("target_logprob"))
+    raise LossInputError(
+        "teacher_outputs: pass full logits [B, T, V] (a tensor or {'logits': ...}) or "
+        "{'topk_logprobs', 'topk_indices'[, 'target_logprob']} (CONTRACTS §3)"
+    )
+
+
+def teacher_score_sums(
+    teacher_outputs,
+    batch: dict,
+    *,
+    score: str,
+    teacher_index: int | None = None,
+    position_chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence `(sums [B], counts [B])` float64 of `score` for one teacher (module doc).
+
+    `teacher_index=None`: a same-vocab teacher (student keys); else cross-tokenizer teacher i.
+    No gradient flows (scores only steer weights and selection).
+    """
+    check_choice("score", score, SCORES)
+    logits, lp, idx, target_lp = _split_outputs(teacher_outputs)
+    main = logits if logits is not None else lp
+    if main.dim() != 3:
+        raise LossInputError(f"teacher outputs must be [B, T, ...], got shape {tuple(main.shape)}")
+    B, L = main.shape[0], main.shape[1]
+    dev = main.device
+    prefix, ids, bytes_key = teacher_inputs(batch, teacher_index, B, L)
+    ids = ids.to(dev)
+    valid = next_token_mask(batch, B, L, prefix, dev)  # [B, T]
+    target = torch.zeros_like(ids)
+    target[:, :-1] = ids[:, 1:]
+    weight = valid.to(torch.float64)  # what each position adds to the count
+    if score == "bpb":
+        tb = get_key(batch, bytes_key, (B, L), required=False)
+        if tb is None:
+            raise LossInputError(
+                f"score 'bpb' needs batch[{bytes_key!r}] (text bytes of each token, CONTRACTS §2); "
+                "the xtoken collator emits it"
+            )
+        nb = torch.zeros(B, L, dtype=torch.float64, device=dev)
+        nb[:, :-1] = tb[:, 1:].to(device=dev, dtype=torch.float64)
+        weight = torch.where(valid & (nb > 0), nb, torch.zeros_like(nb))
+        valid = weight > 0
+    with torch.no_grad():
+        if logits is not None:
+            values = _from_logits(logits, target, valid, score, position_chunk_size)
+        else:
+            values = _from_topk(lp, idx, target_lp, target, valid, score, prefix)
+    if score == "bpb":
+        values = values / math.log(2.0)
+    values = torch.where(valid, values, torch.zeros_like(values))
+    if score != "bpb":
+        values = values * weight
+    return values.sum(dim=1), weight.sum(dim=1)
+
+
+def _from_logits(logits, target, valid, score, position_chunk_size):
+    B, L, V = logits.shape
+    z_all = logits.reshape(B * L, V)
+    t_all = target.flatten()
+    v_all = valid.flatten()
+    out = torch.zeros(B * L, dtype=torch.float64, device=logits.device)
+    rows = v_all.nonzero().squeeze(1)  # only valid rows are read
+    n = rows_per_chunk(position_chunk_size, V)
+    for r0 in range(0, rows.shape[0], n):
+        r = rows[r0:r0 + n]
+        z = z_all[r]
+        p, lse = softmax_rows(z, 1.0)
+        zc = z.to(p.dtype)
+        if score in ("ce", "bpb"):
+            val = lse - zc.gather(1, t_all[r][:, None]).squeeze(1)
+        elif score == "entropy":
+            val = lse - torch.where(p > 0, p * zc, torch.zeros_like(p)).sum(dim=1)
+        else:  # max_prob
+            val = torch.exp(zc.max(dim=1).values - lse)
+        out[r] = val.to(torch.float64)
+    return out.view(B, L)
+
+
+def _from_topk(lp, idx, target_lp, target, valid, score, prefix):
+    lp = lp.to(torch.float64)
+    ok = (idx >= 0) & (lp > float("-inf"))
+    lp_ok = torch.where(ok, lp, torch.full_like(lp, float("-inf")))
+    if score in ("ce", "bpb"):
+        if target_lp is None:
+            raise LossInputError(
+                f"score {score!r} from top-k teacher outputs needs 'target_logprob' [B, T] (the log-probability of "
+                f"the token that follows, {prefix or 'student '}input_ids[p + 1]); add it to the teacher outputs or "
+                "use score 'max_prob'/'entropy'"
+            )
+        return -target_lp.to(torch.float64)
+    if score == "max_prob":
+        return torch.exp(lp_ok.max(dim=2).values)
+    p = torch.exp(lp_ok)
+    ent = -torch.where(ok, p * lp, torch.zeros_like(p)).sum(dim=2)
+    rest = (1.0 - p.sum(dim=2)).clamp_min(0.0)
+    return ent - torch.where(rest > 0, rest * torch.log(rest), torch.zeros_like(rest))
+
+
+def reduce_sums(tensor: torch.Tensor, process_group=None) -> torch.Tensor:
+    """Sum-all-reduce `tensor` (stacked sums and counts) over `process_group`, in place; no-op without
+    a group. Reducing sums and counts, not means, makes every rank's ratio the global batch's."""
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    return tensor
+
+
+def score_values(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`sums / counts`, NaN where the count is 0 (no position to score)."""
+    return torch.where(counts > 0, sums / counts.clamp_min(1e-300), torch.full_like(sums, float("nan")))
+
+
+def goodness(score: str, values: torch.Tensor) -> torch.Tensor:
+    """Higher-is-better form of score values: `-value` for ce/entropy/bpb, `value` for max_prob;
+    `-inf` where a value is undefined (NaN), so such a teacher gets no weight and is never selected
+    while another teacher has a defined score."""
+    g = -values if score in LOWER_IS_BETTER else values
+    return torch.where(torch.isnan(g), torch.full_like(g, float("-inf")), g)

@@ -1,0 +1,215 @@
+"""Which positions and chunks of a CONTRACTS §2 batch a loss counts ("valid units").
+
+Next-token shift: the logit at position p predicts token p+1, so position p is a *next-token
+position* when tokens p and p+1 are both real (`token_mask`) and its sample is kept (`sample_mask`).
+CE and same-vocab KL count next-token positions. The chunk losses credit position p to the chunk of
+token p+1.
+
+Two ways to turn a chunk into a unit (docs/losses.md):
+- `"start"` (principled P-KL): the chunk's *start* positions, the logit just before the chunk's
+  first token on each side. Both models have then read exactly the same text.
+- `"mean"` (public P-KL): every next-token position whose next token lies in the chunk.
+A chunk is valid when `pair_valid`, `pair_is_correct` (unless `correct_only=False`), its sample is
+kept, and it has at least one position on each side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xtoken_loss.errors import LossInputError, LossOptionError
+
+
+def get_key(batch: dict, key: str, shape=None, *, required: bool = True):
+    value = batch.get(key)
+    if value is None:
+        if required:
+            raise LossInputError(f"batch: key {key!r} is missing (CONTRACTS §2 lists the batch keys)")
+        return None
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise LossInputError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return value
+
+
+def next_token_mask(batch: dict, batch_size: int, length: int, prefix: str = "", device=None) -> torch.Tensor:
+    """`[B, T]` bool: position p predicts a real token (token p and p+1 real, sample kept).
+
+    `prefix` is `""` for the student, `"teacher_{i}_"` for cross-tokenizer teacher i. A batch without
+    `token_mask` counts every position as real; without `sample_mask`, every sample as kept.
+    """
+    tm = get_key(batch, f"{prefix}token_mask", (batch_size, length), required=False)
+    if tm is None:
+        tm = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    tm = tm.to(device=device, dtype=torch.bool)
+    out = torch.zeros_like(tm)
+    out[:, :-1] = tm[:, :-1] & tm[:, 1:]
+    sm = get_key(batch, "sample_mask", (batch_size,), required=False)
+    if sm is not None:
+        out &= sm.to(device=device, dtype=torch.bool)[:, None]
+    return out
+
+
+def shifted_chunk_ids(chunk_id: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B, T]`: the chunk of token p+1 for each next-token position p, -1 elsewhere."""
+    out = torch.full_like(chunk_id, -1)
+    out[:, :-1] = chunk_id[:, 1:]
+    return torch.where(valid, out, torch.full_like(out, -1))
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkUnits:
+    """Valid chunks of one teacher's alignment, flattened over the batch (U of them)."""
+
+    num_units: torch.Tensor  # [] int64, on the batch device (no host sync)
+    # "start": one student row and one teacher row per unit (flat indices b * T + p)
+    student_rows: torch.Tensor  # [U] (start) or [N_s] (mean)
+    teacher_rows: torch.Tensor  # [U] (start) or [N_t] (mean)
+    # "mean": the unit each listed row belongs to, and each unit's row counts
+    student_unit: torch.Tensor | None = None  # [N_s]
+    teacher_unit: torch.Tensor | None = None  # [N_t]
+    student_count: torch.Tensor | None = None  # [U]
+    teacher_count: torch.Tensor | None = None  # [U]
+
+
+def chunk_units(
+    batch: dict,
+    teacher_index: int,
+    batch_size: int,
+    student_len: int,
+    teacher_len: int,
+    *,
+    mode: str = "start",
+    correct_only: bool = True,
+    device=None,
+) -> ChunkUnits:
+    """The valid chunks of teacher `teacher_index`'s alignment as loss units (see module doc)."""
+    if mode not in ("start", "mean"):
+        raise LossOptionError(f"chunk unit mode {mode!r}: valid modes are 'start', 'mean'")
+    i = teacher_index
+    B = batch_size
+    cid_s = get_key(batch, f"alignment_{i}_student_chunk_id", (B, student_len)).to(device)
+    cid_t = get_key(batch, f"alignment_{i}_teacher_chunk_id", (B, teacher_len)).to(device)
+    pair_valid = get_key(batch, f"alignment_{i}_pair_valid").to(device=device, dtype=torch.bool)
+    if pair_valid.dim() != 2 or pair_valid.shape[0] != B:
+        raise LossInputError(f"batch['alignment_{i}_pair_valid'] has shape {tuple(pair_valid.shape)}, expected [B={B}, P]")
+    P = pair_valid.shape[1]
+    ok = pair_valid.clone()
+    if correct_only:
+        ok &= get_key(batch, f"alignment_{i}_pair_is_correct", (B, P)).to(device=device, dtype=torch.bool)
+    sm = get_key(batch, "sample_mask", (B,), required=False)
+    if sm is not None:
+        ok &= sm.to(device=device, dtype=torch.bool)[:, None]
+    ms = next_token_mask(batch, B, student_len, "", device)
+    mt = next_token_mask(batch, B, teacher_len, f"teacher_{i}_", device)
+    sh_s = shifted_chunk_ids(cid_s, ms)  # [B, T_s]
+    sh_t = shifted_chunk_ids(cid_t, mt)  # [B, T_t]
+
+    if mode == "start":
+        start_s = _chunk_starts(cid_s, sh_s, P)  # [B, P]
+        start_t = _chunk_starts(cid_t, sh_t, P)
+        ok &= (start_s >= 0) & (start_t >= 0)
+        ub, uc = ok.nonzero(as_tuple=True)
+        return ChunkUnits(
+            num_units=ok.sum(),
+            student_rows=ub * student_len + start_s[ub, uc],
+            teacher_rows=ub * teacher_len + start_t[ub, uc],
+        )
+
+    count_s = _chunk_counts(sh_s, P)
+    count_t = _chunk_counts(sh_t, P)
+    ok &= (count_s > 0) & (count_t > 0)
+    flat_ok = ok.flatten()
+    unit_of = torch.cumsum(flat_ok.to(torch.int64), 0) - 1
+    unit_of = torch.where(flat_ok, unit_of, torch.full_like(unit_of, -1))  # [B * P]
+    s_rows, s_unit = _rows_in_units(sh_s, unit_of, P)
+    t_rows, t_unit = _rows_in_units(sh_t, unit_of, P)
+    return ChunkUnits(
+        num_units=flat_ok.sum(),
+        student_rows=s_rows,
+        teacher_rows=t_rows,
+        student_unit=s_unit,
+        teacher_unit=t_unit,
+        student_count=count_s.flatten()[flat_ok],
+        teacher_count=count_t.flatten()[flat_ok],
+    )
+
+
+def _chunk_starts(chunk_id: torch.Tensor, shifted: torch.Tensor, P: int) -> torch.Tensor:
+    """`[B, P]`: position p whose next token is the *first* token of chunk c (-1: none)."""
+    B, T = chunk_id.shape
+    prev = chunk_id  # chunk of token p itself
+    is_start = (shifted >= 0) & (shifted != prev)
+    b, p = is_start.nonzero(as_tuple=True)
+    c = shifted[b, p]
+    out = torch.full((B * P,), -1, dtype=torch.int64, device=chunk_id.device)
+    out[b * P + c] = p
+    return out.view(B, P)
+
+
+def _chunk_counts(shifted: torch.Tensor, P: int) -> torch.Tensor:
+    B = shifted.shape[0]
+    b, p = (shifted >= 0).nonzero(as_tuple=True)
+    c = shifted[b, p]
+    out = torch.zeros(B * P, dtype=torch.int64, device=shifted.device)
+    out.index_add_(0, b * P + c, torch.ones_like(c))
+    return out.view(B, P)
+
+
+def _rows_in_units(shifted: torch.Tensor, unit_of: torch.Tensor, P: int):
+    B, T = shifted.shape
+    b, p = (shifted >= 0).nonzero(as_tuple=True)
+    unit = unit_of[b * P + shifted[b, p]]
+    keep = unit >= 0
+    return (b * T + p)[keep], unit[keep]
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise `LossInputError` if `tensor` holds NaN or +inf (-inf, a masked entry, is allowed).
+
+    Syncs with the device; losses call it only with `check_inputs=True`."""
+    if tensor.dtype.is_floating_point:
+        if bool(torch.isnan(tensor).any()):
+            raise LossInputError(
+                f"{name} contains NaN; check the model's forward pass (mixed-precision overflow, a bad "
+                "batch) before the loss"
+            )
+        if bool((tensor == float("inf")).any()):
+            raise LossInputError(f"{name} contains +inf; only -inf (a masked entry) is allowed in logits")
+
+
+def check_chunk_ids(batch: dict, teacher_index: int) -> None:
+    """Raise unless every chunk id is -1 or a valid slot of `pair_valid` (syncs; check mode only)."""
+    i = teacher_index
+    P = batch[f"alignment_{i}_pair_valid"].shape[1]
+    for side in ("student", "teacher"):
+        cid = batch[f"alignment_{i}_{side}_chunk_id"]
+        if cid.numel() and (int(cid.min()) < -1 or int(cid.max()) >= P):
+            raise LossInputError(
+                f"batch['alignment_{i}_{side}_chunk_id'] holds ids outside [-1, {P - 1}] (P = pair_valid.shape[1])"
+            )
+
+
+def count_units(batch: dict, kind: str, *, teacher_index: int = 0, public: bool = False,
+                correct_only: bool = True, device=None) -> torch.Tensor:
+    """The local number of valid units a loss of `kind` counts on `batch` (a 0-dim int64 tensor).
+
+    Under data parallelism, all-reduce (sum) it across ranks and pass it as `normalizer`.
+    `"ce"`/`"kl"`: next-token positions; `"pkl"`: valid chunks (chunk starts, or with `public=True`
+    chunks with positions on both sides).
+    """
+    if kind in ("ce", "kl"):
+        ids = batch.get("input_ids", batch.get("token_mask"))
+        if ids is None:
+            raise LossInputError("count_units: batch needs 'input_ids' or 'token_mask'")
+        return next_token_mask(batch, ids.shape[0], ids.shape[1], "", device or ids.device).sum()
+    if kind == "pkl":
+        i = teacher_index
+        s = get_key(batch, f"alignment_{i}_student_chunk_id")
+        t = get_key(batch, f"alignment_{i}_teacher_chunk_id")
+        return chunk_units(
+            batch, i, s.shape[0], s.shape[1], t.shape[1], mode="mean" if public else "start",
+            correct_only=correct_only, device=device or s.device,
+        ).num_units
+    raise LossOptionError(f"count_units: kind {kind!r}: valid kinds are 'ce', 'kl', 'pkl'")
