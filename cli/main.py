@@ -29,9 +29,11 @@ def align_cli() -> None:
 
 
 def _register() -> None:
+    from cli.align_cmd import align_cmd
     from cli.overlap_cmd import overlap_report_cmd
     from cli.projection_cmd import build_projection_cmd, inspect_cmd
 
+    align_cli.add_command(align_cmd)
     align_cli.add_command(overlap_report_cmd)
     align_cli.add_command(build_projection_cmd)
     align_cli.add_command(inspect_cmd)

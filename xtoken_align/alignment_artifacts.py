@@ -1,0 +1,217 @@
+"""Precomputed alignments on disk (`xtoken-align align --out DIR`), read back by a data pipeline.
+
+A directory, written atomically (temporary sibling directory + rename, `artifacts.atomic_dir`):
+- `alignment.json`: `schema_version` (1), `kind` ("alignment"), `student` and `teacher`
+  (`{name, fingerprint, vocab_size, model_vocab_size}`), `num_samples`, `shards` (`[{file,
+  num_samples}]`), `options` (how the batch was made: max_length, add_special_tokens, ...),
+  `stats`, `created_with`.
+- `alignment-00000.safetensors`, ...: per shard, flat arrays with per-sample offsets:
+  `student_input_ids [N_s]` int64, `student_token_bytes [N_s]` int32, `student_offsets [n + 1]`
+  int64, the same three for `teacher_`, `chunks [C, 7]` int64 (rows `byte_start, byte_end,
+  s_start, s_end, t_start, t_end, correct`, token indices local to the sample), `chunk_offsets
+  [n + 1]` int64, `num_bytes [n]` int64.
+
+Token-level chunk ids and exact masks are not stored: chunks tile both token sequences in order, so
+they are rebuilt on reading. Reading checks the schema, the kind and, when tokenizers are given,
+their fingerprints (`ArtifactError` naming what differs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from xtoken_align.alignment import PairBatch, SideBatch
+from xtoken_align.artifacts import (SCHEMA_VERSION, atomic_dir, check_tokenizers, created_with,
+                                    read_meta, read_tensors, tokenizer_meta, write_meta, write_tensors)
+from xtoken_align.collate import AlignedBatch, pad_id, to_tensors, truncate
+from xtoken_align.errors import ArtifactError
+from xtoken_align.tokenizer import TokenizerInfo
+
+ALIGNMENT_KIND = "alignment"
+ALIGNMENT_JSON = "alignment.json"
+_REQUIRED = {
+    "student_input_ids": np.int64, "student_token_bytes": np.int32, "student_offsets": np.int64,
+    "teacher_input_ids": np.int64, "teacher_token_bytes": np.int32, "teacher_offsets": np.int64,
+    "chunks": np.int64, "chunk_offsets": np.int64, "num_bytes": np.int64,
+}
+
+
+def _offsets(counts) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def _shard_arrays(batches: list[AlignedBatch], teacher_index: int) -> dict[str, np.ndarray]:
+    out: dict[str, list] = {k: [] for k in _REQUIRED}
+    for batch in batches:
+        s, t, p = batch.student, batch.teachers[teacher_index], batch.pairs[teacher_index]
+        out["student_input_ids"].append(s.ids)
+        out["student_token_bytes"].append(s.token_bytes)
+        out["student_offsets"].append(np.diff(s.offsets))
+        out["teacher_input_ids"].append(t.ids)
+        out["teacher_token_bytes"].append(t.token_bytes)
+        out["teacher_offsets"].append(np.diff(t.offsets))
+        out["chunks"].append(p.chunks)
+        out["chunk_offsets"].append(np.diff(p.offsets))
+        out["num_bytes"].append(np.asarray(batch.num_bytes, np.int64))
+    arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+    for k in ("student_offsets", "teacher_offsets", "chunk_offsets"):
+        arrays[k] = _offsets(arrays[k])
+    arrays["chunks"] = arrays["chunks"].reshape(-1, 7)
+    return {k: np.ascontiguousarray(v, dtype=_REQUIRED[k]) for k, v in arrays.items()}
+
+
+def write_alignment_artifact(out: str | Path, student: TokenizerInfo, teacher: TokenizerInfo,
+                             batches: Iterable[AlignedBatch], *, teacher_index: int = 0,
+                             shard_size: int = 4096, options: dict | None = None) -> dict:
+    """Write aligned batches (from `AlignmentCollator.align`) for teacher `teacher_index` as an
+    alignment artifact at `out`; returns the metadata written."""
+    if student.fingerprint == teacher.fingerprint:
+        raise ArtifactError(f"{student.name} and {teacher.name} are the same tokenizer: a same-vocab "
+                            f"teacher needs no alignment artifact")
+    if shard_size < 1:
+        raise ArtifactError(f"shard_size must be at least 1, got {shard_size}")
+    out = Path(out)
+    shards, pending, pending_n = [], [], 0
+    stats = {"student_tokens": 0, "teacher_tokens": 0, "chunks": 0, "correct_chunks": 0,
+             "bytes": 0, "bytes_in_exact_1to1": 0}
+    with atomic_dir(out, marker=ALIGNMENT_JSON) as tmp:
+        def flush():
+            nonlocal pending, pending_n
+            if not pending_n:
+                return
+            arrays = _shard_arrays(pending, teacher_index)
+            name = f"alignment-{len(shards):05d}.safetensors"
+            write_tensors(tmp / name, arrays, kind=ALIGNMENT_KIND)
+            shards.append({"file": name, "num_samples": pending_n})
+            pending, pending_n = [], 0
+
+        for batch in batches:
+            p = batch.pairs[teacher_index]
+            if p is None:
+                raise ArtifactError(f"teacher {teacher_index} of this batch is same-vocab: nothing to store")
+            ch = p.chunks
+            one = (ch[:, 3] - ch[:, 2] == 1) & (ch[:, 5] - ch[:, 4] == 1) & (ch[:, 6] == 1)
+            stats["student_tokens"] += len(batch.student.ids)
+            stats["teacher_tokens"] += len(batch.teachers[teacher_index].ids)
+            stats["chunks"] += len(ch)
+            stats["correct_chunks"] += int(ch[:, 6].sum())
+            stats["bytes"] += int(batch.num_bytes.sum())
+            stats["bytes_in_exact_1to1"] += int((ch[:, 1] - ch[:, 0])[one].sum())
+            pending.append(batch)
+            pending_n += len(batch.num_bytes)
+            if pending_n >= shard_size:
+                flush()
+        flush()
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": ALIGNMENT_KIND,
+            "student": tokenizer_meta(student),
+            "teacher": tokenizer_meta(teacher),
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "shards": shards,
+            "options": dict(options or {}),
+            "stats": stats,
+            "created_with": created_with(),
+        }
+        write_meta(tmp / ALIGNMENT_JSON, meta)
+    return meta
+
+
+@dataclass
+class AlignmentArtifact:
+    """A precomputed alignment directory, opened with `read_alignment_artifact`."""
+
+    path: Path
+    meta: dict
+    _shards: dict[int, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.meta["num_samples"])
+
+    def _shard(self, k: int) -> dict[str, np.ndarray]:
+        if k not in self._shards:
+            entry = self.meta["shards"][k]
+            arrays = read_tensors(self.path / entry["file"], _REQUIRED)
+            n = entry["num_samples"]
+            for name in ("student_offsets", "teacher_offsets", "chunk_offsets"):
+                if arrays[name].shape != (n + 1,):
+                    raise ArtifactError(f"{self.path / entry['file']}: {name} has shape "
+                                        f"{arrays[name].shape}, expected ({n + 1},)")
+            self._shards[k] = arrays
+        return self._shards[k]
+
+    def aligned(self, indices) -> AlignedBatch:
+        """Samples `indices` (global, in order) as an `AlignedBatch` with one teacher."""
+        counts = np.array([s["num_samples"] for s in self.meta["shards"]], np.int64)
+        starts = _offsets(counts)
+        parts = {k: [] for k in ("s_ids", "s_tb", "s_n", "t_ids", "t_tb", "t_n", "ch", "c_n", "nb")}
+        for g in indices:
+            g = int(g)
+            if not 0 <= g < self.num_samples:
+                raise ArtifactError(f"{self.path}: sample {g} out of range (0..{self.num_samples - 1})")
+            k = int(np.searchsorted(starts, g, side="right") - 1)
+            a, i = self._shard(k), g - int(starts[k])
+            so, to, co = a["student_offsets"], a["teacher_offsets"], a["chunk_offsets"]
+            parts["s_ids"].append(a["student_input_ids"][so[i]:so[i + 1]])
+            parts["s_tb"].append(a["student_token_bytes"][so[i]:so[i + 1]])
+            parts["s_n"].append(so[i + 1] - so[i])
+            parts["t_ids"].append(a["teacher_input_ids"][to[i]:to[i + 1]])
+            parts["t_tb"].append(a["teacher_token_bytes"][to[i]:to[i + 1]])
+            parts["t_n"].append(to[i + 1] - to[i])
+            parts["ch"].append(a["chunks"][co[i]:co[i + 1]])
+            parts["c_n"].append(co[i + 1] - co[i])
+            parts["nb"].append(a["num_bytes"][i])
+        cat = lambda key, dtype: (np.concatenate(parts[key]).astype(dtype) if parts[key]  # noqa: E731
+                                  else np.zeros(0, dtype))
+        student = _side(cat("s_ids", np.int64), _offsets(parts["s_n"]), cat("s_tb", np.int64))
+        teacher = _side(cat("t_ids", np.int64), _offsets(parts["t_n"]), cat("t_tb", np.int64))
+        chunks = np.concatenate(parts["ch"]) if parts["ch"] else np.zeros((0, 7), np.int64)
+        pair = _pair(chunks, _offsets(parts["c_n"]))
+        if len(pair.a_chunk) != len(student.ids) or len(pair.b_chunk) != len(teacher.ids):
+            raise ArtifactError(f"{self.path}: chunks do not tile the stored tokens (corrupt shard)")
+        return AlignedBatch(student, [teacher], [pair], np.asarray(parts["nb"], np.int64))
+
+    def batch(self, indices, *, max_length: int | None = None, teacher_max_length: int | None = None,
+              student: TokenizerInfo | None = None, teacher: TokenizerInfo | None = None
+              ) -> dict[str, torch.Tensor]:
+        """The CONTRACTS §2 batch of samples `indices` (teacher index 0), optionally truncated
+        further; padding ids come from the tokenizers when given, else 0."""
+        aligned = truncate(self.aligned(indices), max_length,
+                           teacher_max_length if teacher_max_length is not None else max_length)
+        return to_tensors(aligned, pad_id(student) if student else 0, [pad_id(teacher) if teacher else 0])
+
+
+def _side(ids: np.ndarray, offsets: np.ndarray, token_bytes: np.ndarray) -> SideBatch:
+    ends = np.cumsum(token_bytes)
+    base = np.repeat(np.concatenate([[0], ends])[offsets[:-1]], np.diff(offsets))
+    ends = ends - base
+    starts = ends - token_bytes
+    return SideBatch(ids, offsets, starts, ends, np.zeros(len(ids), bool), np.full(len(ids), -1, np.int64))
+
+
+def _pair(chunks: np.ndarray, offsets: np.ndarray) -> PairBatch:
+    local = np.arange(len(chunks)) - np.repeat(offsets[:-1], np.diff(offsets))
+    a_w, b_w = chunks[:, 3] - chunks[:, 2], chunks[:, 5] - chunks[:, 4]
+    exact = (a_w == 1) & (b_w == 1) & (chunks[:, 6] == 1)
+    return PairBatch(chunks, offsets, np.repeat(local, a_w), np.repeat(local, b_w),
+                     np.repeat(exact, a_w), np.repeat(exact, b_w))
+
+
+def read_alignment_artifact(path: str | Path, *, student: TokenizerInfo | str | None = None,
+                            teacher: TokenizerInfo | str | None = None) -> AlignmentArtifact:
+    """Open an alignment artifact; with `student`/`teacher` (TokenizerInfo or fingerprint), check
+    it was built for them."""
+    path = Path(path)
+    meta = read_meta(path / ALIGNMENT_JSON, kind=ALIGNMENT_KIND)
+    check_tokenizers(meta, path, student=student, teacher=teacher)
+    if not isinstance(meta.get("shards"), list):
+        raise ArtifactError(f"{path / ALIGNMENT_JSON}: 'shards' is missing")
+    return AlignmentArtifact(path, meta)
