@@ -173,7 +173,6 @@ def hybrid_loss(
     s_ids, t_ids = cs.student_ids, cs.teacher_ids
     cut = None if tail_cut is None else min(Vs - cs.size, Vt - cs.size, tail_cut)
     wc, wu = float(common_weight), float(uncommon_weight)
-    neg_inf = float("-inf")
 
     def unit_fn(log_q, log_p):
         lq_c, lp_c = log_q[:, s_ids], log_p[:, t_ids]  # [n, m]
@@ -201,7 +200,6 @@ def hybrid_loss(
             }
         return loss, extra
 
-    del neg_inf
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size,
                      metric_names=("common_kl", "uncommon_l1", "teacher_common_mass", "student_common_mass"))
