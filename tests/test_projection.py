@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from xtoken_align import XTokenError, load_tokenizer
 from xtoken_align import artifacts as art
 from xtoken_align.projection import ProjectionConfig, build_projection, top_k_rows
 from xtoken_align.projection_refine import cooccurrence_counts
-from xtoken_align.projection_rules import (SPLIT_BYTE_DP, SPLIT_TOKENIZER, ByteSplitter, decompose, exact_map,
-                                           special_map)
+from xtoken_align.projection_rules import (SPLIT_BYTE_DP, SPLIT_NONE, SPLIT_NORMALIZED, SPLIT_PARTIAL,
+                                           SPLIT_TOKENIZER, ByteSplitter, decompose, exact_map, special_map)
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "train.jsonl"
 
@@ -71,7 +72,8 @@ def check_invariants(proj: art.ProjectionArtifact, src, dst) -> None:
     assert sum(st[f"{k}_rows"] for k in art.ROW_KIND_NAMES) == proj.num_rows
 
 
-PAIRS = [("llama3", "qwen3"), ("llama3", "mistral-v1"), ("o200k", "deepseek-v4")]
+PAIRS = [("llama3", "qwen3"), ("llama3", "mistral-v1"), ("o200k", "deepseek-v4"), ("gpt-oss", "tekken"),
+         ("mistral-v1", "bert-uncased")]
 
 
 @pytest.mark.parametrize("student,teacher", PAIRS)
@@ -83,10 +85,15 @@ def test_invariants_both_directions(student, teacher):
     assert b.reverse.meta["direction"] == "teacher_to_student"
     assert b.reverse.meta["rows"] == "teacher" and b.reverse.meta["student"]["name"] == student
     st = b.forward.meta["stats"]
-    assert st["exact_rows"] > 0.5 * min(tok(student).vocab_size, tok(teacher).vocab_size)
     s_tok = tok(student)
-    assert st["mapped_rows"] >= s_tok.vocab_size - len(s_tok.special_tokens) - int(s_tok.is_unused.sum())
     assert st["unused_rows"] == int(s_tok.is_unused.sum())
+    if "lossy" in (s_tok.exactness, tok(teacher).exactness):
+        # BERT drops whitespace and case: few byte-identical tokens, some bytes nothing covers
+        assert st["decomposition"]["normalized"] > 0
+        assert st["mapped_rows"] > 0.9 * s_tok.vocab_size
+        return
+    assert st["exact_rows"] > 0.5 * min(s_tok.vocab_size, tok(teacher).vocab_size)
+    assert st["mapped_rows"] >= s_tok.vocab_size - len(s_tok.special_tokens) - int(s_tok.is_unused.sum())
 
 
 def test_multi_digit_llama_tokens_decompose_into_qwen_digits_in_order():
@@ -121,9 +128,13 @@ def test_decompositions_reproduce_bytes_and_teacher_split():
     pieces = decompose(L, ids, ByteSplitter(Q))
     counts = pieces.counts()
     assert counts["tokenizer"] > 0 and counts["byte_dp"] > 0  # half-UTF-8 tokens go to the byte DP
+    assert 0 < counts["normalized"] < 100  # the few non-NFC Llama tokens: Qwen splits their NFC form
     for n in range(len(ids)):
         p = pieces.pieces[pieces.ptr[n]:pieces.ptr[n + 1]]
-        assert b"".join(Q.token_bytes[j] for j in p) == L.token_bytes[ids[n]]
+        want = L.token_bytes[ids[n]]
+        if pieces.method[n] == SPLIT_NORMALIZED:
+            want = unicodedata.normalize("NFC", want.decode("utf-8")).encode("utf-8")
+        assert b"".join(Q.token_bytes[j] for j in p) == want
     sel = np.flatnonzero(pieces.method == SPLIT_TOKENIZER)[::97]
     for n in sel:
         text = L.token_bytes[ids[n]].decode("utf-8")
@@ -149,11 +160,16 @@ def test_sentencepiece_teacher_gets_no_phantom_space():
     assert method[0] == SPLIT_TOKENIZER and method[2] == SPLIT_BYTE_DP
 
 
-def test_lossy_teacher_partial_split():
+def test_lossy_teacher_split():
     B = tok("bert-uncased")
-    split, method = ByteSplitter(B).split([b"ing", b" Hello", b"\n\n"])
+    split, method = ByteSplitter(B).split([b"ing", b" Hello", b"\n\n", b" Caf\xc3\xa9", b"\xe4\xb8", b"X\xff"])
     assert [B.token_bytes[j] for j in split[0]] == [b"ing"]
-    assert method[1] == 2 and method[2] == 3  # partial (uncased, no space token), none
+    # BERT lowercases, strips accents and drops whitespace: its split of that normalized text
+    assert method[1] == SPLIT_NORMALIZED and [B.token_bytes[j] for j in split[1]] == [b"hello"]
+    assert method[3] == SPLIT_NORMALIZED and b"".join(B.token_bytes[j] for j in split[3]) == b"cafe"
+    assert method[2] == SPLIT_NONE  # no whitespace token
+    assert method[4] in (SPLIT_NONE, SPLIT_PARTIAL)  # half a character
+    assert method[5] == SPLIT_NONE  # no upper case, no byte 0xff
 
 
 def test_reverse_pass_spreads_row_mass():

@@ -22,7 +22,8 @@ SPLIT_TOKENIZER = 0  # the target tokenizer's own split of the decoded text repr
 SPLIT_BYTE_DP = 1  # byte-level fewest-pieces split over the target's byte vocabulary
 SPLIT_PARTIAL = 2  # byte-level split that had to skip bytes no target token covers (lossy targets)
 SPLIT_NONE = 3  # no target token covers any byte
-SPLIT_NAMES = ("tokenizer", "byte_dp", "partial", "none")
+SPLIT_NORMALIZED = 4  # the target tokenizer's split of the text its normalizer made (NFC, lowercase)
+SPLIT_NAMES = ("tokenizer", "byte_dp", "partial", "none", "normalized")
 
 # Roles that may stand in for one another when a tokenizer lacks the exact role (Llama-3 calls its
 # document end `eos_text` and its chat end `eos`; most families have one end-of-sequence token).
@@ -106,10 +107,13 @@ class ByteSplitter:
 
     Bytes that decode as UTF-8 go through the target's own `encode_batch` (its normalizer,
     pre-tokenizer and merges), and the split is kept when the pieces' canonical bytes concatenate
-    back to the input. Otherwise (half a UTF-8 character, NFC or lowercasing changed the text, a
-    special-token string matched) a byte-level dynamic programme picks the split with the fewest
-    target tokens, preferring the longest first piece on ties (what BPE and WordPiece produce on
-    nearly all such strings).
+    back to the input. Where the target's normalizer changed the text (Qwen's NFC, BERT's
+    lowercasing and accent stripping), the split is kept when the pieces spell the normalized text
+    (whitespace removed for a lossy target, whose pre-tokenizer drops it): that is what the target
+    produces on this text. Otherwise (half a UTF-8 character, a special-token string matched, an
+    `[UNK]`) a byte-level dynamic programme picks the split with the fewest target tokens,
+    preferring the longest first piece on ties (what BPE and WordPiece produce on nearly all such
+    strings).
     """
 
     def __init__(self, target: TokenizerInfo):
@@ -131,14 +135,24 @@ class ByteSplitter:
             except UnicodeDecodeError:
                 pass
         tb = self.target.token_bytes
+        normalizer = self._backend.normalizer
+        lossy = self.target.exactness == "lossy"
         if texts:
             encodings = self._backend.encode_batch(texts, add_special_tokens=False)
-            for n, enc in zip(where, encodings):
+            for n, text, enc in zip(where, texts, encodings):
                 ids = enc.ids
                 parts = [tb[i] for i in ids]
-                if ids and None not in parts and b"".join(parts) == items[n]:
-                    out[n] = ids
-                    method[n] = SPLIT_TOKENIZER
+                if not ids or None in parts:
+                    continue
+                joined = b"".join(parts)
+                if joined == items[n]:
+                    out[n], method[n] = ids, SPLIT_TOKENIZER
+                elif normalizer is not None:
+                    norm = normalizer.normalize_str(text)
+                    if lossy:
+                        norm = "".join(norm.split())
+                    if joined == norm.encode("utf-8"):
+                        out[n], method[n] = ids, SPLIT_NORMALIZED
         for n, b in enumerate(items):
             if out[n] is None:
                 out[n], method[n] = self._dp(b)
