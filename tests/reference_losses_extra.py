@@ -175,17 +175,26 @@ def reference_alm(student_logits, teacher_outputs, batch, *, teacher_index=0, ta
     def t_logprob(b, p):
         return tl[b, p] if topk else torch.log_softmax(zt[b, p], dim=0)[int(ids_t[b, p + 1])]
 
+    def as_mask(tokens, width):
+        t = torch.as_tensor(tokens)
+        if t.dtype == torch.bool:
+            return torch.cat([t, torch.zeros(max(width - t.shape[0], 0), dtype=torch.bool)])
+        m = torch.zeros(width, dtype=torch.bool)
+        for v in t.tolist():
+            m[v] = True
+        return m
+
     def t_boundary(b, p):
         if topk:
             lp, idx = teacher_outputs["topk_logprobs"][b, p].to(torch.float64), teacher_outputs["topk_indices"][b, p]
             return sum(float(torch.exp(lp[j])) for j in range(idx.shape[0])
-                       if int(idx[j]) >= 0 and bool(teacher_boundary_tokens[int(idx[j])]))
+                       if int(idx[j]) >= 0 and bool(as_mask(teacher_boundary_tokens, int(idx.max()) + 1)[int(idx[j])]))
         pr = torch.softmax(zt[b, p], dim=0)
-        return float(pr[: teacher_boundary_tokens.shape[0]][teacher_boundary_tokens].sum())
+        return float(pr[as_mask(teacher_boundary_tokens, pr.shape[0])].sum())
 
     def s_boundary(b, p):
         pr = torch.softmax(zs[b, p], dim=0)
-        return float(pr[: student_boundary_tokens.shape[0]][student_boundary_tokens].sum())
+        return float(pr[as_mask(student_boundary_tokens, pr.shape[0])].sum().detach())
 
     total = torch.zeros((), dtype=torch.float64)
     count = 0

@@ -1,0 +1,274 @@
+"""ALM (loss kind `"alm"`): Approximate Likelihood Matching (Minixhofer et al.). No vocabulary relation is
+needed: each model is scored on the text itself.
+
+For each valid aligned chunk c (`units.chunk_units`, mode "mean": the next-token positions whose next
+token lies in c), the chain rule gives each side's log-likelihood of the chunk's own tokens:
+`l_s(c) = sum_p log softmax(z_s[p])[y_s(p + 1)]`, `l_t(c)` likewise (from the teacher's logits, or
+from `target_logprob` with top-k teacher outputs). With a temperature tau (default 100) and
+`a = l / tau - eps` (eps = 1e-6 keeps a < 0), `p = exp(a)`, the chunk loss is a divergence between
+the two-outcome distributions (p_t, 1 - p_t) and (p_s, 1 - p_s):
+- `"bce"` (tokenkit's default): `-[p_t log p_s + (1 - p_t) log(1 - p_s)]`;
+- `"kl"`: `p_t (a_t - a_s) + (1 - p_t) (log(1 - p_t) - log(1 - p_s))`, 0 at l_s = l_t.
+Both are minimised over l_s exactly at l_s = l_t (BCE = KL + the teacher's binary entropy).
+
+Debiasing (`debias_gamma`, paper 0.1; off by default). `l(c)` is the probability of the chunk's
+*tokens*; it equals the probability of the chunk's *bytes* only when no token of that model would
+run across the chunk's end. A chunk is kept only when its end is likely a token boundary: the
+probability, at the chunk's last token, that the next token starts a new piece (the mass on the
+caller's `teacher_boundary_tokens` / `student_boundary_tokens`, e.g. tokens whose bytes start with
+whitespace, and end-of-text tokens) is at least gamma on each side given. A chunk that ends its
+sample is always kept (the text ends there). With top-k teacher outputs the teacher's boundary mass
+is summed over the listed tokens (a lower bound). Dropped chunks do not count as units.
+
+Sum over kept chunks / `normalizer` (default: the number of kept chunks). Teacher is a constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xtoken_loss.chunked import (
+    attach_grad,
+    check_choice,
+    compute_dtype,
+    needs_grad,
+    resolve_normalizer,
+    rows_per_chunk,
+    softmax_rows,
+)
+from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask
+
+DIVERGENCES = ("bce", "kl")
+DEFAULT_TAU = 100.0
+PAPER_GAMMA = 0.1
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """`log(1 - exp(a))` for a < 0, stable at both ends (and with finite gradients in both branches)."""
+    small = a < -math.log(2.0)
+    a1 = torch.where(small, a, torch.full_like(a, -1.0))
+    a2 = torch.where(small, torch.full_like(a, -0.1), a)
+    return torch.where(small, torch.log1p(-torch.exp(a1)), torch.log(-torch.expm1(a2)))
+
+
+def binary_divergence(l_t: torch.Tensor, l_s: torch.Tensor, tau: float, divergence: str = "bce",
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Per chunk: the divergence between (p_t, 1 - p_t) and (p_s, 1 - p_s), p = exp(l / tau - eps)."""
+    a_t = l_t.clamp(max=0.0) / tau - eps
+    a_s = l_s.clamp(max=0.0) / tau - eps
+    p_t = torch.exp(a_t)
+    if divergence == "bce":
+        return -(p_t * a_s + (1.0 - p_t) * log1mexp(a_s))
+    return p_t * (a_t - a_s) + (1.0 - p_t) * (log1mexp(a_t) - log1mexp(a_s))
+
+
+def _teacher_form(teacher_outputs):
+    if isinstance(teacher_outputs, torch.Tensor):
+        return "logits", teacher_outputs
+    if isinstance(teacher_outputs, dict):
+        if teacher_outputs.get("logits") is not None:
+            return "logits", teacher_outputs["logits"]
+        if teacher_outputs.get("target_logprob") is not None:
+            return "topk", teacher_outputs["target_logprob"]
+    raise LossInputError(
+        "alm: teacher_outputs must be full logits [B, T_t, V_t] (a tensor or {'logits': ...}) or a dict with "
+        "'target_logprob' [B, T_t] (the log-probability of the token that follows each position; CONTRACTS §3)"
+    )
+
+
+def _boundary_mask(tokens, width: int, device, name: str) -> torch.Tensor:
+    """A `[width]` bool mask from a bool mask or a list of ids."""
+    t = torch.as_tensor(tokens, device=device)
+    if t.dtype == torch.bool:
+        if t.shape[0] > width:
+            raise LossInputError(f"alm: {name} is a mask of {t.shape[0]} entries, wider than the logits ({width})")
+        return torch.nn.functional.pad(t, (0, width - t.shape[0]))
+    t = t.to(torch.int64).flatten()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= width):
+        raise LossInputError(f"alm: {name} holds ids outside [0, {width - 1}]")
+    out = torch.zeros(width, dtype=torch.bool, device=device)
+    out[t] = True
+    return out
+
+
+def alm_loss(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    *,
+    teacher_index: int = 0,
+    normalizer=None,
+    tau: float = DEFAULT_TAU,
+    divergence: str = "bce",
+    debias_gamma: float | None = None,
+    teacher_boundary_tokens=None,
+    student_boundary_tokens=None,
+    correct_only: bool = True,
+    eps: float = 1e-6,
+    position_chunk_size: int | None = None,
+    check_inputs: bool = False,
+):
+    """ALM of teacher `teacher_index` (module doc). Returns `(loss, metrics)`; metrics (means per kept
+    chunk): `alm`, `student_chunk_logprob`, `teacher_chunk_logprob`, and `kept_fraction` (kept / valid
+    chunks, debiasing)."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    tau = float(tau)
+    if not tau > 0 or math.isinf(tau):
+        raise LossOptionError(f"tau must be a finite number > 0, got {tau!r}")
+    if debias_gamma is not None:
+        if not 0.0 <= float(debias_gamma) <= 1.0:
+            raise LossOptionError(f"debias_gamma must be in [0, 1] or None, got {debias_gamma!r}")
+        if teacher_boundary_tokens is None and student_boundary_tokens is None:
+            raise LossOptionError(
+                "alm: debias_gamma needs teacher_boundary_tokens and/or student_boundary_tokens (ids or a bool mask "
+                "of the tokens that start a new piece, e.g. those whose bytes begin with whitespace, and EOS)"
+            )
+    form, t_main = _teacher_form(teacher_outputs)
+    if student_logits.dim() != 3:
+        raise LossInputError(f"alm: student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    B, Ls, Vs = student_logits.shape
+    if t_main.shape[0] != B or t_main.dim() != (3 if form == "logits" else 2):
+        raise LossInputError(
+            f"alm: teacher {'logits' if form == 'logits' else 'target_logprob'} shape {tuple(t_main.shape)} does not "
+            f"fit batch size {B} ([B, T_t, V_t] logits or [B, T_t] target_logprob)"
+        )
+    Lt = t_main.shape[1]
+    dev = student_logits.device
+    cdt = compute_dtype(student_logits.dtype)
+    i = teacher_index
+    ids_s = get_key(batch, "input_ids", (B, Ls)).to(dev).reshape(-1)
+    if check_inputs:
+        check_finite("student_logits", student_logits)
+        check_finite("teacher outputs", t_main)
+        check_chunk_ids(batch, i)
+    units = chunk_units(batch, i, B, Ls, Lt, mode="mean", correct_only=correct_only, device=dev)
+    U = units.student_count.shape[0]
+    n = rows_per_chunk(position_chunk_size, Vs)
+
+    # Teacher: l_t per unit (and the boundary mass at each unit's last token).
+    tr, tu = units.teacher_rows, units.teacher_unit
+    if form == "logits":
+        Vt = t_main.shape[2]
+        zt = t_main.reshape(B * Lt, Vt)
+        ids_t = get_key(batch, f"teacher_{i}_input_ids", (B, Lt)).to(dev).reshape(-1)
+        t_lp = torch.empty(tr.shape[0], dtype=cdt, device=dev)
+        with torch.no_grad():
+            for r0 in range(0, tr.shape[0], n):
+                rows = tr[r0 : r0 + n]
+                z = zt.index_select(0, rows).to(cdt)
+                t_lp[r0 : r0 + n] = torch.log_softmax(z, dim=1).gather(1, ids_t[rows + 1][:, None]).squeeze(1)
+    else:
+        t_lp = t_main.reshape(-1).to(cdt)[tr]
+    l_t = torch.zeros(U, dtype=cdt, device=dev).index_add_(0, tu, t_lp)
+
+    # Debiasing: which units to keep.
+    keep = torch.ones(U, dtype=torch.bool, device=dev)
+    if debias_gamma is not None:
+        gamma = float(debias_gamma)
+        if teacher_boundary_tokens is not None:
+            keep &= _teacher_boundary_ok(teacher_outputs, form, t_main, batch, units, teacher_boundary_tokens,
+                                         gamma, i, B, Lt, n, cdt)
+        if student_boundary_tokens is not None:
+            mask = _boundary_mask(student_boundary_tokens, Vs, dev, "student_boundary_tokens")
+            q, has_next = _last_rows(units.student_rows, units.student_unit, U, next_token_mask(batch, B, Ls, "", dev))
+            mass = _mass_at(student_logits.reshape(B * Ls, Vs), q, mask, n, cdt)
+            keep &= ~has_next | (mass >= gamma)
+    num_units = keep.sum()
+    norm = resolve_normalizer(normalizer, num_units, cdt)
+
+    # Student pass 1: per-row softmax (kept in the gradient buffer) and target log-probability.
+    sr, su = units.student_rows, units.student_unit
+    zs = student_logits.reshape(B * Ls, Vs)
+    want_grad = needs_grad(student_logits)
+    grad = torch.zeros_like(zs) if want_grad else None
+    tgt = ids_s[sr + 1]
+    s_lp = torch.empty(sr.shape[0], dtype=cdt, device=dev)
+    with torch.no_grad():
+        for r0 in range(0, sr.shape[0], n):
+            rows = sr[r0 : r0 + n]
+            z = zs.index_select(0, rows)
+            p, lse = softmax_rows(z, 1.0)
+            s_lp[r0 : r0 + n] = z.gather(1, tgt[r0 : r0 + n, None]).squeeze(1).to(cdt) - lse
+            if want_grad:
+                grad.index_copy_(0, rows, p.to(grad.dtype))
+    l_s = torch.zeros(U, dtype=cdt, device=dev).index_add_(0, su, s_lp)
+
+    # The chunk divergences and d loss / d l_s.
+    with torch.enable_grad():
+        ls_var = l_s.detach().requires_grad_(True)
+        div = binary_divergence(l_t, ls_var, tau, divergence, eps)
+        div = torch.where(keep, div, torch.zeros_like(div))
+        total_var = div.sum()
+        (d_ls,) = torch.autograd.grad(total_var, ls_var) if want_grad else (None,)
+    total = total_var.detach()
+
+    if want_grad:  # grad row r = c_r * (onehot(y_r) - p_r), c_r = d loss / d l_s(unit of r) / norm
+        c_all = (d_ls / norm)[su]  # [N_s]
+        with torch.no_grad():
+            for r0 in range(0, sr.shape[0], n):
+                rows = sr[r0 : r0 + n]
+                c = c_all[r0 : r0 + n]
+                h = grad.index_select(0, rows).to(cdt).mul_(-c[:, None])
+                h.scatter_add_(1, tgt[r0 : r0 + n, None], c[:, None])
+                grad.index_copy_(0, rows, h.to(grad.dtype))
+    cnt = num_units.to(cdt).clamp_min(1)
+    kf = keep.to(cdt)
+    metrics = {
+        "alm": (total / cnt).detach(),
+        "student_chunk_logprob": ((l_s * kf).sum() / cnt).detach(),
+        "teacher_chunk_logprob": ((l_t * kf).sum() / cnt).detach(),
+        "kept_fraction": (num_units.to(cdt) / max(U, 1)).detach(),
+    }
+    loss = total / norm
+    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
+
+
+def _last_rows(rows: torch.Tensor, unit: torch.Tensor, U: int, next_mask: torch.Tensor):
+    """Per unit: the row of its last token (= the last listed row + 1), and whether a token follows."""
+    last = torch.zeros(U, dtype=rows.dtype, device=rows.device).scatter_reduce_(0, unit, rows, "amax",
+                                                                                 include_self=False)
+    q = last + 1
+    return q, next_mask.reshape(-1)[q]
+
+
+def _mass_at(z_flat: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, n: int, cdt) -> torch.Tensor:
+    out = torch.empty(rows.shape[0], dtype=cdt, device=rows.device)
+    mf = mask.to(cdt)
+    with torch.no_grad():
+        for r0 in range(0, rows.shape[0], n):
+            p, _ = softmax_rows(z_flat.index_select(0, rows[r0 : r0 + n]), 1.0)
+            out[r0 : r0 + n] = p @ mf
+    return out
+
+
+def _teacher_boundary_ok(teacher_outputs, form, t_main, batch, units, tokens, gamma, i, B, Lt, n, cdt):
+    dev = t_main.device
+    U = units.student_count.shape[0]
+    q, has_next = _last_rows(units.teacher_rows, units.teacher_unit, U,
+                             next_token_mask(batch, B, Lt, f"teacher_{i}_", dev))
+    if form == "logits":
+        Vt = t_main.shape[2]
+        mask = _boundary_mask(tokens, Vt, dev, "teacher_boundary_tokens")
+        mass = _mass_at(t_main.reshape(B * Lt, Vt), q, mask, n, cdt)
+    else:
+        lp = teacher_outputs.get("topk_logprobs")
+        idx = teacher_outputs.get("topk_indices")
+        if lp is None or idx is None:
+            raise LossInputError(
+                "alm: debiasing with top-k teacher outputs needs 'topk_logprobs' and 'topk_indices' beside "
+                "'target_logprob' (the boundary mass is summed over the listed tokens)"
+            )
+        k = lp.shape[-1]
+        idx = idx.reshape(B * Lt, k)[q].to(torch.int64)
+        lpq = lp.reshape(B * Lt, k)[q].to(cdt)
+        width = max(int(idx.max()) + 1 if idx.numel() else 1, 1)
+        t = torch.as_tensor(tokens, device=dev)
+        width = max(width, t.shape[0] if t.dtype == torch.bool else (int(t.max()) + 1 if t.numel() else 1))
+        mask = _boundary_mask(tokens, width, dev, "teacher_boundary_tokens")
+        listed = (idx >= 0) & mask[idx.clamp(min=0)]
+        mass = torch.where(listed, torch.exp(lpq), torch.zeros_like(lpq)).sum(dim=1)
+    return ~has_next | (mass >= gamma)
+
