@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,13 @@ def test_cli_errors_one_line_exit_2(tmp_path, case):
     expected = {"unknown_tokenizer": "tokenizer", "top_k": "top_k", "unwritable": "not a writable directory",
                 "corpus_not_utf8": "not UTF-8", "bad_width": "--student-vocab-size", "inspect_missing": "nothing"}
     assert expected[case] in lines[0]
+
+
+def test_docs_python_snippet_runs(tmp_path, monkeypatch):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "projection.md").read_text(encoding="utf-8")
+    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "docs/projection.md", "exec"), scope)
+    assert scope["W"].num_rows == 128256 and scope["W"].to_scipy().shape == (128256, 151669)
+    assert (tmp_path / "proj" / "teacher_to_student" / "projection.json").exists()
