@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from reference_losses import dense_projection, next_token_valid, reference_kl, reference_pkl
+from reference_losses_extra import reference_alm, reference_common_by_threshold, reference_hybrid
 from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.multi_teacher import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
 from xtoken_loss.projection import Projection
@@ -52,19 +53,21 @@ def real_projection():
 
 
 @functools.lru_cache(maxsize=None)
-def real_problem(texts: tuple[str, ...] = tuple(TEXTS), seed: int = 0):
-    """`(batch, projection, V_s, V_t, info)`: the collated batch (teacher 0 = qwen3, cross-tokenizer;
-    teacher 1 = llama3, same-vocab) with ids remapped to small vocabularies, and the projection
-    restricted to them. Every row kept keeps all its entries, so rows still sum to 1."""
+def real_problem(texts: tuple[str, ...] = tuple(TEXTS), seed: int = 0, teachers: tuple[str, ...] = ("qwen3", "llama3")):
+    """`(batch, projection, V_s, V_t, info)`: the collated batch (by default teacher 0 = qwen3,
+    cross-tokenizer; teacher 1 = llama3, same-vocab) with ids remapped to small vocabularies, and the
+    projection restricted to them. Every row kept keeps all its entries, so rows still sum to 1."""
     from xtoken_align.collate import AlignmentCollator, CollateConfig
 
     llama, qwen = tokenizers()
-    batch = AlignmentCollator(llama, [qwen, llama], CollateConfig(max_length=40))(list(texts))
+    infos = [qwen if t == "qwen3" else llama for t in teachers]
+    cross = [i for i, t in enumerate(teachers) if t == "qwen3"]
+    batch = AlignmentCollator(llama, infos, CollateConfig(max_length=40))(list(texts))
     fwd = real_projection().forward
     rng = np.random.default_rng(seed)
     s_ids = batch["input_ids"][batch["token_mask"]].numpy()
     s_set = np.unique(np.concatenate([s_ids, rng.choice(llama.vocab_size, 30, replace=False)]))
-    t_ids = batch["teacher_0_input_ids"][batch["teacher_0_token_mask"]].numpy()
+    t_ids = np.concatenate([batch[f"teacher_{i}_input_ids"][batch[f"teacher_{i}_token_mask"]].numpy() for i in cross])
     rows = fwd.indices[s_set]
     t_set = np.unique(np.concatenate([t_ids, rows[rows >= 0], rng.choice(qwen.vocab_size, 30, replace=False)]))
     s_map = {int(v): k for k, v in enumerate(s_set)}
@@ -80,7 +83,8 @@ def real_problem(texts: tuple[str, ...] = tuple(TEXTS), seed: int = 0):
 
     batch = dict(batch)
     batch["input_ids"] = remap(batch["input_ids"], batch["token_mask"], s_map)
-    batch["teacher_0_input_ids"] = remap(batch["teacher_0_input_ids"], batch["teacher_0_token_mask"], t_map)
+    for i in cross:
+        batch[f"teacher_{i}_input_ids"] = remap(batch[f"teacher_{i}_input_ids"], batch[f"teacher_{i}_token_mask"], t_map)
     idx = np.full(rows.shape, -1, np.int64)
     for r in range(rows.shape[0]):
         for k in range(rows.shape[1]):
@@ -265,6 +269,36 @@ def test_padding_does_not_move_scores():
     assert close(loss, loss2)
     for k in ("teacher_0/weight", "teacher_0/score_bpb", "teacher_1/score_bpb"):
         assert close(m[k], m2[k])
+
+
+def test_sum_mixes_any_loss_kinds():
+    """Three teachers, three paths: qwen3 by H-KL (teacher 0), llama3 same-vocab KL (teacher 1), qwen3 by
+    ALM (teacher 2, so its keys are `teacher_2_*` / `alignment_2_*`)."""
+    batch, proj, Vs, Vt, info = real_problem(teachers=("qwen3", "llama3", "qwen3"))
+    zs = sharpened_logits(1, batch["input_ids"], batch["token_mask"], Vs, [0.5] * 4)
+    z0 = sharpened_logits(2, batch["teacher_0_input_ids"], batch["teacher_0_token_mask"], Vt, [2.0] * 4)
+    z1 = sharpened_logits(3, batch["input_ids"], batch["token_mask"], Vs, [1.0] * 4)
+    z2 = sharpened_logits(4, batch["teacher_2_input_ids"], batch["teacher_2_token_mask"], Vt, [3.0] * 4)
+    teachers = [
+        TeacherSpec(name="qwen3-hkl", loss="hkl", weight=0.5, projection=proj, loss_options={"temperature": 2.0}),
+        TeacherSpec(name="llama3", loss="kl", weight=0.3),
+        TeacherSpec(name="qwen3-alm", loss="alm", weight=0.2, loss_options={"tau": 10.0}),
+    ]
+    mt = MultiTeacherLoss(teachers, MultiTeacherConfig(), process_group=None)
+    x = zs.clone().requires_grad_()
+    loss, m = mt(x, [z0, z1, z2], batch)
+
+    r = zs.clone().requires_grad_()
+    W = dense_projection(proj.indices, proj.weights, Vs, Vt)
+    k0, _ = reference_hybrid(r, z0, batch, reference_common_by_threshold(W), temperature=2.0)
+    k1, _ = reference_kl(r, z1, batch)
+    k2, _ = reference_alm(r, z2, batch, teacher_index=2, tau=10.0)
+    ref = 0.5 * k0 + 0.3 * k1 + 0.2 * k2
+    assert close(loss, ref)
+    assert close(m["teacher_2/kd"], k2) and "teacher_0/projection_accuracy" in m
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(x.grad, r.grad, rtol=1e-6, atol=1e-9)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -562,6 +596,8 @@ def test_construction_errors():
         TeacherSpec(name="q", loss="kl", projection=proj)
     with pytest.raises(LossOptionError, match="TeacherSpec.weight must be a finite number >= 0"):
         TeacherSpec(name="q", loss="kl", weight=-1.0)
+    with pytest.raises(LossOptionError, match="loss 'gold' reads its exact-match common set"):
+        TeacherSpec(name="q", loss="gold", projection=proj)
     with pytest.raises(LossOptionError, match="TeacherSpec.loss='ce' uses no teacher"):
         TeacherSpec(name="q", loss="ce")
     with pytest.raises(LossOptionError, match="must not set 'normalizer'"):

@@ -222,6 +222,25 @@ class MultiTeacherLoss:
         self.projections: list[Projection | None] = [
             t.load_projection(student_fingerprint=student_fingerprint) for t in self.teachers
         ]
+        self.fixed_options = [self._fixed_options(i) for i in range(len(self.teachers))]
+
+    def _fixed_options(self, i: int) -> dict:
+        """Options set once per teacher: the projection, and for the library H-KL / GOLD their common
+        set, computed here once instead of on every call."""
+        spec, fn = self.teachers[i], self.loss_fns[i]
+        opts = {}
+        proj = self.projections[i]
+        if proj is not None and _accepts(fn, "projection"):
+            opts["projection"] = proj
+        if spec.loss_fn is None and spec.loss in ("hkl", "gold") and "common" not in spec.loss_options:
+            from xtoken_loss import hybrid
+
+            if spec.loss == "hkl":
+                th = spec.loss_options.get("threshold", hybrid.DEFAULT_THRESHOLD)
+                opts["common"] = hybrid.common_by_threshold(proj, th)
+            else:
+                opts["common"] = hybrid.common_exact(spec.projection)
+        return opts
 
     # ---------------------------------------------------------------------------------------------
     # construction checks
@@ -417,8 +436,9 @@ class MultiTeacherLoss:
         opts = dict(spec.loss_options)
         if not spec.is_same_vocab:
             opts["teacher_index"] = i
-        if projections[i] is not None:
-            opts["projection"] = projections[i]
+        opts.update(self.fixed_options[i])
+        if "projection" in opts and projections[i] is not None:
+            opts["projection"] = projections[i]  # on the logits' device
         group = _resolve_group(self.process_group)
         if group is not None and "process_group" not in opts and _names_param(fn, "process_group"):
             opts["process_group"] = group  # e.g. the P-KL's top-k column choice over the global batch

@@ -26,6 +26,7 @@ from xtoken_loss.projection import Projection, load_projection
 TEACHER_LOSS_KINDS = ("pkl", "hkl", "gold", "uld", "alm", "kl")
 SAME_VOCAB_KINDS = ("kl",)
 PROJECTION_KINDS = ("pkl", "hkl", "gold")
+COMMON_SET_KINDS = ("hkl", "gold")  # may take a precomputed `common` set instead of a projection
 # Options the multi-teacher loss sets itself for each teacher; a spec must not set them.
 RESERVED_OPTIONS = ("normalizer", "teacher_index", "projection", "sequence_weights")
 
@@ -42,8 +43,9 @@ class TeacherSpec:
     fingerprint: the teacher tokenizer's fingerprint (`TokenizerInfo.fingerprint`), compared with
         the projection artifact and, for a same-vocab teacher, with the student's.
     vocab_size: the teacher tokenizer's vocab size (needed for vocab-size normalisation).
-    projection: for `"pkl"`/`"hkl"`/`"gold"`: an artifact directory, or a loaded `Projection`;
-        None for the other kinds.
+    projection: for `"pkl"`/`"hkl"`/`"gold"`: an artifact directory, or a loaded `Projection`
+        (`"gold"` needs the directory: its `row_kind` tensor marks the exact rows); `"hkl"`/`"gold"`
+        may instead get `loss_options={"common": ...}`. None for the other kinds.
     loss_options: keyword options passed to the loss function (temperature, direction, ...).
     loss_fn: a callable with the CONTRACTS §5 signature used instead of the kind's library
         function (for experiments and tests); the kind still decides the teacher's path.
@@ -80,10 +82,19 @@ class TeacherSpec:
             isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2
         ):
             raise LossOptionError(f"{who}: TeacherSpec.vocab_size must be an integer >= 2 or None, got {self.vocab_size!r}")
-        if self.loss in PROJECTION_KINDS and self.projection is None:
+        if self.loss in PROJECTION_KINDS and self.projection is None and not (
+            self.loss in COMMON_SET_KINDS and "common" in self.loss_options
+        ):
             raise LossOptionError(
                 f"{who}: TeacherSpec.projection is required for loss {self.loss!r} (a cross-tokenizer teacher); "
                 "pass the artifact directory from `xtoken-align build-projection` or a loaded Projection"
+                + (" (or loss_options={'common': ...})" if self.loss in COMMON_SET_KINDS else "")
+            )
+        if self.loss == "gold" and isinstance(self.projection, Projection) and "common" not in self.loss_options:
+            raise LossOptionError(
+                f"{who}: loss 'gold' reads its exact-match common set from the artifact's `row_kind` tensor, which a "
+                "loaded Projection lacks; pass TeacherSpec.projection as the artifact directory, or "
+                "loss_options={'common': ...}"
             )
         if self.loss not in PROJECTION_KINDS and self.projection is not None:
             why = "a same-vocab teacher needs no projection" if self.loss in SAME_VOCAB_KINDS else (
