@@ -43,12 +43,11 @@ def next_token_valid(batch, b, p, length, prefix=""):
 
 def _kl(P, Q, direction):
     """KL between two probability vectors with 0 log 0 = 0 (P, Q float64, same length)."""
-    total = torch.zeros((), dtype=torch.float64)
     A, Bv = (P, Q) if direction == "forward" else (Q, P)
-    for i in range(A.shape[0]):
-        if A[i] > 0:
-            total = total + A[i] * (torch.log(A[i]) - torch.log(Bv[i]))
-    return total
+    pos = A > 0
+    one = torch.ones_like(A)
+    a_safe, b_safe = torch.where(pos, A, one), torch.where(pos, Bv, one)  # no 0 * log 0 in the graph
+    return torch.where(pos, A * (torch.log(a_safe) - torch.log(b_safe)), torch.zeros_like(A)).sum()
 
 
 def _top_columns(scores, k):
@@ -307,3 +306,77 @@ def random_logits(seed, shape, *, scale=3.0, dtype=torch.float64):
 
 def is_close(a, b, tol=1e-6):
     return math.isclose(float(a), float(b), rel_tol=tol, abs_tol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# real problems: llama3 student, qwen3 teacher, real text, the collator's alignment and the
+# projection builder's W, restricted to a small remapped vocabulary so a dense float64 W fits.
+
+_REAL: dict = {}
+
+
+def real_tokenizers():
+    """(llama3, qwen3) `TokenizerInfo`s and the real llama3 -> qwen3 projection (built once)."""
+    if "toks" not in _REAL:
+        from xtoken_align import load_tokenizer
+        from xtoken_align.projection import build_projection
+
+        s, t = load_tokenizer("llama3"), load_tokenizer("qwen3")
+        _REAL["toks"] = (s, t, build_projection(s, t).forward)
+    return _REAL["toks"]
+
+
+def heldout_texts(num_texts, max_chars, *, skip=0):
+    import json
+    from pathlib import Path
+
+    corpus = Path(__file__).resolve().parent.parent / "data" / "corpus" / "heldout.jsonl"
+    texts = []
+    with open(corpus, encoding="utf-8") as fh:
+        for line in fh:
+            text = json.loads(line)["text"].strip()
+            if len(text) < 40:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            texts.append(text[:max_chars])
+            if len(texts) == num_texts:
+                break
+    return texts
+
+
+def real_problem(num_texts=3, max_chars=200, extra_ids=150, seed=0):
+    """A real batch (llama3 student, qwen3 teacher, heldout text, `collate`) and the real W,
+    restricted to: the ids that occur, their projection neighbours and `extra_ids` random ids per
+    side, remapped to 0..V-1. Returns `(batch, indices, weights, Vs, Vt)`: `indices`/`weights` are
+    W's rows of the kept student ids with remapped teacher columns (an exact sub-matrix: every
+    neighbour of a kept row is kept)."""
+    key = (num_texts, max_chars, extra_ids, seed)
+    if key in _REAL:
+        return _REAL[key]
+    from xtoken_align.collate import collate
+
+    s_tok, t_tok, proj = real_tokenizers()
+    batch = dict(collate(heldout_texts(num_texts, max_chars), s_tok, [t_tok]))
+    idx, w = torch.as_tensor(proj.indices), torch.as_tensor(proj.weights)
+    g = torch.Generator().manual_seed(seed)
+    s_used = batch["input_ids"][batch["token_mask"]]
+    s_sel = torch.unique(torch.cat([s_used, torch.randint(0, idx.shape[0], (extra_ids,), generator=g)]))
+    nb = idx[s_sel]
+    t_used = batch["teacher_0_input_ids"][batch["teacher_0_token_mask"]]
+    t_width = max(t_tok.vocab_size, int(idx.max()) + 1)
+    t_sel = torch.unique(torch.cat([t_used, nb[nb >= 0], torch.randint(0, t_width, (extra_ids,), generator=g)]))
+    s_map = torch.full((idx.shape[0],), -1, dtype=torch.int64)
+    s_map[s_sel] = torch.arange(s_sel.numel())
+    t_map = torch.full((t_width,), -1, dtype=torch.int64)
+    t_map[t_sel] = torch.arange(t_sel.numel())
+    batch["input_ids"] = torch.where(batch["token_mask"], s_map[batch["input_ids"]], 0)
+    batch["teacher_0_input_ids"] = torch.where(
+        batch["teacher_0_token_mask"], t_map[batch["teacher_0_input_ids"]], 0
+    )
+    r_idx = torch.where(nb >= 0, t_map[nb.clamp(min=0)], -1)
+    r_w = torch.where(r_idx >= 0, w[s_sel], torch.zeros_like(w[s_sel]))
+    out = (batch, r_idx, r_w, int(s_sel.numel()), int(t_sel.numel()))
+    _REAL[key] = out
+    return out
