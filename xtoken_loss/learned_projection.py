@@ -1,0 +1,341 @@
+"""A learned projection W: the artifact's sparsity pattern (which teacher ids each student row points at)
+stays fixed; the row weights become trainable.
+
+Parametrisation: one logit per non-empty slot, `W[v] = softmax(theta[v, slots of v])`, initialised
+with `theta = log(artifact weight)`, so the module starts exactly at the artifact's W, and every
+mapped row stays stochastic (non-negative, summing to 1) after any optimiser step. Empty slots and
+unmapped rows stay empty; a row with a single slot (exact and special rows) stays one-hot.
+
+`learned_pkl_loss` is the principled P-KL (docs/losses.md, `pkl.py`) with gradients for both the
+student logits and theta: per chunk start, KL between the teacher's distribution over the reachable
+columns and the student's projected distribution, on the chosen teacher columns S plus one rest
+outcome, times T^2. It runs in groups of units with autograd on each group's slice (memory bounded)
+and hands the gradients to autograd through one custom function.
+
+`LearnedProjection.save(path)` writes a CONTRACTS §4 artifact (safetensors + JSON, atomically: a
+temporary directory renamed into place) with provenance: method name `"learned"`, the parent
+artifact's metadata under `parent`, and the training parameters the caller passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xtoken_loss.chunked import check_choice, check_temperature, compute_dtype, resolve_normalizer, rows_per_chunk
+from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_loss.projection import (
+    ARTIFACT_KIND,
+    DIRECTION,
+    META_FILE,
+    SCHEMA_VERSION,
+    TENSORS_FILE,
+    Projection,
+    as_projection,
+    load_projection,
+    reduce_column_scores,
+    top_columns,
+)
+from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
+
+LEARNED_METHOD = "learned"
+
+
+class LearnedProjection(nn.Module):
+    """Trainable row weights over a fixed sparse pattern (module doc).
+
+    Parameters: `theta [R, K]` (only non-empty slots are used). Buffers: `indices [R, K]` int64,
+    `slot_mask [R, K]` bool. `teacher_width` and the parent `metadata` are plain attributes.
+    """
+
+    def __init__(self, projection, *, row_kind: torch.Tensor | None = None):
+        super().__init__()
+        proj = projection if isinstance(projection, Projection) else as_projection(projection, "cpu")
+        idx = proj.indices.detach().to(torch.int64)
+        w = proj.weights.detach().to(torch.float32)
+        mask = (idx >= 0) & (w > 0)
+        self.register_buffer("indices", torch.where(mask, idx, torch.full_like(idx, -1)))
+        self.register_buffer("slot_mask", mask)
+        self.theta = nn.Parameter(torch.where(mask, torch.log(torch.where(mask, w, torch.ones_like(w))),
+                                              torch.zeros_like(w)))
+        self.teacher_width = int(proj.teacher_width)
+        self.metadata = copy.deepcopy(dict(proj.metadata))
+        self.row_kind = None if row_kind is None else torch.as_tensor(row_kind).to(torch.uint8).cpu()
+
+    @classmethod
+    def from_artifact(cls, path, *, student_fingerprint: str | None = None,
+                      teacher_fingerprint: str | None = None) -> LearnedProjection:
+        """Load an artifact directory (checked as `load_projection` does), keeping its `row_kind`."""
+        proj = load_projection(path, student_fingerprint=student_fingerprint, teacher_fingerprint=teacher_fingerprint)
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_file():
+            path = path.parent
+        row_kind = None
+        with safe_open(str(path / TENSORS_FILE), framework="pt") as f:
+            if "row_kind" in f.keys():
+                row_kind = f.get_tensor("row_kind")
+        return cls(proj, row_kind=row_kind)
+
+    @property
+    def num_rows(self) -> int:
+        return self.indices.shape[0]
+
+    def weights(self) -> torch.Tensor:
+        """`[R, K]` current weights (differentiable): softmax over each row's slots, 0 elsewhere."""
+        neg = torch.finfo(self.theta.dtype).min
+        t = torch.where(self.slot_mask, self.theta, torch.full_like(self.theta, neg))
+        w = torch.softmax(t, dim=1)
+        return torch.where(self.slot_mask, w, torch.zeros_like(w))
+
+    def to_projection(self) -> Projection:
+        """The current W as a frozen `Projection` (for `pkl_loss`, `hkl_loss`, ...)."""
+        with torch.no_grad():
+            return Projection.from_tensors(self.indices, self.weights().float(), teacher_width=self.teacher_width,
+                                           metadata=self.metadata)
+
+    def save(self, path, *, params: dict | None = None, overwrite: bool = False) -> Path:
+        """Write the current W as a projection artifact directory at `path` (module doc).
+
+        Slots are re-ordered by descending weight in each row. `params` (JSON-serialisable: steps,
+        learning rate, data, ...) is recorded under `method.params`. Refuses to replace an existing
+        directory unless `overwrite`."""
+        from safetensors.torch import save_file
+
+        from xtoken_loss import __version__
+
+        out = Path(path)
+        if out.exists() and not overwrite:
+            raise ProjectionArtifactError(f"{out} exists; pass overwrite=True to replace it")
+        with torch.no_grad():
+            w = self.weights().float().cpu()
+            idx = self.indices.cpu()
+            order = torch.argsort(-w, dim=1, stable=True)
+            w = w.gather(1, order)
+            idx = idx.gather(1, order)
+            idx = torch.where(w > 0, idx, torch.full_like(idx, -1))
+            w = torch.where(idx >= 0, w, torch.zeros_like(w))
+        meta = self._metadata(w, idx, params, __version__)
+        tensors = {"indices": idx.contiguous(), "weights": w.contiguous()}
+        if self.row_kind is not None:
+            tensors["row_kind"] = self.row_kind.contiguous()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            save_file(tensors, str(tmp / TENSORS_FILE))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            for f in (TENSORS_FILE, META_FILE):
+                with open(tmp / f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def _metadata(self, w, idx, params, version) -> dict:
+        parent = copy.deepcopy(self.metadata)
+        meta = {k: v for k, v in parent.items() if k not in ("method", "stats", "created_with", "parent")}
+        meta.update(schema_version=SCHEMA_VERSION, kind=ARTIFACT_KIND, direction=DIRECTION, top_k=int(idx.shape[1]))
+        meta.setdefault("student", {"name": None, "fingerprint": None, "vocab_size": self.num_rows,
+                                    "model_vocab_size": self.num_rows})
+        meta.setdefault("teacher", {"name": None, "fingerprint": None, "vocab_size": self.teacher_width,
+                                    "model_vocab_size": self.teacher_width})
+        mapped = (idx >= 0).any(dim=1)
+        top = w.max(dim=1).values
+        ent = -(torch.where(w > 0, w * torch.log(w), torch.zeros_like(w))).sum(dim=1)
+        meta["method"] = {"name": LEARNED_METHOD,
+                          "params": dict(params or {}, parametrisation="softmax over each row's fixed slots, "
+                                         "initialised from the parent's log-weights")}
+        meta["parent"] = {k: parent.get(k) for k in ("method", "stats", "created_with") if k in parent}
+        meta["stats"] = {
+            "rows": int(idx.shape[0]),
+            "mapped_rows": int(mapped.sum()),
+            "unmapped_rows": int((~mapped).sum()),
+            "top_weight_below_0.6_rows": int((mapped & (top < 0.6)).sum()),
+            "mean_row_entropy": float(ent[mapped].mean()) if bool(mapped.any()) else 0.0,
+        }
+        meta["created_with"] = f"xtoken_loss {version}"
+        return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# P-KL with a trainable W
+
+
+class _TwoGrads(torch.autograd.Function):
+    """Attach precomputed gradients for the logits and for W's weights to a loss value."""
+
+    @staticmethod
+    def forward(ctx, logits, weights, loss, g_logits, g_weights):
+        ctx.save_for_backward(g_logits, g_weights)
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, go):
+        g_logits, g_weights = ctx.saved_tensors
+        gl = None if g_logits is None else g_logits * go.to(g_logits.dtype)
+        gw = None if g_weights is None else g_weights * go.to(g_weights.dtype)
+        return gl, gw, None, None, None
+
+
+def learned_pkl_loss(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    *,
+    projection: LearnedProjection,
+    teacher_index: int = 0,
+    normalizer=None,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    top_k_columns: int | None = 8192,
+    correct_only: bool = True,
+    process_group=None,
+    position_chunk_size: int | None = None,
+    check_inputs: bool = False,
+):
+    """Principled P-KL (as `pkl_loss(public=False)`) with gradients for the logits *and* the learned W.
+    Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2)."""
+    from xtoken_loss.chunked import coarse_divergence
+    from xtoken_loss.uld import teacher_logits_of
+
+    if not isinstance(projection, LearnedProjection):
+        raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
+    check_choice("direction", direction, ("forward", "reverse"))
+    T = check_temperature(temperature)
+    zt = teacher_logits_of(teacher_outputs, "learned_pkl")
+    B, Ls, Vs = student_logits.shape
+    Lt, Vt = zt.shape[1], zt.shape[2]
+    dev = student_logits.device
+    if projection.indices.device != dev:
+        raise LossInputError(f"learned_pkl_loss: move the LearnedProjection to {dev} (module.to(device))")
+    R, K = projection.indices.shape
+    if Vs < R and bool(projection.slot_mask[Vs:].any()):
+        raise LossInputError(f"student logits have {Vs} columns but the projection maps rows up to {R - 1}")
+    if int(projection.indices.max()) >= Vt:
+        raise LossInputError(f"teacher logits have {Vt} columns but the projection points at teacher id "
+                             f"{int(projection.indices.max())}")
+    if check_inputs:
+        check_finite("student_logits", student_logits)
+        check_finite("teacher logits", zt)
+        check_chunk_ids(batch, teacher_index)
+    cdt = compute_dtype(student_logits.dtype)
+    units = chunk_units(batch, teacher_index, B, Ls, Lt, mode="start", correct_only=correct_only, device=dev)
+    norm = resolve_normalizer(normalizer, units.num_units, cdt)
+    srows, trows = units.student_rows, units.teacher_rows
+    U = srows.shape[0]
+    n = rows_per_chunk(position_chunk_size, max(Vs, Vt))
+    zs_flat, zt_flat = student_logits.reshape(B * Ls, Vs), zt.reshape(B * Lt, Vt)
+
+    rows = min(R, Vs)
+    idx = projection.indices[:rows]
+    smask = projection.slot_mask[:rows]
+    reach = torch.zeros(Vt, dtype=torch.bool, device=dev)
+    reach[idx[smask]] = True
+
+    # Teacher pass: normaliser, reachable mass, column scores (max log-probability over counted units).
+    lse_t = torch.empty(U, dtype=cdt, device=dev)
+    mass_r = torch.empty(U, dtype=cdt, device=dev)
+    scores = torch.full((Vt,), float("-inf"), dtype=cdt, device=dev)
+    with torch.no_grad():
+        for u0 in range(0, U, n):
+            zz = zt_flat.index_select(0, trows[u0 : u0 + n]).to(cdt) / T
+            lse = torch.logsumexp(zz, dim=1)
+            lse_t[u0 : u0 + n] = lse
+            lp = zz - lse[:, None]
+            mass_r[u0 : u0 + n] = torch.exp(lp) @ reach.to(cdt)
+            torch.maximum(scores, lp.amax(dim=0), out=scores)
+    scores = torch.where(reach, scores, torch.full_like(scores, float("-inf")))
+    cols = top_columns(reduce_column_scores(scores, process_group), top_k_columns)
+    k = cols.shape[0]
+    rest_empty = k == int(reach.sum())
+    col_slot = torch.full((Vt,), -1, dtype=torch.int64, device=dev)
+    col_slot[cols] = torch.arange(k, device=dev)
+    slot = torch.where(smask, col_slot[idx.clamp(min=0)], torch.full_like(idx, -1))  # [rows, K]
+    entry = (slot >= 0).nonzero()  # [E, 2]
+    e_rows, e_slots = entry[:, 0], slot[slot >= 0]
+    e_flat = entry[:, 0] * K + entry[:, 1]
+    rest_mask = smask & (slot < 0)
+
+    want_logits = torch.is_grad_enabled() and student_logits.requires_grad
+    w_full = projection.weights()  # [R, K], in the graph of theta
+    want_w = torch.is_grad_enabled() and w_full.requires_grad
+    w_leaf = w_full.detach()[:rows].to(cdt).requires_grad_(want_w)
+    g_logits = torch.zeros_like(zs_flat) if want_logits else None
+    g_w = torch.zeros(rows, K, dtype=cdt, device=dev)
+    total = torch.zeros((), dtype=cdt, device=dev)
+    for u0 in range(0, U, n):
+        u1 = min(u0 + n, U)
+        z = zs_flat.detach().index_select(0, srows[u0:u1]).to(cdt).requires_grad_(want_logits)
+        with torch.enable_grad() if (want_logits or want_w) else torch.no_grad():
+            p = torch.softmax(z / T, dim=1)[:, :rows]  # [n, rows]
+            a = torch.zeros(u1 - u0, k, dtype=cdt, device=dev).index_add(
+                1, e_slots, p[:, e_rows] * w_leaf.reshape(-1)[e_flat])
+            rest = p @ (w_leaf * rest_mask).sum(dim=1)
+            log_p_s = zt_flat[trows[u0:u1, None], cols[None, :]].to(cdt) / T - \
+                (lse_t[u0:u1] + torch.log(mass_r[u0:u1]))[:, None]
+            if rest_empty:
+                log_p_rest = torch.full((u1 - u0,), float("-inf"), dtype=cdt, device=dev)
+            else:
+                log_p_rest = torch.log((1.0 - torch.exp(log_p_s).sum(dim=1)).clamp_min(0.0))
+            a_aug = torch.cat([a, rest[:, None]], 1)
+            with torch.no_grad():  # exact value and d kl / d a (zeros handled exactly, see coarse_divergence)
+                kl, d_a = coarse_divergence(a_aug.detach(), torch.cat([log_p_s, log_p_rest[:, None]], 1), direction)
+            group = kl.sum()
+        if want_logits or want_w:
+            inputs = [t for t, f in ((z, want_logits), (w_leaf, want_w)) if f]
+            grads = torch.autograd.grad((a_aug * d_a).sum(), inputs)  # chain rule through a = p W
+            gi = iter(grads)
+            if want_logits:
+                g_logits.index_add_(0, srows[u0:u1], (next(gi) * (T * T) / norm).to(g_logits.dtype))
+            if want_w:
+                g_w += next(gi) * (T * T) / norm
+        total += group.detach()
+    loss = total * (T * T) / norm
+    metrics = {"kl": (total / units.num_units.to(cdt).clamp_min(1)).detach()}
+    if not (want_logits or want_w):
+        return loss, metrics
+    gw_full = None
+    if want_w:
+        gw_full = torch.zeros_like(w_full)
+        gw_full[:rows] = g_w.to(gw_full.dtype)
+    out = _TwoGrads.apply(student_logits, w_full, loss,
+                          g_logits.view(B, Ls, Vs) if want_logits else None, gw_full)
+    return out, metrics
+
+
+class LearnedPKLLoss(nn.Module):
+    """`learned_pkl_loss` as a module that owns the `LearnedProjection` (its `theta` is a parameter of
+    this module, so `optimizer = Adam(list(student.parameters()) + list(loss.parameters()))` trains W)."""
+
+    def __init__(self, projection, *, teacher_index: int = 0, temperature: float = 1.0, direction: str = "forward",
+                 top_k_columns: int | None = 8192, correct_only: bool = True, process_group=None,
+                 position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__()
+        check_temperature(temperature)
+        check_choice("direction", direction, ("forward", "reverse"))
+        self.projection = projection if isinstance(projection, LearnedProjection) else (
+            LearnedProjection.from_artifact(projection) if isinstance(projection, (str, Path))
+            else LearnedProjection(projection))
+        self.options = dict(teacher_index=teacher_index, temperature=temperature, direction=direction,
+                            top_k_columns=top_k_columns, correct_only=correct_only, process_group=process_group,
+                            position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+
+    def forward(self, student_logits, teacher_outputs, batch, *, normalizer=None):
+        return learned_pkl_loss(student_logits, teacher_outputs, batch, projection=self.projection,
+                                normalizer=normalizer, **self.options)
