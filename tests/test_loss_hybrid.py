@@ -155,3 +155,30 @@ def test_hybrid_gradcheck_errors_and_masking():
     loss, _ = hybrid_loss(zs, zt, masked, common=cs)
     loss.backward()
     assert float(loss.detach()) == 0 and torch.count_nonzero(zs.grad) == 0
+
+
+def test_modules_match_functions():
+    from xtoken_loss.alm import alm_loss
+    from xtoken_loss.modules_extra import EXTRA_LOSSES, ALMLoss, GOLDLoss, HKLLoss, ULDLoss
+    from xtoken_loss.uld import uld_loss
+
+    assert set(EXTRA_LOSSES) == {"hkl", "gold", "uld", "alm"}
+    batch = synthetic_batch(5)
+    Ls, Lt = _shapes(batch)
+    idx, w = random_projection(5, 40, 50)
+    zs, zt = random_logits(1, (3, Ls, 40)), random_logits(2, (3, Lt, 50))
+    ex = torch.arange(40) % 45
+    pairs = [
+        (HKLLoss((idx, w), public=True), hkl_loss(zs, zt, batch, projection=(idx, w), public=True)),
+        (GOLDLoss(ex, temperature=2.0), gold_loss(zs, zt, batch, common=ex, temperature=2.0)),
+        (ULDLoss(chunk_form="mean_log"), uld_loss(zs, zt, batch, chunk_form="mean_log")),
+        (ALMLoss(tau=5.0, divergence="kl"), alm_loss(zs, zt, batch, tau=5.0, divergence="kl")),
+    ]
+    for module, (loss, metrics) in pairs:
+        got, got_m = module(zs, zt, batch)
+        assert is_close(got, loss, 1e-12)
+        assert got_m.keys() == metrics.keys()
+    with pytest.raises(LossOptionError, match="chunk_form"):
+        ULDLoss(chunk_form="avg")
+    with pytest.raises(LossOptionError, match="divergence"):
+        ALMLoss(divergence="js")
