@@ -453,6 +453,26 @@ def test_averaged_logits_dynamic_weights():
     assert close(loss, ref) and close(m["teacher_0/weight"], w[0])
 
 
+def test_averaged_logits_per_sequence_weights():
+    batch, _, Vs, _, _ = real_problem()
+    zs, _, z1 = problem_logits(bonus1=(3.0, 0.0, 1.0, 2.0))
+    z2 = sharpened_logits(9, batch["input_ids"], batch["token_mask"], Vs, (0.0, 3.0, 2.0, 1.0))
+    mt = build(MultiTeacherConfig(mode="averaged_logits", weighting="dynamic", score="ce", per_sequence=True),
+               teachers=two_llama_teachers())
+    loss, _ = mt(zs, [z1, z2], batch)
+    e1 = ref_scores(z1, batch["input_ids"], batch["token_mask"], None, batch, "ce")
+    e2 = ref_scores(z2, batch["input_ids"], batch["token_mask"], None, batch, "ce")
+    avg = torch.empty_like(z1)
+    for b in range(4):
+        if e1[b][1] == 0:  # a dropped sample: the prior
+            w = [0.3, 0.7]
+        else:
+            w = ref_softmax([-e1[b][0] / e1[b][1], -e2[b][0] / e2[b][1]], 1.0, [0.3, 0.7])
+        avg[b] = w[0] * z1[b] + w[1] * z2[b]
+    ref, _ = reference_kl(zs, avg, batch)
+    assert close(loss, ref)
+
+
 def topk_of(z, k, order_seed=None):
     lp = torch.log_softmax(z, dim=-1)
     vals, idx = lp.topk(k, dim=-1)

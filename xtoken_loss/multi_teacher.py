@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
 from xtoken_loss.errors import LossInputError, LossOptionError
@@ -157,7 +158,7 @@ def _resolve_group(process_group):
     return process_group
 
 
-class MultiTeacherLoss:
+class MultiTeacherLoss(nn.Module):
     """Combine several teachers' distillation losses (module doc).
 
     `teachers`: `TeacherSpec`s, in the batch's teacher order (teacher i reads `teacher_{i}_*` and
@@ -179,6 +180,7 @@ class MultiTeacherLoss:
         student_vocab_size: int | None = None,
         process_group="auto",
     ):
+        super().__init__()
         self.teachers = list(teachers)
         self.config = cfg = config if config is not None else MultiTeacherConfig()
         if not isinstance(cfg, MultiTeacherConfig):
@@ -241,6 +243,10 @@ class MultiTeacherLoss:
             else:
                 opts["common"] = hybrid.common_exact(spec.projection)
         return opts
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{t.name}:{t.loss}" for t in self.teachers)
+        return f"teachers=[{names}], config={self.config!r}, score={self.score!r}"
 
     # ---------------------------------------------------------------------------------------------
     # construction checks
@@ -305,11 +311,9 @@ class MultiTeacherLoss:
     # ---------------------------------------------------------------------------------------------
     # the call
 
-    def __call__(self, student_logits, teacher_outputs, batch, *, normalizer=None):
-        return self.forward(student_logits, teacher_outputs, batch, normalizer=normalizer)
-
     def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
-        """`(loss, metrics)`; see the class doc."""
+        """`(loss, metrics)`; see the class doc. Same argument order as the single-teacher losses, with
+        `teacher_outputs` a list (one entry per teacher)."""
         cfg = self.config
         n = len(self.teachers)
         if not isinstance(teacher_outputs, (list, tuple)) or len(teacher_outputs) != n:
