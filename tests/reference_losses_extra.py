@@ -221,81 +221,50 @@ def is_close(a, b, tol=1e-6):
 
 
 # ---------------------------------------------------------------------------------------------
-# A restricted, remapped real problem: llama3 student, qwen3 teacher, real alignments (collator),
-# the real projection (builder) and the real exact map, on the ids that matter plus a random sample.
+# A restricted, remapped real problem for the hybrid losses: as `reference_losses.real_problem`
+# (llama3 student, qwen3 teacher, the collator's alignment, the builder's W; same tokenizers and
+# projection, loaded once) plus the exact-match map GOLD needs, read from the artifact's `row_kind`.
 
 
 def real_problem(num_texts=3, max_chars=160, extra_ids=120, seed=0):
-    """`(batch, W_idx, W_w, exact_map, Vs, Vt)` on restricted vocabularies (see module comment)."""
-    return _real_problem(num_texts, max_chars, extra_ids, seed)
-
-
-def _real_problem(num_texts, max_chars, extra_ids, seed):
-    import functools  # noqa: F401
-    import json
-    from pathlib import Path
-
-    from xtoken_align import load_tokenizer
-    from xtoken_align.collate import collate
-    from xtoken_align.projection_rules import exact_map
-
+    """`(batch, indices, weights, exact_map, Vs, Vt)` on restricted, remapped vocabularies: the ids
+    that occur, every W neighbour and exact partner of a kept student id, and `extra_ids` random ids
+    per side. `exact_map [Vs]`: the remapped teacher id of each exact row, -1 elsewhere."""
     key = (num_texts, max_chars, extra_ids, seed)
     if key in _CACHE:
         return _CACHE[key]
-    L, Q = _tok("llama3"), _tok("qwen3")
-    corpus = Path(__file__).resolve().parent.parent / "data" / "corpus" / "heldout.jsonl"
-    texts = []
-    with open(corpus, encoding="utf-8") as fh:
-        for line in fh:
-            t = json.loads(line)["text"].strip()
-            if len(t) >= 40:
-                texts.append(t[:max_chars] + " 12345 tokens.")
-            if len(texts) == num_texts:
-                break
-    batch = collate(texts, L, [Q])
-    proj = _projection()
+    from xtoken_align.artifacts import ROW_EXACT
+    from xtoken_align.collate import collate
+
+    from reference_losses import heldout_texts, real_tokenizers
+
+    s_tok, t_tok, proj = real_tokenizers()
+    texts = [t + " 12345 tokens." for t in heldout_texts(num_texts, max_chars)]  # Qwen splits digits
+    batch = dict(collate(texts, s_tok, [t_tok]))
     idx, w = torch.as_tensor(proj.indices), torch.as_tensor(proj.weights)
-    ex = torch.as_tensor(exact_map(L, Q))
+    exact = torch.as_tensor(proj.row_kind).to(torch.int64) == ROW_EXACT
+    ex = torch.where(exact, idx[:, 0], -1)
     g = torch.Generator().manual_seed(seed)
     s_used = torch.unique(batch["input_ids"][batch["token_mask"]])
     t_used = torch.unique(batch["teacher_0_input_ids"][batch["teacher_0_token_mask"]])
-    s_sel = torch.unique(torch.cat([s_used, torch.randint(0, L.vocab_size, (extra_ids,), generator=g)]))
+    s_sel = torch.unique(torch.cat([s_used, torch.randint(0, idx.shape[0], (extra_ids,), generator=g)]))
     nb = idx[s_sel]
-    t_sel = torch.unique(torch.cat([t_used, nb[nb >= 0], ex[s_sel][ex[s_sel] >= 0],
-                                    torch.randint(0, Q.vocab_size, (extra_ids,), generator=g)]))
-    s_map = torch.full((L.vocab_size,), -1, dtype=torch.int64)
+    t_width = max(t_tok.vocab_size, int(idx.max()) + 1)
+    t_sel = torch.unique(torch.cat([t_used, nb[nb >= 0], torch.randint(0, t_width, (extra_ids,), generator=g)]))
+    s_map = torch.full((idx.shape[0],), -1, dtype=torch.int64)
     s_map[s_sel] = torch.arange(s_sel.numel())
-    t_map = torch.full((max(Q.vocab_size, int(idx.max()) + 1),), -1, dtype=torch.int64)
+    t_map = torch.full((t_width,), -1, dtype=torch.int64)
     t_map[t_sel] = torch.arange(t_sel.numel())
-    batch = dict(batch)
     batch["input_ids"] = torch.where(batch["token_mask"], s_map[batch["input_ids"]], 0)
     batch["teacher_0_input_ids"] = torch.where(batch["teacher_0_token_mask"], t_map[batch["teacher_0_input_ids"]], 0)
-    ridx = idx[s_sel]
-    rw = w[s_sel].clone()
-    new = torch.where(ridx >= 0, t_map[ridx.clamp(min=0)], -1)
-    rw[new < 0] = 0
+    r_idx = torch.where(nb >= 0, t_map[nb.clamp(min=0)], -1)
+    r_w = torch.where(r_idx >= 0, w[s_sel], torch.zeros_like(w[s_sel]))
     ex_r = ex[s_sel]
     ex_r = torch.where(ex_r >= 0, t_map[ex_r.clamp(min=0)], -1)
-    out = (batch, new, rw, ex_r, int(s_sel.numel()), int(t_sel.numel()))
+    out = (batch, r_idx, r_w, ex_r, int(s_sel.numel()), int(t_sel.numel()))
     _CACHE[key] = out
     return out
 
 
 _CACHE: dict = {}
-_TOKS: dict = {}
 
-
-def _tok(name):
-    from xtoken_align import load_tokenizer
-
-    if name not in _TOKS:
-        _TOKS[name] = load_tokenizer(name, name=name)
-    return _TOKS[name]
-
-
-def _projection():
-    from xtoken_align.projection import build_projection
-
-    if "proj" not in _TOKS:
-        _TOKS["proj"] = build_projection(_tok("llama3"), _tok("qwen3")).forward
-    return _TOKS["proj"]
