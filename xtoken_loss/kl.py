@@ -163,8 +163,13 @@ def _topk_rows(p, lp, idx, T, direction, tail):
     neg_inf = torch.full_like(lp, float("-inf"))
     if tail == "bucket":
         lp_s = torch.where(ok, lp, neg_inf)
-        p_rest = (1.0 - torch.exp(lp_s).sum(dim=1)).clamp_min(0.0)
-        a_rest = (p.sum(dim=1) - a.sum(dim=1)).clamp_min(0.0)
+        # Both rests are differences of sums near 1: below the rounding floor they are 0, so a
+        # top-k that lists the whole vocabulary is the full KL, not +inf from noise.
+        floor = lp.shape[1] * torch.finfo(p.dtype).eps
+        p_rest = 1.0 - torch.exp(lp_s).sum(dim=1)
+        p_rest = torch.where(p_rest > floor, p_rest, torch.zeros_like(p_rest))
+        a_rest = p.sum(dim=1) - a.sum(dim=1)
+        a_rest = torch.where(a_rest > floor, a_rest, torch.zeros_like(a_rest))
         a_aug = torch.cat([a, a_rest[:, None]], dim=1)
         log_p = torch.cat([lp_s, torch.log(p_rest)[:, None]], dim=1)
     else:

@@ -186,7 +186,9 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
         if rest_empty:  # S holds every reachable column: no rest outcome (exactly 0, not rounding noise)
             log_p_rest = torch.full_like(p_s_sum, float("-inf"))
         else:
-            log_p_rest = torch.log((1.0 - p_s_sum).clamp_min(0.0))
+            p_rest = 1.0 - p_s_sum  # below the rounding floor of that difference it is 0
+            floor = cols.shape[0] * torch.finfo(cdt).eps
+            log_p_rest = torch.log(torch.where(p_rest > floor, p_rest, torch.zeros_like(p_rest)))
         a_aug = torch.cat([a, rest[:, None]], dim=1)
         log_p = torch.cat([log_p_s, log_p_rest[:, None]], dim=1)
         kl, d_a = coarse_divergence(a_aug, log_p, direction)  # [n], [n, k + 1]
