@@ -1,0 +1,133 @@
+"""Run-time projection: artifact loading and checks, widths, column restriction and selection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reference_losses import dense_projection, random_projection, real_tokenizers
+from xtoken_loss import LossInputError, Projection, ProjectionArtifactError, load_projection
+from xtoken_loss.projection import project_probs, reduce_column_scores, restrict_projection, top_columns
+
+
+def _write(dir_, idx, w, **meta_over):
+    from safetensors.torch import save_file
+
+    dir_.mkdir(parents=True, exist_ok=True)
+    save_file({"indices": idx, "weights": w}, str(dir_ / "projection.safetensors"))
+    meta = {
+        "schema_version": 1, "kind": "projection", "direction": "student_to_teacher",
+        "student": {"name": "s", "fingerprint": "sha256:aa", "vocab_size": idx.shape[0], "model_vocab_size": idx.shape[0]},
+        "teacher": {"name": "t", "fingerprint": "sha256:bb", "vocab_size": 20, "model_vocab_size": 24},
+        "top_k": idx.shape[1], "method": {"name": "test"}, "stats": {}, "created_with": "test",
+    }
+    meta.update(meta_over)
+    (dir_ / "projection.json").write_text(json.dumps(meta))
+    return dir_
+
+
+def test_loads_the_real_builders_artifact_and_checks_fingerprints(tmp_path):
+    from xtoken_align.artifacts import write_projection
+
+    s_tok, t_tok, forward = real_tokenizers()
+    out = write_projection(tmp_path / "proj", forward)
+    proj = load_projection(out, student_fingerprint=s_tok.fingerprint, teacher_fingerprint=t_tok.fingerprint)
+    assert torch.equal(proj.indices, torch.as_tensor(forward.indices))
+    assert torch.equal(proj.weights, torch.as_tensor(forward.weights))
+    assert proj.num_rows == 128256 and proj.top_k == forward.top_k
+    assert proj.teacher_width >= t_tok.vocab_size > proj.max_index
+    assert load_projection(out / "projection.json").num_rows == proj.num_rows  # a file inside works too
+    with pytest.raises(ProjectionArtifactError, match="rebuild the projection"):
+        load_projection(out, student_fingerprint=t_tok.fingerprint)
+    with pytest.raises(ProjectionArtifactError, match="teacher tokenizer"):
+        load_projection(out, teacher_fingerprint="sha256:0000")
+    # the real model output widths: Qwen3's 151,936 logits are wider than its tokenizer
+    proj.check_widths(128256, 151936)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"schema_version": 2}, "schema_version 2"),
+        ({"kind": "alignment"}, "kind 'alignment'"),
+        ({"direction": "teacher_to_student"}, "direction 'teacher_to_student'"),
+        ({"student": None}, "`student` is missing"),
+    ],
+)
+def test_artifact_metadata_errors(tmp_path, change, message):
+    idx, w = random_projection(0, 10, 20)
+    meta = {k: v for k, v in change.items() if v is not None}
+    path = _write(tmp_path / "p", idx, w, **meta)
+    if change.get("student", 1) is None:
+        m = json.loads((path / "projection.json").read_text())
+        del m["student"]
+        (path / "projection.json").write_text(json.dumps(m))
+    with pytest.raises(ProjectionArtifactError, match=message):
+        load_projection(path)
+
+
+def test_artifact_file_errors(tmp_path):
+    with pytest.raises(ProjectionArtifactError, match="not a projection artifact"):
+        load_projection(tmp_path)
+    idx, w = random_projection(0, 10, 20)
+    path = _write(tmp_path / "p", idx, w)
+    (path / "projection.json").write_text("{not json")
+    with pytest.raises(ProjectionArtifactError, match="JSON"):
+        load_projection(path)
+    path = _write(tmp_path / "q", idx, w)
+    (path / "projection.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ProjectionArtifactError, match="cannot read"):
+        load_projection(path)
+    bad = idx.clone()
+    bad[0, 0] = 30  # beyond the recorded teacher model vocab size (24)
+    with pytest.raises(ProjectionArtifactError, match="teacher index 30"):
+        load_projection(_write(tmp_path / "r", bad, w))
+    with pytest.raises(ProjectionArtifactError, match="empty slots"):
+        Projection.from_tensors(torch.tensor([[-1]]), torch.tensor([[0.5]]))
+    with pytest.raises(ProjectionArtifactError, match=">= 0"):
+        Projection.from_tensors(torch.tensor([[1]]), torch.tensor([[-0.5]]))
+    ok = load_projection(_write(tmp_path / "s", idx, w))
+    assert ok.teacher_width == 24 and ok.metadata["teacher"]["name"] == "t"
+
+
+def test_widths():
+    idx, w = random_projection(1, 10, 20, empty_rows=0)
+    proj = Projection.from_tensors(idx, w, teacher_width=20)
+    proj.check_widths(10, 20)
+    proj.check_widths(16, 25)  # wider model outputs: extra student rows are empty
+    with pytest.raises(LossInputError, match="student logits have 9 columns"):
+        proj.check_widths(9, 20)
+    with pytest.raises(LossInputError, match="teacher logits have"):
+        proj.check_widths(10, int(idx.max()))
+    # rows past the last mapped one may be cut
+    idx2, w2 = torch.cat([idx, torch.full((3, idx.shape[1]), -1)]), torch.cat([w, torch.zeros(3, w.shape[1])])
+    Projection.from_tensors(idx2, w2).check_widths(10, 20)
+
+
+def test_restriction_and_projection_match_dense_w():
+    idx, w = random_projection(2, 30, 40, top_k=4)
+    proj = Projection.from_tensors(idx.to(torch.int64), w.double())
+    W = dense_projection(idx, w, 33, 44)  # 3 extra student rows, 4 extra teacher columns
+    cols = torch.tensor([0, 3, 7, 8, 21, 36])
+    restr = restrict_projection(proj, cols, 33, 44, torch.float64)
+    p = torch.softmax(torch.randn(5, 33, dtype=torch.float64), dim=1)
+    a, rest, pe = project_probs(p, restr)
+    q = p @ W
+    reach = W.sum(0) > 0
+    in_s = torch.zeros(44, dtype=torch.bool)
+    in_s[cols] = True
+    torch.testing.assert_close(a, q[:, cols])
+    torch.testing.assert_close(rest, q[:, reach & ~in_s].sum(1))
+    assert torch.equal(proj.reachable_columns(44), reach)
+    torch.testing.assert_close(proj.dense(33, 44), W)
+
+
+def test_top_columns_break_ties_towards_lower_ids_and_skip_minus_inf():
+    s = torch.tensor([1.0, 3.0, float("-inf"), 3.0, 2.0, 3.0, float("-inf")])
+    assert top_columns(s, 2).tolist() == [1, 3]
+    assert top_columns(s, 4).tolist() == [1, 3, 4, 5]
+    assert top_columns(s, 100).tolist() == [0, 1, 3, 4, 5]
+    assert top_columns(s, None).tolist() == [0, 1, 3, 4, 5]
+    assert torch.equal(reduce_column_scores(s.clone()), s)  # no group: unchanged
