@@ -24,6 +24,7 @@ import numpy as np
 
 from xtoken_align import alignment_kernels as K
 from xtoken_align import canonical_bytes as cb
+from xtoken_align.alignment_nfc import place_nfc
 from xtoken_align.errors import AlignmentError
 from xtoken_align.tokenizer import TokenizerInfo
 
@@ -132,6 +133,62 @@ def _char_to_byte(text: str) -> np.ndarray:
     return out
 
 
+def _with_added(encoded, add: np.ndarray, prefix: tuple, suffix: tuple):
+    """Flat ids with the post-processor's prefix/suffix ids added to the samples flagged in `add`:
+    (ids [N], offsets [B + 1], n_pre [B], n_suf [B])."""
+    body, body_off = _flatten([e.ids for e in encoded])
+    n_pre = np.where(add, len(prefix), 0).astype(np.int64)
+    n_suf = np.where(add, len(suffix), 0).astype(np.int64)
+    if not (n_pre.any() or n_suf.any()):
+        return body, body_off, n_pre, n_suf
+    lengths = np.diff(body_off)
+    offsets = _offsets_of(lengths + n_pre + n_suf)
+    ids = np.empty(offsets[-1], np.int64)
+    ids[np.arange(len(body)) - np.repeat(body_off[:-1] - offsets[:-1] - n_pre, lengths)] = body
+    flagged = np.flatnonzero(add)
+    for k, t in enumerate(prefix):
+        ids[offsets[flagged] + k] = t
+    for k, t in enumerate(suffix):
+        ids[offsets[flagged + 1] - len(suffix) + k] = t
+    return ids, offsets, n_pre, n_suf
+
+
+def _offsets_of(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def _place_nfc_sample(info, tables, b, text_str, ids, offsets, n_pre, n_suf, starts, ends,
+                      faithful) -> bool:
+    lo = int(offsets[b] + n_pre[b])
+    hi = int(offsets[b + 1] - n_suf[b])
+    return place_nfc(ids, lo, hi, text_str, tables, info.prefix_space, starts, ends, faithful)
+
+
+def _place_by_offsets(info, tables, b, enc, text_str, n_bytes, ids, offsets, n_pre, n_suf, text,
+                      text_off, byte_starts, starts, ends, faithful) -> None:
+    """Fallback placement of sample b from the tokenizer's character offsets (`enc`)."""
+    lo = int(offsets[b] + n_pre[b])
+    hi = int(offsets[b + 1] - n_suf[b])
+    if enc.ids != ids[lo:hi].tolist():
+        raise AlignmentError(f"{info.name}: tokenizing sample {b} twice gave different ids")
+    c2b = _char_to_byte(text_str)
+    char_starts = np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids))
+    byte_starts[lo:hi] = c2b[np.minimum(char_starts, len(c2b) - 1)]
+    K.place_by_offsets(ids, lo, hi, byte_starts, tables.surf_data, tables.surf_off,
+                       tables.special, info.prefix_space, text, int(text_off[b]),
+                       int(text_off[b + 1]), starts, ends, faithful)
+    if lo == hi and offsets[b + 1] > offsets[b]:
+        # The tokenizer dropped the whole text (BERT on whitespace): its added tokens cover it,
+        # the first suffix token (EOS) holding the bytes, unfaithful.
+        holder = lo if n_suf[b] else lo - 1
+        starts[offsets[b]:offsets[b + 1]] = 0
+        ends[offsets[b]:holder + 1] = 0
+        ends[holder:offsets[b + 1]] = n_bytes
+        starts[holder + 1:offsets[b + 1]] = n_bytes
+
+
 def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=True
                 ) -> tuple[SideBatch, list[bytes]]:
     """Tokenize `texts` and place every token on its text's bytes.
@@ -142,19 +199,10 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
     """
     tables = side_tables(info)
     encoded = info.backend.encode_batch_fast(texts, add_special_tokens=False)
-    pre = list(tables.prefix_ids)
-    suf = list(tables.suffix_ids)
     raw = [t.encode("utf-8") for t in texts]
     add = np.broadcast_to(np.asarray(add_special_tokens, bool), (len(texts),))
     add = add & np.array([len(r) > 0 for r in raw], bool)
-    if (pre or suf) and add.any():
-        id_lists = [pre + e.ids + suf if x else e.ids for e, x in zip(encoded, add)]
-        n_pre = np.where(add, len(pre), 0).astype(np.int64)
-        n_suf = np.where(add, len(suf), 0).astype(np.int64)
-    else:
-        id_lists = [e.ids for e in encoded]
-        n_pre = n_suf = np.zeros(len(texts), np.int64)
-    ids, offsets = _flatten(id_lists)
+    ids, offsets, n_pre, n_suf = _with_added(encoded, add, tables.prefix_ids, tables.suffix_ids)
     text = np.frombuffer(b"".join(raw), np.uint8)
     text_off = np.zeros(len(raw) + 1, np.int64)
     np.cumsum([len(r) for r in raw], out=text_off[1:])
@@ -168,26 +216,16 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
                              f"vocabulary of {info.vocab_size}")
     K.walk_batch(ids, offsets, n_pre, n_suf, tables.surf_data, tables.surf_off, tables.special,
                  info.prefix_space, text, text_off, starts, ends, faithful, ok)
-    byte_starts = np.zeros(n, np.int64)
-    for b in np.flatnonzero(~ok):  # a normalizer changed the text: use the tokenizer's offsets
-        enc = info.backend.encode(texts[b], add_special_tokens=False)
-        if enc.ids != id_lists[b][n_pre[b]:len(id_lists[b]) - n_suf[b]]:
-            raise AlignmentError(f"{info.name}: tokenizing sample {b} twice gave different ids")
-        c2b = _char_to_byte(texts[b])
-        char_starts = np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids))
-        lo = int(offsets[b] + n_pre[b])
-        byte_starts[lo:lo + len(enc.ids)] = c2b[np.minimum(char_starts, len(c2b) - 1)]
-        K.place_by_offsets(ids, lo, lo + len(enc.ids), byte_starts, tables.surf_data,
-                           tables.surf_off, tables.special, info.prefix_space, text,
-                           int(text_off[b]), int(text_off[b + 1]), starts, ends, faithful)
-        if not enc.ids and offsets[b + 1] > offsets[b]:
-            # The tokenizer dropped the whole text (BERT on whitespace): its added tokens cover it,
-            # the first suffix token (EOS) holding the bytes, unfaithful.
-            holder = lo if n_suf[b] else lo - 1
-            starts[offsets[b]:offsets[b + 1]] = 0
-            ends[offsets[b]:holder + 1] = 0
-            ends[holder:offsets[b + 1]] = len(raw[b])
-            starts[holder + 1:offsets[b + 1]] = len(raw[b])
+    failed = np.flatnonzero(~ok).tolist()
+    if failed and info.exactness == "exact_nfc":  # tokens spell NFC(text): map, no re-tokenizing
+        failed = [b for b in failed if not _place_nfc_sample(info, tables, b, texts[b], ids, offsets,
+                                                             n_pre, n_suf, starts, ends, faithful)]
+    if failed:  # a normalizer changed the text: use the tokenizer's own offsets for those samples
+        again = info.backend.encode_batch([texts[b] for b in failed], add_special_tokens=False)
+        byte_starts = np.zeros(n, np.int64)
+        for b, enc in zip(failed, again):
+            _place_by_offsets(info, tables, b, enc, texts[b], len(raw[b]), ids, offsets, n_pre,
+                              n_suf, text, text_off, byte_starts, starts, ends, faithful)
     side = SideBatch(ids, offsets, starts, ends, faithful, tables.keys[ids], fallback=~ok)
     return side, raw
 

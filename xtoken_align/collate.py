@@ -203,14 +203,25 @@ def truncate(batch: AlignedBatch, max_length: int | None, teacher_max_length: in
     return AlignedBatch(s_new, teachers, pairs, np.asarray(num_bytes, np.int64))
 
 
-def _pad(flat: np.ndarray, offsets: np.ndarray, fill, dtype) -> torch.Tensor:
-    lengths = np.diff(offsets)
-    width = max(1, int(lengths.max()) if len(lengths) else 1)
-    out = np.full((len(lengths), width), fill, dtype=dtype)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    out[rows, cols] = flat
-    return torch.from_numpy(out)
+class _Padder:
+    """Scatter flat per-sample arrays into right-padded `[B, T]` tensors; the index arrays of each
+    offsets array are computed once per batch."""
+
+    def __init__(self):
+        self._index: dict[int, tuple] = {}
+
+    def __call__(self, flat: np.ndarray, offsets: np.ndarray, fill, dtype) -> torch.Tensor:
+        key = id(offsets)
+        if key not in self._index:
+            lengths = np.diff(offsets)
+            width = max(1, int(lengths.max()) if len(lengths) else 1)
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            flat_index = rows * width + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths))
+            self._index[key] = (offsets, len(lengths), width, flat_index)  # keeps offsets alive
+        _, b, width, flat_index = self._index[key]
+        out = np.full(b * width, fill, dtype=dtype)
+        out[flat_index] = flat
+        return torch.from_numpy(out.reshape(b, width))
 
 
 def pad_id(info: TokenizerInfo) -> int:
@@ -224,6 +235,7 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
     """The CONTRACTS §2 dict, padded on the right (every padded axis at least 1 wide)."""
     s = batch.student
     n_s = np.diff(s.offsets)
+    _pad = _Padder()
     out: dict[str, torch.Tensor] = {
         "input_ids": _pad(s.ids, s.offsets, student_pad_id, np.int64),  # [B, T_s]
         "token_mask": _pad(np.ones(len(s.ids), bool), s.offsets, False, np.bool_),

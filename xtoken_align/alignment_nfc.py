@@ -1,0 +1,96 @@
+"""Placement for `exact_nfc` tokenizers (Qwen) on text that is not NFC, without re-tokenizing.
+
+Such a tokenizer's tokens spell NFC(text). The text differs from its NFC form only in small regions
+(a starter and the combining marks after it, or a singleton such as U+212B ANGSTROM SIGN), so:
+find those regions with one regex, check that normalizing them one by one gives NFC(text), walk the
+tokens over NFC(text), and map positions back: identical stretches shift by the regions' size
+changes, a position strictly inside a changed region maps to the region's start, and every token
+overlapping a changed region is unfaithful. Where the check fails, the caller falls back to the
+tokenizer's own offsets.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+
+import numpy as np
+
+from xtoken_align import alignment_kernels as K
+
+_SCAN_LIMIT = 0x30000  # every canonical decomposition and combining mark lies below (planes 0-2)
+
+
+@functools.lru_cache(maxsize=1)
+def _regions_regex() -> re.Pattern:
+    """`.[M]+|[S]`: M = characters that can change by joining a preceding one under NFC (combining
+    marks, and the ccc-0 second halves of canonical pairs such as Hangul vowel/final jamo), S =
+    characters NFC changes on their own (singletons, composition exclusions)."""
+    marks, singles = [], []
+    for cp in range(_SCAN_LIMIT):
+        ch = chr(cp)
+        if 0xD800 <= cp < 0xE000:
+            continue
+        if unicodedata.combining(ch):
+            marks.append(cp)
+        d = unicodedata.decomposition(ch)
+        if d and not d.startswith("<"):
+            parts = d.split()
+            if len(parts) == 2:
+                marks.append(int(parts[1], 16))
+            if unicodedata.normalize("NFC", ch) != ch:
+                singles.append(cp)
+    marks += list(range(0x1161, 0x1176)) + list(range(0x11A8, 0x11C3))  # Hangul V and T jamo
+
+    def char_class(cps) -> str:
+        return "".join(re.escape(chr(c)) for c in sorted(set(cps)))
+
+    return re.compile(f"(?s:.[{char_class(marks)}]+|[{char_class(singles)}])")
+
+
+def place_nfc(ids, lo, hi, text: str, tables, prefix_space, starts, ends, faithful) -> bool:
+    """Place `ids[lo:hi]` on `text` (positions relative to the text) for an NFC-normalizing
+    tokenizer; False if the regions do not reproduce NFC(text) or the tokens do not spell it."""
+    regions = []  # (char start, char end, normalized piece)
+    for m in _regions_regex().finditer(text):
+        piece = unicodedata.normalize("NFC", m.group())
+        if piece != m.group():
+            regions.append((m.start(), m.end(), piece))
+    pieces, last = [], 0
+    for s, e, piece in regions:
+        pieces.append(text[last:s])
+        pieces.append(piece)
+        last = e
+    pieces.append(text[last:])
+    normalized = "".join(pieces)
+    if normalized != unicodedata.normalize("NFC", text):
+        return False
+    nb = np.frombuffer(normalized.encode("utf-8"), np.uint8)
+    if not K.walk_range(ids, lo, hi, tables.surf_data, tables.surf_off, tables.special,
+                        prefix_space, nb, 0, len(nb), 0, starts, ends, faithful):
+        return False
+    if not regions:
+        return True
+    # Byte spans of the regions in the text (t_*) and in the normalized text (n_*).
+    cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    c2b = np.zeros(len(cps) + 1, np.int64)
+    np.cumsum(1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000), out=c2b[1:])
+    t_s = c2b[[s for s, _, _ in regions]]
+    t_e = c2b[[e for _, e, _ in regions]]
+    sizes = np.array([len(p.encode("utf-8")) for _, _, p in regions], np.int64)
+    shift = np.concatenate([[0], np.cumsum(sizes - (t_e - t_s))])  # n - t before region k
+    n_s = t_s + shift[:-1]
+    n_e = n_s + sizes
+    for arr in (starts, ends):
+        x = arr[lo:hi]
+        k = np.searchsorted(n_s, x, side="right") - 1
+        kk = np.maximum(k, 0)
+        inside = (k >= 0) & (x < n_e[kk])
+        after = x - shift[kk + 1]
+        arr[lo:hi] = np.where(k < 0, x, np.where(inside, t_s[kk], after))
+    s, e = starts[lo:hi], ends[lo:hi]
+    k = np.searchsorted(t_s, e, side="left") - 1
+    overlaps = (k >= 0) & (t_e[np.maximum(k, 0)] > s)
+    faithful[lo:hi] &= ~overlaps & (e > s)
+    return True
