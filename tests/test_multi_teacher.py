@@ -525,17 +525,12 @@ def test_averaged_logits_topk_refusals():
 # metrics
 
 
-def test_projection_accuracy_matches_reference():
-    batch, proj, Vs, Vt, _ = real_problem()
-    zs, z0, z1 = problem_logits()
-    W = dense_projection(proj.indices, proj.weights, Vs, Vt)
-    # make the student good: put mass on a student token whose projection peaks at the teacher's argmax
-    mt = build(MultiTeacherConfig())
-    _, m = mt(zs, [z0, z1], batch)
+def ref_projection_accuracy(zs, z0, batch, W):
+    """(hits, units) over correct chunks at their starts, by loops with a dense W."""
     hits = units = 0
     cid_s, cid_t = batch["alignment_0_student_chunk_id"], batch["alignment_0_teacher_chunk_id"]
     Ls, Lt = cid_s.shape[1], cid_t.shape[1]
-    for b in range(4):
+    for b in range(cid_s.shape[0]):
         for c in range(batch["alignment_0_pair_valid"].shape[1]):
             if not (batch["alignment_0_pair_valid"][b, c] and batch["alignment_0_pair_is_correct"][b, c]):
                 continue
@@ -548,19 +543,56 @@ def test_projection_accuracy_matches_reference():
             q = torch.softmax(zs[b, ps[0]], 0) @ W
             units += 1
             hits += int(int(q.argmax()) == int(z0[b, pt[0]].argmax()))
+    return hits, units
+
+
+def test_projection_accuracy_matches_reference():
+    """Flat students take the full projection, peaked ones the top-m bound; both are exact."""
+    batch, proj, Vs, Vt, _ = real_problem()
+    zs, z0, z1 = problem_logits()
+    W = dense_projection(proj.indices, proj.weights, Vs, Vt)
+    mt = build(MultiTeacherConfig())
+    _, m = mt(zs, [z0, z1], batch)
+    hits, units = ref_projection_accuracy(zs, z0, batch, W)
     assert units > 20
     assert close(m["teacher_0/projection_accuracy"], hits / units)
-    # a student that copies the teacher through exact rows scores higher
-    zs_good = zs.clone()
+    # peaked student and teacher, both sure of the true next token: high accuracy, same as the loops
+    zs_good, z0_good = zs.clone(), z0.clone()
+    Ls, Lt = zs.shape[1], z0.shape[1]
     for b in range(4):
         for p in range(Ls - 1):
             zs_good[b, p, int(batch["input_ids"][b, p + 1])] += 30.0
-    z0_good = z0.clone()
-    for b in range(4):
         for p in range(Lt - 1):
             z0_good[b, p, int(batch["teacher_0_input_ids"][b, p + 1])] += 30.0
     _, m_good = mt(zs_good, [z0_good, z1], batch)
+    hits, units = ref_projection_accuracy(zs_good, z0_good, batch, W)
+    assert close(m_good["teacher_0/projection_accuracy"], hits / units)
     assert float(m_good["teacher_0/projection_accuracy"]) > 0.8 > float(m["teacher_0/projection_accuracy"])
+    # top-k teacher outputs (listed in any order): the listed token with the highest log-probability
+    from xtoken_loss.scores import projection_accuracy_counts
+
+    lp, idx = torch.log_softmax(z0_good, -1).topk(4, dim=-1)
+    perm = torch.tensor([2, 0, 3, 1])
+    h, u = projection_accuracy_counts(zs_good, {"topk_logprobs": lp[..., perm], "topk_indices": idx[..., perm]},
+                                      batch, proj, teacher_index=0)
+    assert (float(h), float(u)) == (hits, units)
+
+
+def test_projected_argmax_paths_agree():
+    """The top-m bound path and the full projection give the same argmax, including near-ties."""
+    from xtoken_loss.scores import _argmax_tables, projected_argmax
+
+    _, proj, Vs, Vt, _ = real_problem()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(64, Vs, generator=g, dtype=torch.float64) * 3
+    z[:32, :5] += 20.0  # peaked rows, some near-ties among the first tokens
+    p = torch.softmax(z, dim=1)
+    tables = _argmax_tables(proj, Vs, Vt, torch.float64, None)
+    cols = proj.reachable_columns(Vt).nonzero().squeeze(1)
+    W = dense_projection(proj.indices, proj.weights, Vs, Vt)
+    dense = cols[(p @ W)[:, cols].argmax(dim=1)]
+    for top_m in (1, 8, Vs):  # 1: mostly the full path; Vs: every row decided by the bound
+        assert torch.equal(projected_argmax(z, proj, tables, top_m=top_m), dense)
 
 
 def test_normalizer_forms():

@@ -29,12 +29,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
+from xtoken_loss.chunked import check_choice, compute_dtype
 from xtoken_loss.errors import LossInputError, LossOptionError
-from xtoken_loss.projection import Projection, project_probs, restrict_projection
-from xtoken_loss.scores import SCORES, goodness, reduce_sums, score_values, teacher_score_sums
+from xtoken_loss.projection import Projection
+from xtoken_loss.scores import (
+    SCORES,
+    goodness,
+    projection_accuracy_counts,
+    reduce_sums,
+    score_values,
+    teacher_score_sums,
+)
 from xtoken_loss.teachers import TeacherSpec
-from xtoken_loss.units import chunk_units, count_units, next_token_mask
+from xtoken_loss.units import count_units, next_token_mask
 
 MODES = ("sum", "averaged_logits", "select_teacher")
 WEIGHTINGS = ("static", "dynamic")
@@ -225,6 +232,7 @@ class MultiTeacherLoss(nn.Module):
             t.load_projection(student_fingerprint=student_fingerprint) for t in self.teachers
         ]
         self.fixed_options = [self._fixed_options(i) for i in range(len(self.teachers))]
+        self._argmax_cache: dict = {}  # projection-accuracy tables per teacher
 
     def _fixed_options(self, i: int) -> dict:
         """Options set once per teacher: the projection, and for the library H-KL / GOLD their common
@@ -526,7 +534,7 @@ class MultiTeacherLoss(nn.Module):
             h, u = projection_accuracy_counts(
                 student_logits, teacher_outputs[i], batch, proj, teacher_index=i,
                 correct_only=bool(self.teachers[i].loss_options.get("correct_only", True)),
-                position_chunk_size=self.config.position_chunk_size,
+                position_chunk_size=self.config.position_chunk_size, cache=self._argmax_cache.setdefault(i, {}),
             )
             hits[i], units[i] = h, u
         return hits, units
@@ -575,59 +583,6 @@ def _reduce(pieces: dict, group, f64) -> dict:
         out[k] = flat[at:at + size].view(pieces[k].shape)
         at += size
     return out
-
-
-def projection_accuracy_counts(
-    student_logits: torch.Tensor,
-    teacher_outputs,
-    batch: dict,
-    projection: Projection,
-    *,
-    teacher_index: int,
-    correct_only: bool = True,
-    position_chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(hits, units)` float64: over the valid chunks of teacher `teacher_index` (chunk-start units, as
-    the principled P-KL uses), how many have `argmax_j (softmax(z_s) W)_j == argmax_j z_t`.
-
-    The projected student argmax is taken over every teacher column W reaches; ties go to the lower
-    teacher id. Top-k teacher outputs use the listed token with the highest log-probability.
-    """
-    dev = student_logits.device
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is None:
-        lp, idx = teacher_outputs["topk_logprobs"], teacher_outputs["topk_indices"]
-        Lt = lp.shape[1]
-        t_arg_all = idx.gather(2, lp.argmax(dim=2, keepdim=True)).squeeze(2).reshape(-1)  # [B * T_t]
-        Vt = max(projection.teacher_width, int(projection.max_index) + 1)
-    else:
-        zt = teacher_outputs if isinstance(teacher_outputs, torch.Tensor) else teacher_outputs["logits"]
-        Lt, Vt = zt.shape[1], zt.shape[2]
-        t_arg_all = None
-    B, Ls, Vs = student_logits.shape
-    units = chunk_units(batch, teacher_index, B, Ls, Lt, mode="start", correct_only=correct_only, device=dev)
-    srows, trows = units.student_rows, units.teacher_rows
-    U = srows.shape[0]
-    hits = torch.zeros((), dtype=torch.float64, device=dev)
-    if U == 0:
-        return hits, torch.zeros((), dtype=torch.float64, device=dev)
-    with torch.no_grad():
-        if t_arg_all is None:
-            t_arg = zt.reshape(B * Lt, Vt)[trows].argmax(dim=1)  # [U]
-        else:
-            t_arg = t_arg_all[trows]
-        cdt = compute_dtype(student_logits.dtype)
-        columns = projection.reachable_columns(max(Vt, projection.max_index + 1)).nonzero().squeeze(1)
-        restr = restrict_projection(projection, columns, Vs, max(Vt, projection.max_index + 1), cdt)
-        width = max(int(restr.entry_rows.shape[0]), restr.num_columns, 1)
-        step = rows_per_chunk(position_chunk_size, width)
-        zs = student_logits.reshape(B * Ls, Vs)
-        for r0 in range(0, U, step):
-            r = srows[r0:r0 + step]
-            p, _ = softmax_rows(zs[r], 1.0)
-            a, _, _ = project_probs(p, restr)  # [n, k]
-            s_arg = columns[a.argmax(dim=1)]
-            hits += (s_arg == t_arg[r0:r0 + step]).sum().to(torch.float64)
-    return hits, torch.tensor(float(U), dtype=torch.float64, device=dev)
 
 
 def _average_outputs(outputs, w: torch.Tensor, batch: dict, dev, spec: TeacherSpec):

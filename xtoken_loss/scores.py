@@ -19,6 +19,9 @@ batch would give.
 Top-k teacher outputs (CONTRACTS §3): `"ce"` and `"bpb"` read `target_logprob`; `"max_prob"` is
 exact (the top-1 token is listed); `"entropy"` is the entropy of the coarsened distribution (the k
 listed tokens plus one outcome for the rest), a lower bound of the true entropy.
+
+Also here: `projection_accuracy_counts`, how often the projected student's most likely teacher token
+is the teacher's (a per-teacher metric, reduced the same way: hits and counts).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import math
 
 import torch
 
-from xtoken_loss.chunked import check_choice, rows_per_chunk, softmax_rows
+from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
 from xtoken_loss.errors import LossInputError
-from xtoken_loss.units import get_key, next_token_mask
+from xtoken_loss.projection import Projection, restrict_projection
+from xtoken_loss.units import chunk_units, get_key, next_token_mask
 
 SCORES = ("ce", "entropy", "max_prob", "bpb")
 LOWER_IS_BETTER = ("ce", "entropy", "bpb")
@@ -175,3 +179,132 @@ def goodness(score: str, values: torch.Tensor) -> torch.Tensor:
     while another teacher has a defined score."""
     g = -values if score in LOWER_IS_BETTER else values
     return torch.where(torch.isnan(g), torch.full_like(g, float("-inf")), g)
+
+
+# -------------------------------------------------------------------------------------------------
+# projection accuracy
+
+
+def projection_accuracy_counts(
+    student_logits: torch.Tensor,
+    teacher_outputs,
+    batch: dict,
+    projection: Projection,
+    *,
+    teacher_index: int,
+    correct_only: bool = True,
+    position_chunk_size: int | None = None,
+    top_m: int = 16,
+    cache: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(hits, units)` float64: over the valid chunks of teacher `teacher_index`, taken at the chunk
+    starts (where both models have read the same text), how many have
+    `argmax_j (softmax(z_s) W)_j == argmax_j z_t`.
+
+    The projected student argmax is over every teacher column W reaches, ties to the lower teacher id;
+    top-k teacher outputs use the listed token with the highest log-probability. Exact, no gradient.
+    `cache` (a dict the caller keeps) holds the sparse W^T between calls.
+    """
+    dev = student_logits.device
+    B, Ls, Vs = student_logits.shape
+    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is None:
+        lp, idx = teacher_outputs["topk_logprobs"], teacher_outputs["topk_indices"]
+        Lt = lp.shape[1]
+        zt = None
+    else:
+        zt = teacher_outputs if isinstance(teacher_outputs, torch.Tensor) else teacher_outputs["logits"]
+        Lt = zt.shape[1]
+    units = chunk_units(batch, teacher_index, B, Ls, Lt, mode="start", correct_only=correct_only, device=dev)
+    srows, trows = units.student_rows, units.teacher_rows
+    U = srows.shape[0]
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    if U == 0:
+        return zero, zero.clone()
+    width = projection.max_index + 1
+    if zt is not None:
+        width = max(width, zt.shape[2])
+    cdt = compute_dtype(student_logits.dtype)
+    tables = _argmax_tables(projection, Vs, width, cdt, cache)
+    step = rows_per_chunk(position_chunk_size, max(Vs, width))
+    hits = zero.clone()
+    with torch.no_grad():
+        zs = student_logits.reshape(B * Ls, Vs)
+        for r0 in range(0, U, step):
+            r = trows[r0:r0 + step]
+            if zt is not None:
+                t_arg = zt.reshape(B * Lt, -1)[r].argmax(dim=1)
+            else:
+                lp_r, idx_r = lp.reshape(B * Lt, -1)[r], idx.reshape(B * Lt, -1)[r]
+                t_arg = idx_r.gather(1, lp_r.argmax(dim=1, keepdim=True)).squeeze(1)
+            s_arg = projected_argmax(zs[srows[r0:r0 + step]], projection, tables, top_m=top_m)
+            hits += (s_arg == t_arg.to(torch.int64)).sum().to(torch.float64)
+    return hits, torch.tensor(float(U), dtype=torch.float64, device=dev)
+
+
+def _argmax_tables(projection: Projection, student_width: int, width: int, dtype, cache: dict | None):
+    """`(columns [k], W^T restricted to them as a sparse CSR [k, V_s])`, cached per shape and dtype."""
+    key = (projection.device, student_width, width, dtype)
+    if cache is not None and key in cache:
+        return cache[key]
+    import warnings
+
+    columns = projection.reachable_columns(width).nonzero().squeeze(1)
+    restr = restrict_projection(projection, columns, student_width, width, dtype)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only spmm, which is stable
+        warnings.simplefilter("ignore", UserWarning)
+        wt = torch.sparse_coo_tensor(
+            torch.stack([restr.entry_slots, restr.entry_rows]), restr.entry_weights,
+            (restr.num_columns, student_width),
+        ).coalesce().to_sparse_csr()
+    tables = (columns, wt)
+    if cache is not None:
+        cache[key] = tables
+    return tables
+
+
+def projected_argmax(z: torch.Tensor, projection: Projection, tables, *, top_m: int = 16) -> torch.Tensor:
+    """`[n]` the teacher id maximising `(softmax(z) W)_j` for each row of student logits `z [n, V_s]`
+    (ties: the lower id; a row W maps nowhere: the lowest reachable id). `tables`: `_argmax_tables`.
+
+    First from the `top_m` most likely student tokens alone: each column's true value lies between its
+    partial value and that plus the probability left out, so a row whose best partial column leads
+    every other by more than the left-out probability is decided without touching the rest of W (most
+    rows of a trained, peaked student). Other rows are projected in full (one sparse mat-mul).
+    """
+    columns, wt = tables
+    cdt = wt.dtype
+    zc = z.to(cdt)
+    n, V = zc.shape
+    m = max(1, min(top_m, V))
+    lse = torch.logsumexp(zc, dim=1)  # [n]
+    top_z, ids = zc.topk(m, dim=1)  # [n, m]
+    vals = torch.exp(top_z - lse[:, None])
+    in_rows = ids < projection.num_rows
+    safe = torch.where(in_rows, ids, torch.zeros_like(ids))
+    idx = projection.indices[safe]  # [n, m, K]
+    w = projection.weights[safe].to(cdt) * (in_rows[..., None] & (idx >= 0))
+    cols = idx.clamp(min=0).reshape(n, -1)  # [n, m * K]
+    contrib = (vals[..., None] * w).reshape(n, -1)
+    # sum the contributions per teacher column within each row (columns sorted, segments summed)
+    sc, order = cols.sort(dim=1)
+    sv = contrib.gather(1, order)
+    new = torch.ones_like(sc, dtype=torch.bool)
+    new[:, 1:] = sc[:, 1:] != sc[:, :-1]
+    seg = new.cumsum(dim=1) - 1
+    sums = torch.zeros_like(sv).scatter_add_(1, seg, sv)  # [n, segments], ascending column order
+    seg_col = torch.zeros_like(sc).scatter_(1, seg, sc)
+    real = torch.zeros_like(sc, dtype=torch.bool).scatter_(1, seg, torch.ones_like(sc, dtype=torch.bool))
+    sums = torch.where(real, sums, torch.full_like(sums, -1.0))
+    best = sums.argmax(dim=1)  # first maximum: the lowest column
+    top1 = sums.gather(1, best[:, None]).squeeze(1)
+    second = sums.scatter(1, best[:, None], -1.0).max(dim=1).values.clamp_min(0.0)
+    left_out = (1.0 - vals.sum(dim=1)).clamp_min(0.0)
+    margin = 1e-9 if cdt == torch.float64 else 1e-5  # rounding of the partial sums
+    decided = (top1 > second + left_out + margin) & (top1 > 0)
+    out = seg_col.gather(1, best[:, None]).squeeze(1)
+    rest = (~decided).nonzero().squeeze(1)
+    if rest.numel():
+        p = torch.softmax(zc[rest], dim=1)
+        q = torch.sparse.mm(wt, p.T.contiguous())  # [k, r]
+        out[rest] = columns[q.argmax(dim=0)]
+    return out
