@@ -285,7 +285,7 @@ def align_sides(a: SideBatch, b: SideBatch) -> PairBatch:
     if bad >= 0:
         raise AlignmentError(f"sample {bad}: the two tokenizations do not cover the same bytes "
                              f"(internal placement error; please report it with the text)")
-    return PairBatch(chunks[:c_off[-1]].copy(), c_off, a_chunk, b_chunk, a_exact, b_exact)
+    return PairBatch(chunks[:c_off[-1]], c_off, a_chunk, b_chunk, a_exact, b_exact)
 
 
 def plain_segments(raw: list[bytes]) -> list[np.ndarray]:

@@ -223,6 +223,12 @@ class _Padder:
         out[flat_index] = flat
         return torch.from_numpy(out.reshape(b, width))
 
+    def mask(self, offsets: np.ndarray) -> torch.Tensor:
+        """`[B, T]` bool: position holds a real element."""
+        lengths = np.diff(offsets)
+        width = max(1, int(lengths.max()) if len(lengths) else 1)
+        return torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+
 
 def pad_id(info: TokenizerInfo) -> int:
     """The id padding uses: the pad token, else EOS, else 0 (padding is masked anyway)."""
@@ -238,7 +244,7 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
     _pad = _Padder()
     out: dict[str, torch.Tensor] = {
         "input_ids": _pad(s.ids, s.offsets, student_pad_id, np.int64),  # [B, T_s]
-        "token_mask": _pad(np.ones(len(s.ids), bool), s.offsets, False, np.bool_),
+        "token_mask": _pad.mask(s.offsets),
         "sample_mask": torch.from_numpy(n_s > 0),  # [B]
         "token_bytes": _pad(s.token_bytes, s.offsets, 0, np.int32),
         "num_bytes": torch.from_numpy(np.asarray(batch.num_bytes, np.int64)),
@@ -248,12 +254,12 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
             continue
         fill = teacher_pad_ids[i] if teacher_pad_ids else 0
         out[f"teacher_{i}_input_ids"] = _pad(t.ids, t.offsets, fill, np.int64)  # [B, T_t]
-        out[f"teacher_{i}_token_mask"] = _pad(np.ones(len(t.ids), bool), t.offsets, False, np.bool_)
+        out[f"teacher_{i}_token_mask"] = _pad.mask(t.offsets)
         out[f"teacher_{i}_token_bytes"] = _pad(t.token_bytes, t.offsets, 0, np.int32)
         a = f"alignment_{i}_"
         out[a + "student_chunk_id"] = _pad(p.a_chunk, s.offsets, -1, np.int64)  # [B, T_s]
         out[a + "teacher_chunk_id"] = _pad(p.b_chunk, t.offsets, -1, np.int64)  # [B, T_t]
-        out[a + "pair_valid"] = _pad(np.ones(len(p.chunks), bool), p.offsets, False, np.bool_)  # [B, P]
+        out[a + "pair_valid"] = _pad.mask(p.offsets)  # [B, P]
         out[a + "pair_is_correct"] = _pad(p.chunks[:, 6].astype(bool), p.offsets, False, np.bool_)
         out[a + "chunk_bytes"] = _pad((p.chunks[:, 1] - p.chunks[:, 0]).astype(np.int32), p.offsets,
                                       0, np.int32)
