@@ -158,7 +158,7 @@ def alm_loss(
         with torch.no_grad():
             for r0 in range(0, tr.shape[0], n):
                 rows = tr[r0 : r0 + n]
-                z = zt.index_select(0, rows).to(cdt)
+                z = zt[rows].to(cdt)
                 t_lp[r0 : r0 + n] = torch.log_softmax(z, dim=1).gather(1, ids_t[rows + 1][:, None]).squeeze(1)
     else:
         t_lp = t_main.reshape(-1).to(cdt)[tr]
@@ -189,7 +189,7 @@ def alm_loss(
     with torch.no_grad():
         for r0 in range(0, sr.shape[0], n):
             rows = sr[r0 : r0 + n]
-            z = zs.index_select(0, rows)
+            z = zs[rows]
             p, lse = softmax_rows(z, 1.0)
             s_lp[r0 : r0 + n] = z.gather(1, tgt[r0 : r0 + n, None]).squeeze(1).to(cdt) - lse
             if want_grad:
@@ -211,7 +211,7 @@ def alm_loss(
             for r0 in range(0, sr.shape[0], n):
                 rows = sr[r0 : r0 + n]
                 c = c_all[r0 : r0 + n]
-                h = grad.index_select(0, rows).to(cdt).mul_(-c[:, None])
+                h = grad[rows].to(cdt).mul_(-c[:, None])
                 h.scatter_add_(1, tgt[r0 : r0 + n, None], c[:, None])
                 grad.index_copy_(0, rows, h.to(grad.dtype))
     cnt = num_units.to(cdt).clamp_min(1)
@@ -239,7 +239,7 @@ def _mass_at(z_flat: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, n: in
     mf = mask.to(cdt)
     with torch.no_grad():
         for r0 in range(0, rows.shape[0], n):
-            p, _ = softmax_rows(z_flat.index_select(0, rows[r0 : r0 + n]), 1.0)
+            p, _ = softmax_rows(z_flat[rows[r0 : r0 + n]], 1.0)
             out[r0 : r0 + n] = p @ mf
     return out
 

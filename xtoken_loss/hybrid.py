@@ -176,12 +176,15 @@ def hybrid_loss(
 
     def unit_fn(log_q, log_p):
         lq_c, lp_c = log_q[:, s_ids], log_p[:, t_ids]  # [n, m]
+        with torch.no_grad():
+            lse_p = torch.logsumexp(lp_c, dim=1, keepdim=True)  # log teacher common mass
+        lse_q = torch.logsumexp(lq_c, dim=1, keepdim=True)
         if public:
             pc = torch.exp(lp_c)
             kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
         elif cs.size:
-            lp_n = lp_c - torch.logsumexp(lp_c, dim=1, keepdim=True)
-            lq_n = lq_c - torch.logsumexp(lq_c, dim=1, keepdim=True)
+            lp_n = lp_c - lse_p
+            lq_n = lq_c - lse_q
             pc = torch.exp(lp_n)
             kl = torch.where(pc > 0, pc * (lp_n - lq_n), torch.zeros_like(pc)).sum(dim=1)
             kl = torch.where(torch.isfinite(lp_c).any(dim=1), kl, torch.zeros_like(kl))  # teacher has no common mass
@@ -195,8 +198,8 @@ def hybrid_loss(
             extra = {
                 "common_kl": kl.detach(),
                 "uncommon_l1": l1.detach(),
-                "teacher_common_mass": torch.exp(lp_c).sum(dim=1),
-                "student_common_mass": torch.exp(lq_c).sum(dim=1),
+                "teacher_common_mass": torch.exp(lse_p).squeeze(1),
+                "student_common_mass": torch.exp(lse_q.detach()).squeeze(1),
             }
         return loss, extra
 

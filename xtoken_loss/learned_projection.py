@@ -254,7 +254,7 @@ def learned_pkl_loss(
     scores = torch.full((Vt,), float("-inf"), dtype=cdt, device=dev)
     with torch.no_grad():
         for u0 in range(0, U, n):
-            zz = zt_flat.index_select(0, trows[u0 : u0 + n]).to(cdt) / T
+            zz = zt_flat[trows[u0 : u0 + n]].to(cdt) / T
             lse = torch.logsumexp(zz, dim=1)
             lse_t[u0 : u0 + n] = lse
             lp = zz - lse[:, None]
@@ -281,7 +281,7 @@ def learned_pkl_loss(
     total = torch.zeros((), dtype=cdt, device=dev)
     for u0 in range(0, U, n):
         u1 = min(u0 + n, U)
-        z = zs_flat.detach().index_select(0, srows[u0:u1]).to(cdt).requires_grad_(want_logits)
+        z = zs_flat.detach()[srows[u0:u1]].to(cdt).requires_grad_(want_logits)
         with torch.enable_grad() if (want_logits or want_w) else torch.no_grad():
             p = torch.softmax(z / T, dim=1)[:, :rows]  # [n, rows]
             a = torch.zeros(u1 - u0, k, dtype=cdt, device=dev).index_add(

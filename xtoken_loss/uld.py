@@ -163,12 +163,12 @@ def run_units(
         u0, u1 = starts[g], starts[g + 1]
         s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
         with torch.no_grad():
-            zt = zt_flat.index_select(0, t_side.rows[t0:t1]).to(cdt)
+            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
             t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
             log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
             del zt
         rows = s_side.rows[s0:s1]
-        z = zs_flat.detach().index_select(0, rows).to(cdt).requires_grad_(want_grad)
+        z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
         s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
         with torch.enable_grad() if want_grad else torch.no_grad():
             log_q = unit_log_dists(z, s_side.unit[s0:s1] - u0, u1 - u0, form, temperature, s_tg)
@@ -213,19 +213,65 @@ def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index,
 # ULD
 
 
+def _sort_desc(x: torch.Tensor, keep: int | None) -> torch.Tensor:
+    """Rows of `x` sorted descending (values only), the first `keep` of them (None: all).
+
+    On CPU the full sort runs in NumPy (values only: several times faster than `torch.sort`, which
+    also builds indices); `torch.topk` when only the largest `keep` are needed."""
+    if keep is not None and keep < x.shape[1]:
+        return torch.topk(x, keep, dim=1, sorted=True).values
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=1)[:, ::-1]))
+    return torch.sort(x, dim=1, descending=True).values
+
+
+class _SortedL1(torch.autograd.Function):
+    """`[n]` sorted-vector L1 with a gradient for the first argument only (the teacher is constant).
+
+    Backward without sort indices: along the sorted positions, `sign(s_j - t_j)` is piecewise constant
+    (the sorted curves cross a few times), so an element's gradient is the sign of the segment its
+    rank falls in, and "rank >= b" is "value < s[b - 1]": a binary search among the few segment
+    thresholds instead of an argsort. Tied values take the sign at the first position of their run."""
+
+    @staticmethod
+    def forward(ctx, ps, pt, tail_cut):
+        s = _sort_desc(ps, tail_cut)
+        t = _sort_desc(pt, tail_cut)
+        w = max(s.shape[1], t.shape[1])
+        diff = torch.nn.functional.pad(s, (0, w - s.shape[1])) - torch.nn.functional.pad(t, (0, w - t.shape[1]))
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(ps, s, torch.sign(diff[:, : s.shape[1]]))
+        return diff.abs().sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ps, s, sgn = ctx.saved_tensors
+        n, k = s.shape
+        # a kept prefix (tail_cut): ranks >= k get sign 0, one more segment
+        sgn = torch.nn.functional.pad(sgn, (0, 1)) if k < ps.shape[1] else sgn
+        change = sgn[:, 1:] != sgn[:, :-1]  # [n, k'-1]: a new segment starts at position j + 1
+        count = change.sum(dim=1)
+        m = int(count.max()) if count.numel() else 0
+        r, j = change.nonzero(as_tuple=True)
+        slot = (torch.cumsum(change.to(torch.int64), dim=1) - 1)[r, j]
+        th = torch.full((n, m), float("-inf"), dtype=s.dtype, device=s.device)
+        th[r, slot] = s[r, j]  # segment m + 1 holds ranks >= j + 1, i.e. values < s[j]; descending in m
+        seg = torch.zeros(n, m + 1, dtype=sgn.dtype, device=sgn.device)
+        seg[:, 0] = sgn[:, 0]
+        seg[r, slot + 1] = sgn[r, j + 1]
+        asc = th.flip(1).contiguous()
+        greater = m - torch.searchsorted(asc, ps.contiguous(), right=True)  # thresholds > v
+        g = seg.gather(1, greater)
+        return g * grad_out[:, None], None, None
+
+
 def sorted_l1(ps: torch.Tensor, pt: torch.Tensor, tail_cut: int | None = None) -> torch.Tensor:
     """`[n]`: L1 between the rows of `ps [n, V_s]` and `pt [n, V_t]` sorted descending, the shorter
-    zero-padded; with `tail_cut`, only the `min(tail_cut, width)` largest entries of each side."""
-    if tail_cut is None:
-        s = torch.sort(ps, dim=1, descending=True, stable=True).values
-        t = torch.sort(pt, dim=1, descending=True, stable=True).values
-    else:
-        s = torch.topk(ps, min(tail_cut, ps.shape[1]), dim=1, sorted=True).values
-        t = torch.topk(pt, min(tail_cut, pt.shape[1]), dim=1, sorted=True).values
-    w = max(s.shape[1], t.shape[1])
-    s = torch.nn.functional.pad(s, (0, w - s.shape[1]))
-    t = torch.nn.functional.pad(t, (0, w - t.shape[1]))
-    return (s - t).abs().sum(dim=1)
+    zero-padded; with `tail_cut`, only the `min(tail_cut, width)` largest entries of each side.
+    Differentiable in `ps` (`pt` is treated as a constant)."""
+    return _SortedL1.apply(ps, pt.detach(), tail_cut)
 
 
 def uld_loss(
