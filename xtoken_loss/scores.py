@@ -90,6 +90,7 @@ def teacher_score_sums(
     valid = next_token_mask(batch, B, L, prefix, dev)  # [B, T]
     target = torch.zeros_like(ids)
     target[:, :-1] = ids[:, 1:]
+    target = torch.where(valid, target, torch.zeros_like(target))  # padding ids may exceed the logits width
     weight = valid.to(torch.float64)  # what each position adds to the count
     if score == "bpb":
         tb = get_key(batch, bytes_key, (B, L), required=False)
@@ -116,25 +117,26 @@ def teacher_score_sums(
 
 
 def _from_logits(logits, target, valid, score, position_chunk_size):
+    """Per-position values `[B, T]` float64 (garbage at invalid positions; the caller masks them).
+    Rows are read in contiguous chunks (views, no copies); CE needs only a log-sum-exp per row."""
     B, L, V = logits.shape
     z_all = logits.reshape(B * L, V)
-    t_all = target.flatten()
-    v_all = valid.flatten()
-    out = torch.zeros(B * L, dtype=torch.float64, device=logits.device)
-    rows = v_all.nonzero().squeeze(1)  # only valid rows are read
+    t_all = target.reshape(B * L, 1)
+    out = torch.empty(B * L, dtype=torch.float64, device=logits.device)
+    cdt = compute_dtype(logits.dtype)
     n = rows_per_chunk(position_chunk_size, V)
-    for r0 in range(0, rows.shape[0], n):
-        r = rows[r0:r0 + n]
-        z = z_all[r]
-        p, lse = softmax_rows(z, 1.0)
-        zc = z.to(p.dtype)
-        if score in ("ce", "bpb"):
-            val = lse - zc.gather(1, t_all[r][:, None]).squeeze(1)
-        elif score == "entropy":
-            val = lse - torch.where(p > 0, p * zc, torch.zeros_like(p)).sum(dim=1)
-        else:  # max_prob
-            val = torch.exp(zc.max(dim=1).values - lse)
-        out[r] = val.to(torch.float64)
+    for r0 in range(0, B * L, n):
+        z = z_all[r0:r0 + n]
+        if score == "entropy":
+            p, lse = softmax_rows(z, 1.0)
+            val = lse - torch.where(p > 0, p * z.to(cdt), torch.zeros_like(p)).sum(dim=1)
+        else:
+            lse = torch.logsumexp(z.to(cdt), dim=1)
+            if score == "max_prob":
+                val = torch.exp(z.amax(dim=1).to(cdt) - lse)
+            else:  # ce, bpb
+                val = lse - z.gather(1, t_all[r0:r0 + n]).squeeze(1).to(cdt)
+        out[r0:r0 + n] = val.to(torch.float64)
     return out.view(B, L)
 
 
