@@ -9,15 +9,11 @@ mkdir -p out
 echo "== Overlap report and coverage audit of the bundled tokenizers"
 xtoken-align overlap-report llama3 qwen3 qwen3.5 cl100k o200k gpt-oss deepseek-v4 mistral-v1 tekken bert-uncased \
     --json out/overlap.json --plot out/overlap.png
-if xtoken-align build-projection --help >/dev/null 2>&1; then
-    echo "== Sparse projection llama3 -> qwen3 (both directions)"
-    xtoken-align build-projection --student llama3 --teacher qwen3 --teacher-vocab-size 151936 \
-        --both-directions --out out/projection-llama3-qwen3
-    xtoken-align inspect out/projection-llama3-qwen3
-fi
-if xtoken-align align --help >/dev/null 2>&1; then
-    echo "== Chunk alignment llama3 vs qwen3 on the held-out corpus"
-    xtoken-align align --student llama3 --teacher qwen3 --jsonl data/corpus/heldout.jsonl \
-        --html out/alignment.html
-fi
+echo "== Sparse projection llama3 -> qwen3 (both directions; Qwen3's output layer is 151,936 wide)"
+xtoken-align build-projection --student llama3 --teacher qwen3 --teacher-vocab-size 151936 \
+    --both-directions --out out/projection-llama3-qwen3
+xtoken-align inspect out/projection-llama3-qwen3
+echo "== Chunk alignment llama3 vs qwen3 on the held-out corpus"
+xtoken-align align --student llama3 --teacher qwen3 --jsonl data/corpus/heldout.jsonl \
+    --json out/alignment.jsonl --html out/alignment.html
 echo "Outputs are in out/."
