@@ -121,3 +121,35 @@ def resolve_normalizer(normalizer, num_units: torch.Tensor, cdt) -> torch.Tensor
         return num_units.to(cdt).clamp_min(1.0)
     n = torch.as_tensor(normalizer, dtype=cdt, device=num_units.device)
     return n
+
+
+def exp_rows(z: torch.Tensor, temperature: float, out: torch.Tensor):
+    """`out = exp((z - max) / temperature)` row-wise (unnormalised softmax) in the compute dtype, and
+    the row maxima (0 for rows that are all -inf, whose `out` row is then all 0). `out` may be a
+    slice of the gradient buffer. Softmax = out / out.sum(1); lse = max / T + log(out.sum(1))."""
+    mx = z.amax(dim=1).to(out.dtype)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    torch.sub(z, mx[:, None], out=out)
+    if temperature != 1.0:
+        out.div_(temperature)
+    out.exp_()
+    return out, mx
+
+
+def gather_rows(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of `src [N, V]` copied into the reusable buffer `buf [n, V]` (compute dtype);
+    returns the filled `[len(rows), V]` view. Reusing one buffer per call avoids paying for fresh
+    pages on every chunk."""
+    out = buf[: rows.shape[0]]
+    if src.dtype == buf.dtype:
+        torch.index_select(src, 0, rows, out=out)
+    else:
+        out.copy_(src.index_select(0, rows))
+    return out
+
+
+def copy_rows(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """`src [m, V]` copied into `buf[:m]` (compute dtype)."""
+    out = buf[: src.shape[0]]
+    out.copy_(src)
+    return out

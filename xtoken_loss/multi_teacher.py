@@ -267,8 +267,8 @@ class MultiTeacherLoss(nn.Module):
                 str(t.fingerprint) != str(self.student_fingerprint)
             ):
                 raise LossOptionError(
-                    f"teacher {t.name!r} uses loss 'kl' (same-vocab) but its fingerprint {t.fingerprint!r} differs from "
-                    f"the student's {self.student_fingerprint!r}; a teacher with another tokenizer needs a "
+                    f"teacher {t.name!r} uses loss 'kl' (same-vocab) but its fingerprint {t.fingerprint!r} "
+                    f"differs from the student's {self.student_fingerprint!r}; a teacher with another tokenizer needs a "
                     "cross-tokenizer loss ('pkl', 'hkl', 'gold', 'uld', 'alm')"
                 )
             if self.student_vocab_size is not None and t.vocab_size is not None and (
@@ -292,8 +292,8 @@ class MultiTeacherLoss(nn.Module):
             for t in self.teachers[1:]:
                 if dict(t.loss_options) != dict(first.loss_options) or t.loss_fn is not first.loss_fn:
                     raise LossOptionError(
-                        f"mode 'averaged_logits' computes one KL, but teacher {t.name!r} has other loss_options/loss_fn "
-                        f"than {first.name!r}; give every teacher the same options"
+                        f"mode 'averaged_logits' computes one KL, but teacher {t.name!r} has other "
+                        f"loss_options/loss_fn than {first.name!r}; give every teacher the same options"
                     )
         if cfg.mode == "select_teacher" and len(set(t.weight for t in self.teachers)) > 1:
             raise LossOptionError(
@@ -326,7 +326,9 @@ class MultiTeacherLoss(nn.Module):
         n = len(self.teachers)
         if not isinstance(teacher_outputs, (list, tuple)) or len(teacher_outputs) != n:
             got = len(teacher_outputs) if isinstance(teacher_outputs, (list, tuple)) else type(teacher_outputs).__name__
-            raise LossInputError(f"teacher_outputs: expected a list of {n} teacher outputs (one per teacher), got {got}")
+            raise LossInputError(
+                f"teacher_outputs: expected a list of {n} teacher outputs (one per teacher), got {got}"
+            )
         if student_logits.dim() != 3:
             raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
         B = student_logits.shape[0]
@@ -397,7 +399,8 @@ class MultiTeacherLoss(nn.Module):
         if cfg.projection_accuracy:
             for i in range(n):
                 if projections[i] is not None:
-                    metrics[f"teacher_{i}/projection_accuracy"] = stats["acc_hits"][i] / stats["acc_units"][i].clamp_min(1)
+                    acc = stats["acc_hits"][i] / stats["acc_units"][i].clamp_min(1)
+                    metrics[f"teacher_{i}/projection_accuracy"] = acc
 
         # 3. Normalizers and the losses.
         norms = self._normalizers(normalizer, norm_mode, stats, n)
@@ -599,7 +602,9 @@ def _average_outputs(outputs, w: torch.Tensor, batch: dict, dev, spec: TeacherSp
         elif isinstance(o, dict) and o.get("topk_logprobs") is not None and o.get("topk_indices") is not None:
             forms.append(("topk", o["topk_logprobs"], o["topk_indices"]))
         else:
-            raise LossInputError("averaged_logits: each teacher output must be full logits or a top-k dict (CONTRACTS §3)")
+            raise LossInputError(
+                "averaged_logits: each teacher output must be full logits or a top-k dict (CONTRACTS §3)"
+            )
     shapes = {tuple(f[1].shape[:2]) for f in forms}
     if len(shapes) != 1:
         raise LossInputError(f"averaged_logits: teacher outputs cover different [B, T] shapes {sorted(shapes)}")

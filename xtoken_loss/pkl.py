@@ -35,6 +35,8 @@ from xtoken_loss.chunked import (
     check_temperature,
     coarse_divergence,
     compute_dtype,
+    exp_rows,
+    gather_rows,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
@@ -137,26 +139,34 @@ def pkl_loss(
 
 
 def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, columns, group, direction):
+    """One comparison per chunk start. Both passes walk contiguous row slices (views, no gathers):
+    the teacher once for normalisers, reachable mass and column scores, then the student once,
+    computing loss and gradient together and writing the gradient rows in place."""
     dev = zs_flat.device
-    Vs, Vt = zs_flat.shape[1], zt_flat.shape[1]
+    Ns, Vs = zs_flat.shape
+    Nt, Vt = zt_flat.shape
     srows, trows = units.student_rows, units.teacher_rows
     U = srows.shape[0]
     reach = proj.reachable_columns(Vt)  # [V_t]
-    reach_f = reach.to(cdt)
+    t_is_unit = torch.zeros(Nt, dtype=cdt, device=dev)
+    t_is_unit[trows] = 1.0
 
-    # Pass 1 over the teacher's unit rows: normaliser, reachable mass, column scores.
-    lse_t = torch.empty(U, dtype=cdt, device=dev)
-    mass_r = torch.empty(U, dtype=cdt, device=dev)
-    scores = torch.zeros(Vt, dtype=cdt, device=dev)  # max teacher probability per column
-    for u0 in range(0, U, n):
-        u1 = min(u0 + n, U)
-        z = zt_flat.index_select(0, trows[u0:u1])
-        pt, lse = softmax_rows(z, T, out=z if z.dtype == cdt else None)
-        lse_t[u0:u1] = lse
-        mass_r[u0:u1] = pt @ reach_f
+    # Teacher pass: log-normaliser, log of the reachable mass, and each column's max probability.
+    sums_t = torch.stack([torch.ones(Vt, dtype=cdt, device=dev), reach.to(cdt)], dim=1)  # [V_t, 2]
+    lse_all = torch.zeros(Nt, dtype=cdt, device=dev)
+    log_mass_all = torch.zeros(Nt, dtype=cdt, device=dev)
+    scores = torch.zeros(Vt, dtype=cdt, device=dev)
+    slices = _slices_with_rows(t_is_unit > 0, n)
+    tbuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev) if slices else None
+    for r0, r1 in slices:
+        e, mx = exp_rows(zt_flat[r0:r1], T, out=tbuf[: r1 - r0])
+        sums = e @ sums_t  # [m, 2]: total and reachable mass
+        lse_all[r0:r1] = mx / T + torch.log(sums[:, 0])
+        log_mass_all[r0:r1] = torch.log(sums[:, 1]) - torch.log(sums[:, 0])
         if columns is None:
-            torch.maximum(scores, pt.amax(dim=0), out=scores)
-        del z, pt
+            e.mul_((t_is_unit[r0:r1] / sums[:, 0])[:, None])  # probabilities, 0 on rows that are no unit
+            torch.maximum(scores, e.amax(dim=0), out=scores)
+    del tbuf
     if columns is not None:
         cols = torch.as_tensor(columns, dtype=torch.int64, device=dev)
         cols = torch.unique(cols[(cols >= 0) & (cols < Vt)])
@@ -167,52 +177,86 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
         cols = top_columns(log_scores, top_k)
     restr = restrict_projection(proj, cols, Vs, Vt, cdt)
     rest_empty = cols.shape[0] == int(reach.sum())
-    log_mass_r = torch.log(mass_r)
+    floor = cols.shape[0] * torch.finfo(cdt).eps
+    k, E = cols.shape[0], restr.entry_rows.shape[0]
+    sums_s = torch.stack([torch.ones(Vs, dtype=cdt, device=dev), restr.rest_weights], dim=1)  # [V_s, 2]
+    odd = restr.odd_rows
+    r_odd = restr.rest_weights[odd]
 
-    grad = torch.zeros_like(zs_flat) if want_grad else None
-    total = torch.zeros((), dtype=cdt, device=dev)
-    m_kl = torch.zeros((), dtype=cdt, device=dev)
-    m_in = torch.zeros((), dtype=cdt, device=dev)
-    m_mapped = torch.zeros((), dtype=cdt, device=dev)
-    for u0 in range(0, U, n):
-        u1 = min(u0 + n, U)
-        z = zs_flat.index_select(0, srows[u0:u1])
-        p, _ = softmax_rows(z, T, out=z if z.dtype == cdt else None)  # [n, V_s]
-        a, rest, pe = project_probs(p, restr)  # [n, k], [n], [n, E]
-        # Teacher log-probabilities on S and the rest, renormalised over the reachable columns.
-        zt_s = zt_flat[trows[u0:u1, None], cols[None, :]].to(cdt)  # [n, k]
-        log_p_s = zt_s / T - (lse_t[u0:u1] + log_mass_r[u0:u1])[:, None]
+    unit_of = torch.full((Ns,), -1, dtype=torch.int64, device=dev)
+    unit_of[srows] = torch.arange(U, device=dev)
+    grad = torch.empty_like(zs_flat) if want_grad else None
+    direct = want_grad and grad.dtype == cdt
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    total, m_in, m_mapped = zero.clone(), zero.clone(), zero.clone()
+    s_slices = _slices_with_rows(unit_of >= 0, n)
+    if want_grad:
+        _zero_outside(grad, s_slices)
+    sbuf = torch.empty(min(n, Ns), Vs, dtype=cdt, device=dev) if s_slices and not direct else None
+    for r0, r1 in s_slices:
+        m = r1 - r0
+        uid = unit_of[r0:r1]
+        w = uid >= 0
+        uid = uid.clamp(min=0)
+        e, _ = exp_rows(zs_flat[r0:r1], T, out=grad[r0:r1] if direct else sbuf[:m])  # [m, V_s]
+        sums = e @ sums_s  # [m, 2]: total mass, mass W sends to the rest
+        inv_s = 1.0 / sums[:, 0]
+        pe = e[:, restr.entry_rows] * restr.entry_weights  # [m, E]
+        a = torch.zeros(m, k, dtype=cdt, device=dev).scatter_add_(1, restr.entry_slots.expand(m, E), pe)
+        a_aug = torch.cat([a, sums[:, 1:2]], dim=1) * inv_s[:, None]  # projected student masses on S + rest
+        # teacher log-probabilities on S and the rest, renormalised over the reachable columns
+        t_r = trows[uid]
+        log_p_s = zt_flat[t_r[:, None], cols[None, :]].to(cdt) / T - (lse_all[t_r] + log_mass_all[t_r])[:, None]
         p_s_sum = torch.exp(log_p_s).sum(dim=1)
-        if rest_empty:  # S holds every reachable column: no rest outcome (exactly 0, not rounding noise)
-            log_p_rest = torch.full_like(p_s_sum, float("-inf"))
-        else:
-            p_rest = 1.0 - p_s_sum  # below the rounding floor of that difference it is 0
-            floor = cols.shape[0] * torch.finfo(cdt).eps
-            log_p_rest = torch.log(torch.where(p_rest > floor, p_rest, torch.zeros_like(p_rest)))
-        a_aug = torch.cat([a, rest[:, None]], dim=1)
-        log_p = torch.cat([log_p_s, log_p_rest[:, None]], dim=1)
-        kl, d_a = coarse_divergence(a_aug, log_p, direction)  # [n], [n, k + 1]
-        total += kl.sum()
-        m_kl += kl.sum()
-        m_in += p_s_sum.sum()
-        m_mapped += a_aug.sum()
+        p_rest = 1.0 - p_s_sum  # below the rounding floor of that difference it is 0
+        p_rest = torch.where((p_rest > floor) & (not rest_empty), p_rest, torch.zeros_like(p_rest))
+        log_p = torch.cat([log_p_s, torch.log(p_rest)[:, None]], dim=1)
+        kl, d_a = coarse_divergence(a_aug, log_p, direction)  # [m], [m, k + 1]
+        total += torch.where(w, kl, zero).sum()
+        m_in += torch.where(w, p_s_sum, zero).sum()
+        m_mapped += torch.where(w, a_aug.sum(dim=1), zero).sum()
         if want_grad:
-            d_s, d_rest = d_a[:, :-1], d_a[:, -1]
-            c = (a_aug * d_a).sum(dim=1)  # <p, g>
-            h = torch.outer(d_rest, restr.rest_weights)  # [n, V_s]
-            h.sub_(c[:, None]).mul_(p)
-            h.index_add_(1, restr.entry_rows, pe * d_s[:, restr.entry_slots])
-            h.mul_(T / norm)
-            grad.index_copy_(0, srows[u0:u1], h.to(grad.dtype))
-            del h
-        del z, p, pe
+            # grad = (T / norm) p * (g - <p, g>), g_v = r_v d_rest + sum_k W[v, k] d_k, p = e / s
+            scale = torch.where(w, (T / norm) * inv_s, zero)  # [m]
+            d_rest = d_a[:, -1]
+            c = (a_aug * d_a).sum(dim=1)
+            alpha, beta = scale * d_rest, -scale * c
+            e_odd = e[:, odd]
+            e.mul_((alpha + beta)[:, None])  # right for every row whose rest weight is 1
+            e[:, odd] = e_odd * (alpha[:, None] * r_odd + beta[:, None])
+            e.scatter_add_(1, restr.entry_rows.expand(m, E), pe * (d_a[:, restr.entry_slots] * scale[:, None]))
+            if not direct:
+                grad[r0:r1] = e
     metrics = {
-        "kl": m_kl,
+        "kl": total.clone(),
         "teacher_mass_in_columns": m_in,
-        "teacher_reachable_mass": torch.exp(log_mass_r).sum(),
+        "teacher_reachable_mass": torch.exp(log_mass_all[trows]).sum(),
         "student_mapped_mass": m_mapped,
     }
     return total, grad, metrics
+
+
+def _slices_with_rows(has_unit: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """Contiguous row slices of at most n rows, skipping slices with no unit row (one host sync)."""
+    N = has_unit.shape[0]
+    starts = list(range(0, N, n))
+    if not starts:
+        return []
+    pad = torch.zeros(len(starts) * n, dtype=torch.bool, device=has_unit.device)
+    pad[:N] = has_unit
+    keep = pad.view(len(starts), n).any(dim=1).tolist()
+    return [(r0, min(r0 + n, N)) for r0, k in zip(starts, keep) if k]
+
+
+def _zero_outside(grad: torch.Tensor, slices) -> None:
+    """Zero the gradient rows no slice will write."""
+    r = 0
+    for r0, r1 in slices:
+        if r0 > r:
+            grad[r:r0].zero_()
+        r = r1
+    if r < grad.shape[0]:
+        grad[r:].zero_()
 
 
 def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, columns, group, eps):
@@ -242,12 +286,12 @@ def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, co
     # Student: projected probabilities summed over the chunk's positions (pass 1, no gradient).
     sr, su = units.student_rows, units.student_unit
     qsum = torch.zeros(U, k, dtype=cdt, device=dev)
+    sbuf = torch.empty(min(n, sr.shape[0]), Vs, dtype=cdt, device=dev)
     for r0 in range(0, sr.shape[0], n):
-        z = zs_flat.index_select(0, sr[r0 : r0 + n])
-        p, _ = softmax_rows(z, T, out=z if z.dtype == cdt else None)
+        z = gather_rows(zs_flat, sr[r0 : r0 + n], sbuf)
+        p, _ = softmax_rows(z, T, out=z)
         a, _, _ = project_probs(p, restr)
         qsum.index_add_(0, su[r0 : r0 + n], a)
-        del z, p
     zsum = qsum.sum(dim=1, keepdim=True)
     q = qsum / torch.where(zsum > 0, zsum, torch.ones_like(zsum))
     unclamped = q > eps
@@ -266,14 +310,13 @@ def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, co
     grad = torch.zeros_like(zs_flat)
     for r0 in range(0, sr.shape[0], n):
         rows = sr[r0 : r0 + n]
-        z = zs_flat.index_select(0, rows)
-        p, _ = softmax_rows(z, T, out=z if z.dtype == cdt else None)
+        z = gather_rows(zs_flat, rows, sbuf)
+        p, _ = softmax_rows(z, T, out=z)
         a, _, pe = project_probs(p, restr)
         d = d_q[su[r0 : r0 + n]]  # [n, k]
         c = (a * d).sum(dim=1)
         h = p.mul_(-c[:, None])
-        h.index_add_(1, restr.entry_rows, pe * d[:, restr.entry_slots])
+        h.scatter_add_(1, restr.entry_rows.expand(h.shape[0], -1), pe * d[:, restr.entry_slots])
         h.div_(T)
-        grad.index_copy_(0, rows, h.to(grad.dtype))
-        del z, p, pe
+        grad.index_copy_(0, rows, h if h.dtype == grad.dtype else h.to(grad.dtype))
     return total, grad, metrics

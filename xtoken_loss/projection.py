@@ -260,6 +260,9 @@ class ColumnRestriction:
     entry_slots: torch.Tensor  # [E] int64 in [0, k)
     entry_weights: torch.Tensor  # [E] compute dtype
     rest_weights: torch.Tensor  # [V] compute dtype
+    # rows whose rest weight is not 1 (rows with entries in S, unmapped rows, rows past the artifact):
+    # a gradient step treats every other row's rest weight as exactly 1 (they differ by rounding only)
+    odd_rows: torch.Tensor | None = None  # [J] int64
 
     @property
     def num_columns(self) -> int:
@@ -288,7 +291,12 @@ def restrict_projection(
         entry_slots=slot[in_s].contiguous(),
         entry_weights=w[in_s].to(dtype).contiguous(),
         rest_weights=rest,
+        odd_rows=((rest - 1.0).abs() > ROW_SUM_TOLERANCE).nonzero().squeeze(1),
     )
+
+
+# Rows of W sum to 1 up to float32 rounding; a rest weight this close to 1 counts as 1.
+ROW_SUM_TOLERANCE = 1e-6
 
 
 def project_probs(p: torch.Tensor, restr: ColumnRestriction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,6 +307,6 @@ def project_probs(p: torch.Tensor, restr: ColumnRestriction) -> tuple[torch.Tens
     """
     pe = p[:, restr.entry_rows] * restr.entry_weights  # [n, E]
     a = torch.zeros(p.shape[0], restr.num_columns, dtype=p.dtype, device=p.device)
-    a.index_add_(1, restr.entry_slots, pe)  # [n, k]
+    a.scatter_add_(1, restr.entry_slots.expand(p.shape[0], -1), pe)  # [n, k]
     rest = p @ restr.rest_weights  # [n]
     return a, rest, pe

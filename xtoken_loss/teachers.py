@@ -81,7 +81,9 @@ class TeacherSpec:
         if self.vocab_size is not None and (
             isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2
         ):
-            raise LossOptionError(f"{who}: TeacherSpec.vocab_size must be an integer >= 2 or None, got {self.vocab_size!r}")
+            raise LossOptionError(
+                f"{who}: TeacherSpec.vocab_size must be an integer >= 2 or None, got {self.vocab_size!r}"
+            )
         if self.loss in PROJECTION_KINDS and self.projection is None and not (
             self.loss in COMMON_SET_KINDS and "common" in self.loss_options
         ):

@@ -32,6 +32,7 @@ from xtoken_loss.chunked import (
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
+    softmax_rows,
 )
 from xtoken_loss.errors import LossInputError, LossOptionError
 from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
@@ -131,10 +132,15 @@ def run_units(
     normalizer,
     position_chunk_size: int | None,
     metric_names: tuple[str, ...],
+    prob_fn=None,
 ):
     """Sum `unit_fn(log_q_student [n, V_s], log_p_teacher [n, V_t]) -> (loss [n], {name: [n]})` over
     the units, n at a time, with the student gradient computed per group. Returns
-    `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit)."""
+    `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit).
+
+    `prob_fn(q [n, V_s], p [n, V_t], want_grad) -> (loss [n], d loss / d q [n, V_s] or None, metrics)`,
+    when given, replaces `unit_fn` for the `"start"` form: it works on the normalised probabilities
+    with a hand-written gradient (no autograd graph), and the softmax backward is applied here."""
     B, Ls, Vs = student_logits.shape
     _, Lt, Vt = teacher_logits.shape
     dev = student_logits.device
@@ -168,6 +174,18 @@ def run_units(
             log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
             del zt
         rows = s_side.rows[s0:s1]
+        if prob_fn is not None and form == "start":
+            with torch.no_grad():
+                q, _ = softmax_rows(zs_flat[rows], temperature)
+                loss_u, g, extra = prob_fn(q, torch.exp(log_p), want_grad)
+                if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
+                    g.sub_((q * g).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / (temperature * norm))
+                    grad[rows] = g.to(grad.dtype)
+                total += loss_u.sum()
+                for k in metric_names:
+                    sums[k] += extra[k].sum()
+            del q, g, log_p
+            continue
         z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
         s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
         with torch.enable_grad() if want_grad else torch.no_grad():
@@ -227,44 +245,54 @@ def _sort_desc(x: torch.Tensor, keep: int | None) -> torch.Tensor:
     return torch.sort(x, dim=1, descending=True).values
 
 
-class _SortedL1(torch.autograd.Function):
-    """`[n]` sorted-vector L1 with a gradient for the first argument only (the teacher is constant).
+def sorted_l1_parts(ps: torch.Tensor, pt: torch.Tensor, tail_cut: int | None = None):
+    """`(l1 [n], s, sgn)`: the sorted-vector L1, the student's sorted values `s` and
+    `sgn = sign(s_j - t_j)` at the student's sorted positions (what `sorted_l1_grad` needs)."""
+    s = _sort_desc(ps, tail_cut)
+    t = _sort_desc(pt, tail_cut)
+    w = max(s.shape[1], t.shape[1])
+    diff = torch.nn.functional.pad(s, (0, w - s.shape[1])) - torch.nn.functional.pad(t, (0, w - t.shape[1]))
+    return diff.abs().sum(dim=1), s, torch.sign(diff[:, : s.shape[1]])
 
-    Backward without sort indices: along the sorted positions, `sign(s_j - t_j)` is piecewise constant
-    (the sorted curves cross a few times), so an element's gradient is the sign of the segment its
-    rank falls in, and "rank >= b" is "value < s[b - 1]": a binary search among the few segment
-    thresholds instead of an argsort. Tied values take the sign at the first position of their run."""
+
+def sorted_l1_grad(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor) -> torch.Tensor:
+    """`d L1 / d ps [n, V_s]` without sort indices: along the sorted positions `sgn` is piecewise
+    constant (the sorted curves cross a few times), so an element's gradient is the sign of the
+    segment its rank falls in, and "rank >= b" is "value < s[b - 1]": a binary search among the few
+    segment thresholds instead of an argsort. Tied values take the sign at the first position of
+    their run (a valid subgradient)."""
+    n, k = s.shape
+    # a kept prefix (tail_cut): ranks >= k get sign 0, one more segment
+    sgn = torch.nn.functional.pad(sgn, (0, 1)) if k < ps.shape[1] else sgn
+    change = sgn[:, 1:] != sgn[:, :-1]  # [n, k'-1]: a new segment starts at position j + 1
+    count = change.sum(dim=1)
+    m = int(count.max()) if count.numel() else 0
+    r, j = change.nonzero(as_tuple=True)
+    slot = (torch.cumsum(change.to(torch.int64), dim=1) - 1)[r, j]
+    th = torch.full((n, m), float("-inf"), dtype=s.dtype, device=s.device)
+    th[r, slot] = s[r, j]  # segment m + 1 holds ranks >= j + 1, i.e. values < s[j]; descending in m
+    seg = torch.zeros(n, m + 1, dtype=sgn.dtype, device=sgn.device)
+    seg[:, 0] = sgn[:, 0]
+    seg[r, slot + 1] = sgn[r, j + 1]
+    asc = th.flip(1).contiguous()
+    greater = m - torch.searchsorted(asc, ps.contiguous(), right=True)  # thresholds > v
+    return seg.gather(1, greater)
+
+
+class _SortedL1(torch.autograd.Function):
+    """`[n]` sorted-vector L1 with a gradient for the first argument only (the teacher is constant)."""
 
     @staticmethod
     def forward(ctx, ps, pt, tail_cut):
-        s = _sort_desc(ps, tail_cut)
-        t = _sort_desc(pt, tail_cut)
-        w = max(s.shape[1], t.shape[1])
-        diff = torch.nn.functional.pad(s, (0, w - s.shape[1])) - torch.nn.functional.pad(t, (0, w - t.shape[1]))
+        l1, s, sgn = sorted_l1_parts(ps, pt, tail_cut)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(ps, s, torch.sign(diff[:, : s.shape[1]]))
-        return diff.abs().sum(dim=1)
+            ctx.save_for_backward(ps, s, sgn)
+        return l1
 
     @staticmethod
     def backward(ctx, grad_out):
         ps, s, sgn = ctx.saved_tensors
-        n, k = s.shape
-        # a kept prefix (tail_cut): ranks >= k get sign 0, one more segment
-        sgn = torch.nn.functional.pad(sgn, (0, 1)) if k < ps.shape[1] else sgn
-        change = sgn[:, 1:] != sgn[:, :-1]  # [n, k'-1]: a new segment starts at position j + 1
-        count = change.sum(dim=1)
-        m = int(count.max()) if count.numel() else 0
-        r, j = change.nonzero(as_tuple=True)
-        slot = (torch.cumsum(change.to(torch.int64), dim=1) - 1)[r, j]
-        th = torch.full((n, m), float("-inf"), dtype=s.dtype, device=s.device)
-        th[r, slot] = s[r, j]  # segment m + 1 holds ranks >= j + 1, i.e. values < s[j]; descending in m
-        seg = torch.zeros(n, m + 1, dtype=sgn.dtype, device=sgn.device)
-        seg[:, 0] = sgn[:, 0]
-        seg[r, slot + 1] = sgn[r, j + 1]
-        asc = th.flip(1).contiguous()
-        greater = m - torch.searchsorted(asc, ps.contiguous(), right=True)  # thresholds > v
-        g = seg.gather(1, greater)
-        return g * grad_out[:, None], None, None
+        return sorted_l1_grad(ps, s, sgn) * grad_out[:, None], None, None
 
 
 def sorted_l1(ps: torch.Tensor, pt: torch.Tensor, tail_cut: int | None = None) -> torch.Tensor:
@@ -306,5 +334,10 @@ def uld_loss(
         l1 = sorted_l1(torch.exp(log_q), torch.exp(log_p), tail_cut)
         return l1, {"uld": l1}
 
+    def prob_fn(q, p, want_grad):
+        l1, s, sgn = sorted_l1_parts(q, p, tail_cut)
+        return l1, sorted_l1_grad(q, s, sgn) if want_grad else None, {"uld": l1}
+
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
-                     normalizer=normalizer, position_chunk_size=position_chunk_size, metric_names=("uld",))
+                     normalizer=normalizer, position_chunk_size=position_chunk_size, metric_names=("uld",),
+                     prob_fn=prob_fn)
