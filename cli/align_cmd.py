@@ -54,6 +54,11 @@ def _read_jsonl(path: Path, field: str) -> list:
         if not isinstance(value, (str, list)):
             raise XTokenError(f"{path}: line {n}: {field!r} must be a string or a list of messages, "
                               f"got {type(value).__name__}")
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise XTokenError(f"{path}: line {n}: {field!r} holds a lone surrogate (\\ud800-\\udfff), "
+                              f"not valid Unicode text") from None
         samples.append(value)
     return samples
 

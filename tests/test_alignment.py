@@ -225,6 +225,11 @@ def test_long_text_truncates_without_error():
     assert (batch["teacher_1_token_bytes"].sum(1) == batch["num_bytes"]).all()
 
 
+def test_lone_surrogate_is_a_clear_error():
+    with pytest.raises(AlignmentError, match="sample 1: character 1 is a lone surrogate U\\+D800"):
+        align_texts(tok("llama3"), tok("qwen3"), ["fine", "a\ud800b"])
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(AlignmentError, match="max_length"):
         CollateConfig(max_length=0)

@@ -152,6 +152,8 @@ def test_cli_text_file_and_conversations(tmp_path):
     ("unknown_tokenizer", "unknown tokenizer 'no-such-tok'"),
     ("missing_file", "cannot read"),
     ("same_tokenizer", "same tokenizer"),
+    ("surrogate", "line 2: 'text' holds a lone surrogate"),
+    ("bad_messages", "a conversation must be a list of"),
 ])
 def test_cli_bad_input_exit_2(tmp_path, case, pattern):
     good = tmp_path / "good.jsonl"
@@ -167,7 +169,11 @@ def test_cli_bad_input_exit_2(tmp_path, case, pattern):
         "unknown_tokenizer": ["--student", "no-such-tok", "--teacher", "qwen3", "--jsonl", good],
         "missing_file": base + ["--text-file", tmp_path / "nope.txt"],
         "same_tokenizer": ["--student", "qwen3", "--teacher", "qwen3", "--jsonl", good],
+        "surrogate": base + ["--jsonl", tmp_path / "sur.jsonl"],
+        "bad_messages": base + ["--jsonl", tmp_path / "msg.jsonl", "--field", "messages"],
     }[case]
+    (tmp_path / "sur.jsonl").write_text('{"text": "ok"}\n{"text": "a\\ud800b"}\n', encoding="utf-8")
+    (tmp_path / "msg.jsonl").write_text('{"messages": ["just a string"]}\n', encoding="utf-8")
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe oops\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
     _one_line_error(_run(*args), pattern)

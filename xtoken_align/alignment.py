@@ -124,6 +124,23 @@ def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, offsets
 
 
+def _utf8(texts: list[str]) -> list[bytes]:
+    """UTF-8 of each text; a non-string or a lone surrogate (possible in JSON strings) raises a
+    one-line `AlignmentError` naming the sample."""
+    try:
+        return [t.encode("utf-8") for t in texts]
+    except (UnicodeEncodeError, AttributeError):
+        for b, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise AlignmentError(f"sample {b}: expected a string, got {type(t).__name__}") from None
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise AlignmentError(f"sample {b}: character {exc.start} is a lone surrogate "
+                                     f"U+{ord(t[exc.start]):04X}, not valid Unicode text") from None
+        raise
+
+
 def _char_to_byte(text: str) -> np.ndarray:
     """[len(text) + 1] int64: byte offset of each character offset."""
     cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
@@ -198,8 +215,8 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
     chunks). Returns the side and the texts' UTF-8 bytes.
     """
     tables = side_tables(info)
+    raw = _utf8(texts)
     encoded = info.backend.encode_batch_fast(texts, add_special_tokens=False)
-    raw = [t.encode("utf-8") for t in texts]
     add = np.broadcast_to(np.asarray(add_special_tokens, bool), (len(texts),))
     add = add & np.array([len(r) > 0 for r in raw], bool)
     ids, offsets, n_pre, n_suf = _with_added(encoded, add, tables.prefix_ids, tables.suffix_ids)
