@@ -191,7 +191,7 @@ def _place_by_offsets(info, tables, b, enc, text_str, n_bytes, ids, offsets, n_p
     if enc.ids != ids[lo:hi].tolist():
         raise AlignmentError(f"{info.name}: tokenizing sample {b} twice gave different ids")
     c2b = _char_to_byte(text_str)
-    char_starts = np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids))
+    char_starts = np.asarray(enc.offsets, np.int64).reshape(-1, 2)[:, 0]
     byte_starts[lo:hi] = c2b[np.minimum(char_starts, len(c2b) - 1)]
     K.place_by_offsets(ids, lo, hi, byte_starts, tables.surf_data, tables.surf_off,
                        tables.special, info.prefix_space, text, int(text_off[b]),
