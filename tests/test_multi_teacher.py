@@ -84,7 +84,8 @@ def real_problem(texts: tuple[str, ...] = tuple(TEXTS), seed: int = 0, teachers:
     batch = dict(batch)
     batch["input_ids"] = remap(batch["input_ids"], batch["token_mask"], s_map)
     for i in cross:
-        batch[f"teacher_{i}_input_ids"] = remap(batch[f"teacher_{i}_input_ids"], batch[f"teacher_{i}_token_mask"], t_map)
+        key = f"teacher_{i}_input_ids"
+        batch[key] = remap(batch[key], batch[f"teacher_{i}_token_mask"], t_map)
     idx = np.full(rows.shape, -1, np.int64)
     for r in range(rows.shape[0]):
         for k in range(rows.shape[1]):

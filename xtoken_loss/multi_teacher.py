@@ -268,8 +268,8 @@ class MultiTeacherLoss(nn.Module):
             ):
                 raise LossOptionError(
                     f"teacher {t.name!r} uses loss 'kl' (same-vocab) but its fingerprint {t.fingerprint!r} "
-                    f"differs from the student's {self.student_fingerprint!r}; a teacher with another tokenizer needs a "
-                    "cross-tokenizer loss ('pkl', 'hkl', 'gold', 'uld', 'alm')"
+                    f"differs from the student's {self.student_fingerprint!r}; a teacher with another tokenizer "
+                    "needs a cross-tokenizer loss ('pkl', 'hkl', 'gold', 'uld', 'alm')"
                 )
             if self.student_vocab_size is not None and t.vocab_size is not None and (
                 t.vocab_size != self.student_vocab_size
