@@ -683,3 +683,32 @@ def test_function_form_and_artifact_path(tmp_path):
     with pytest.raises(ProjectionArtifactError, match="fingerprint"):
         TeacherSpec(name="qwen3", loss="pkl", fingerprint="sha256:nope",
                     projection=tmp_path / "proj").load_projection()
+
+
+def test_full_vocabulary_gold_and_kl_from_an_artifact(tmp_path):
+    """Real widths (128,256 x 151,669), a GOLD teacher read from an artifact directory (its exact rows),
+    and a same-vocab teacher: the multi-teacher sum equals the weighted direct calls."""
+    from xtoken_align.collate import AlignmentCollator, CollateConfig
+    from xtoken_loss.hybrid import gold_loss
+    from xtoken_loss.kl import kl_loss
+
+    llama, qwen = tokenizers()
+    real_projection().save(tmp_path / "proj")
+    batch = AlignmentCollator(llama, [qwen, llama], CollateConfig(max_length=12))(["Hello world, 2024 was long."])
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(1, batch["input_ids"].shape[1], llama.vocab_size, generator=g)
+    z0 = torch.randn(1, batch["teacher_0_input_ids"].shape[1], qwen.vocab_size, generator=g)
+    z1 = torch.randn(zs.shape, generator=g)
+    teachers = [
+        TeacherSpec(name="qwen3", loss="gold", weight=0.7, fingerprint=qwen.fingerprint, vocab_size=qwen.vocab_size,
+                    projection=tmp_path / "proj"),
+        TeacherSpec(name="llama3", loss="kl", weight=0.3, fingerprint=llama.fingerprint),
+    ]
+    mt = MultiTeacherLoss(teachers, student_fingerprint=llama.fingerprint, student_vocab_size=llama.vocab_size,
+                          process_group=None)
+    loss, m = mt(zs, [z0, z1], batch)
+    k0, _ = gold_loss(zs, z0, batch, projection=str(tmp_path / "proj"), teacher_index=0)
+    k1, _ = kl_loss(zs, z1, batch)
+    assert close(loss, 0.7 * k0 + 0.3 * k1, tol=1e-5)
+    assert 0.0 <= float(m["teacher_0/projection_accuracy"]) <= 1.0
+
