@@ -1,13 +1,13 @@
 """Forward + backward time of the issue-6 losses (H-KL, GOLD, ULD, ALM) beside P-KL on CPU, same shapes
 as `bench_losses.py`: 1024 student positions of real text (llama3 student, qwen3 teacher, aligned by the
 collator), V_s = 128,256, V_t = 151,936 (Qwen3's model width), P-KL on the batch's top 8192 teacher
-columns, the real rule-based projection (top_k 4).
+columns, the real rule-based projection (top_k 4). The problem (text, W, random logits with the
+teacher leaning towards the tokens that follow) is built by `bench_losses.py`'s own helpers.
 
 Each loss runs in the principled (default) form, and the hybrids/ULD also in the public form. Times are
-the best of `--repeats` runs (default 2), each a fresh forward + backward, after one untimed
-P-KL run (first-touch allocation and thread-pool start-up would otherwise land on the first case). When
-`bench_losses.py` provides the shared setup (`setup()` returning its batch and logits), it is used,
-so both benchmarks time the same problem; otherwise the same shapes are built here.
+the best of `--repeats` interleaved rounds (default 2), each a fresh forward + backward, after one
+untimed P-KL run (first-touch allocation and thread-pool start-up would otherwise land on the first
+case).
 Ends with `RESULT hkl_vs_pkl=<x> gold_vs_pkl=<x> uld_vs_pkl=<x> alm_vs_pkl=<x>` (time ratios of the
 principled forms to principled P-KL).
 Run: `python benchmarks/bench_losses_extra.py [--positions N] [--repeats R]`.
@@ -25,51 +25,28 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
 
-V_S, V_T = 128_256, 151_936
 TOP_K_COLUMNS = 8192
 
 
-def _own_setup(positions: int):
-    """(batch, student_logits, teacher_logits, Projection, exact map) on real text."""
-    import json
+def setup(positions: int):
+    """(batch, student logits, teacher logits, Projection, exact map): `bench_losses.py`'s problem
+    (its `build_problem` / `load_problem`: same text, shapes, W and logits) plus the exact-match map
+    GOLD needs, from the real artifact's `row_kind`."""
+    import tempfile
 
-    from xtoken_align import load_tokenizer
+    import bench_losses
+    from reference_losses import real_tokenizers
     from xtoken_align.artifacts import ROW_EXACT
-    from xtoken_align.collate import collate
-    from xtoken_align.projection import ProjectionConfig, build_projection
 
-    from xtoken_loss.projection import Projection
-
-    s_tok, t_tok = load_tokenizer("llama3"), load_tokenizer("qwen3")
-    fwd = build_projection(s_tok, t_tok, ProjectionConfig(teacher_model_vocab_size=V_T)).forward
-    text = []
-    with open(REPO / "data" / "corpus" / "heldout.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            text.append(json.loads(line)["text"])
-            if sum(map(len, text)) > positions * 8:
-                break
-    batch = collate(["\n".join(text)], s_tok, [t_tok], max_length=positions)
-    g = torch.Generator().manual_seed(0)
-    Ls, Lt = batch["input_ids"].shape[1], batch["teacher_0_input_ids"].shape[1]
-    zs = torch.randn(1, Ls, V_S, generator=g) * 2.0
-    zt = torch.randn(1, Lt, V_T, generator=g) * 2.0
-    proj = Projection.from_tensors(torch.as_tensor(fwd.indices), torch.as_tensor(fwd.weights), teacher_width=V_T)
+    path = Path(tempfile.mkdtemp(prefix="bench_losses_extra-")) / "problem.pt"
+    bench_losses.build_problem(positions, path)
+    batch, proj, zs, zt = bench_losses.load_problem(path)
+    fwd = real_tokenizers()[2]
     exact = torch.as_tensor(fwd.row_kind).to(torch.int64) == ROW_EXACT
     ex = torch.where(exact, torch.as_tensor(fwd.indices)[:, 0], -1)
     return batch, zs, zt, proj, ex
-
-
-def setup(positions: int):
-    try:  # the shared setup of bench_losses.py, when it offers one
-        import bench_losses  # noqa: F401
-
-        shared = getattr(bench_losses, "setup", None)
-    except ImportError:
-        shared = None
-    if shared is None:
-        return _own_setup(positions)
-    return shared(positions)
 
 
 def timed(fn, zs, repeats: int) -> float:
@@ -115,13 +92,17 @@ def main() -> None:
         ("uld", "public", lambda x: uld_loss(x, zt, batch, public=True)),
     ]
     timed(cases[0][2], zs, 1)  # warm-up
+    # Interleaved rounds (every case once per round), best per case: on a shared machine the load
+    # changes over minutes, and this keeps each ratio's two sides measured under similar load.
     times = {}
+    for _ in range(args.repeats):
+        for name, form, fn in cases:
+            t = timed(fn, zs, 1)
+            times[(name, form)] = min(t, times.get((name, form), float("inf")))
     print(f"{'loss':<6}{'form':<12}{'fwd+bwd s':>10}{'vs pkl':>8}")
-    for name, form, fn in cases:
-        t = timed(fn, zs, args.repeats)
-        times[(name, form)] = t
-        base = times[("pkl", form)]
-        print(f"{name:<6}{form:<12}{t:>10.2f}{t / base:>8.2f}", flush=True)
+    for name, form, _ in cases:
+        t, base = times[(name, form)], times[("pkl", form)]
+        print(f"{name:<6}{form:<12}{t:>10.2f}{t / base:>8.2f}")
     p = times[("pkl", "principled")]
     r = {k: times[(k, "principled")] / p for k in ("hkl", "gold", "uld", "alm")}
     print(f"RESULT hkl_vs_pkl={r['hkl']:.2f} gold_vs_pkl={r['gold']:.2f} uld_vs_pkl={r['uld']:.2f} "

@@ -119,7 +119,8 @@ def test_public_partial_kl_can_be_negative():
     zt[..., :40] = vec
     _, pub = hybrid_loss(zs, zt, batch, common=cs, public=True)
     _, pri = hybrid_loss(zs, zt, batch, common=cs)
-    assert float(pub["common_kl"]) < 0 < float(pri["common_kl"])
+    # same conditional distribution on the common set: the true KL is 0, the public partial KL negative
+    assert float(pub["common_kl"]) < -0.01 and abs(float(pri["common_kl"])) < 1e-12
 
 
 def test_gold_from_artifact_row_kind(tmp_path):

@@ -33,7 +33,7 @@ import torch
 from xtoken_loss.chunked import check_choice, check_temperature
 from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import Projection, as_projection
-from xtoken_loss.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1
+from xtoken_loss.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1, sorted_l1_grad, sorted_l1_parts
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
@@ -203,9 +203,39 @@ def hybrid_loss(
             }
         return loss, extra
 
+    def prob_fn(q, p, want_grad):
+        # principled form on normalised probabilities, hand-written gradient d loss / d q
+        qc, pc = q[:, s_ids], p[:, t_ids]  # [n, m]
+        q_mass, p_mass = qc.sum(dim=1), pc.sum(dim=1)
+        if public:
+            lq_c, lp_c = torch.log(qc), torch.log(pc)
+            kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
+            d_c = torch.where(pc > 0, -pc / qc, torch.zeros_like(pc))
+        elif cs.size:
+            has = p_mass > 0
+            pn = pc / torch.where(has, p_mass, torch.ones_like(p_mass))[:, None]
+            # KL(pn || qc / q_mass) = sum pn log pn - sum pn log qc + log q_mass (0 log 0 = 0; pn > 0 = qc -> inf)
+            kl = (torch.special.xlogy(pn, pn) - torch.special.xlogy(pn, qc)).sum(dim=1) + torch.log(q_mass)
+            kl = torch.where(has, kl, torch.zeros_like(kl))
+            ratio = pn / qc.clamp_min(torch.finfo(qc.dtype).tiny)  # qc = 0 rows get q * g = 0 in the softmax backward
+            d_c = ratio.neg_().add_(1.0 / q_mass[:, None]).mul_(has[:, None])
+        else:
+            kl = torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
+            d_c = qc
+        qu = q.index_fill(1, s_ids, 0.0)
+        pu = p.index_fill(1, t_ids, 0.0)
+        l1, srt, sgn = sorted_l1_parts(qu, pu, cut)
+        g = None
+        if want_grad:
+            g = sorted_l1_grad(qu, srt, sgn).mul_(wu)
+            g[:, s_ids] = (T * T * wc) * d_c
+        extra = {"common_kl": kl, "uncommon_l1": l1, "teacher_common_mass": p_mass, "student_common_mass": q_mass}
+        return (T * T * wc) * kl + wu * l1, g, extra
+
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size,
-                     metric_names=("common_kl", "uncommon_l1", "teacher_common_mass", "student_common_mass"))
+                     metric_names=("common_kl", "uncommon_l1", "teacher_common_mass", "student_common_mass"),
+                     prob_fn=prob_fn)
 
 
 def hkl_loss(
