@@ -249,6 +249,22 @@ def test_sum_dynamic_weights_match_reference(score):
     torch.testing.assert_close(x.grad, r.grad, rtol=1e-6, atol=1e-9)  # weights are constants
 
 
+@pytest.mark.parametrize("config", [
+    MultiTeacherConfig(mode="sum", weighting="dynamic", score="bpb"),
+    MultiTeacherConfig(mode="select_teacher", score="ce", per_sequence=True),
+], ids=["sum-dynamic", "select-per-sequence"])
+def test_bf16_inputs_close_to_float64(config):
+    batch, _, _, _, _ = real_problem()
+    zs, z0, z1 = problem_logits()
+    mt = build(config)
+    ref, m_ref = mt(zs, [z0, z1], batch)
+    x = zs.to(torch.bfloat16).requires_grad_()
+    loss, m = mt(x, [z0.to(torch.bfloat16), z1.to(torch.bfloat16)], batch)
+    loss.backward()
+    assert close(loss, ref, tol=2e-3) and bool(torch.isfinite(x.grad.float()).all())
+    assert close(m["teacher_0/weight"], m_ref["teacher_0/weight"], tol=1e-2)
+
+
 def test_padding_does_not_move_scores():
     """Extra padded positions (with garbage logits) leave scores, weights and loss unchanged."""
     batch, _, Vs, Vt, _ = real_problem()
