@@ -728,3 +728,13 @@ def test_full_vocabulary_gold_and_kl_from_an_artifact(tmp_path):
     assert close(loss, 0.7 * k0 + 0.3 * k1, tol=1e-5)
     assert 0.0 <= float(m["teacher_0/projection_accuracy"]) <= 1.0
 
+    # the docs/multi_teacher.md example runs as written
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "multi_teacher.md").read_text()
+    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    ns = {"qwen": qwen, "llama": llama, "projection_dir": tmp_path / "proj", "student_logits": zs,
+          "qwen_logits": z0, "llama_logits": z1, "batch": batch}
+    exec(snippet, ns)
+    assert torch.isfinite(ns["loss"]) and "teacher_0/kd" in ns["metrics"]
+
