@@ -2,7 +2,7 @@
 
 Such a tokenizer's tokens spell NFC(text). The text differs from its NFC form only in small regions
 (a starter and the combining marks after it, or a singleton such as U+212B ANGSTROM SIGN), so:
-find those regions with one regex, check that normalizing them one by one gives NFC(text), walk the
+find those regions with a per-code-point lookup table, check that normalizing them one by one gives NFC(text), walk the
 tokens over NFC(text), and map positions back: identical stretches shift by the regions' size
 changes, a position strictly inside a changed region maps to the region's start, and every token
 overlapping a changed region is unfaithful. Where the check fails, the caller falls back to the
@@ -12,7 +12,6 @@ tokenizer's own offsets.
 from __future__ import annotations
 
 import functools
-import re
 import unicodedata
 
 import numpy as np
@@ -23,40 +22,51 @@ _SCAN_LIMIT = 0x30000  # every canonical decomposition and combining mark lies b
 
 
 @functools.lru_cache(maxsize=1)
-def _regions_regex() -> re.Pattern:
-    """`.[M]+|[S]`: M = characters that can change by joining a preceding one under NFC (combining
-    marks, and the ccc-0 second halves of canonical pairs such as Hangul vowel/final jamo), S =
-    characters NFC changes on their own (singletons, composition exclusions)."""
-    marks, singles = [], []
+def _nfc_table() -> np.ndarray:
+    """`[_SCAN_LIMIT] uint8` per code point: 1 = may change by joining the character before it under
+    NFC (combining marks, the ccc-0 second halves of canonical pairs such as Hangul vowel/final
+    jamo), 2 = changed by NFC on its own (singletons, composition exclusions), 0 = neither."""
+    table = np.zeros(_SCAN_LIMIT, np.uint8)
     for cp in range(_SCAN_LIMIT):
-        ch = chr(cp)
         if 0xD800 <= cp < 0xE000:
             continue
+        ch = chr(cp)
         if unicodedata.combining(ch):
-            marks.append(cp)
+            table[cp] = 1
         d = unicodedata.decomposition(ch)
         if d and not d.startswith("<"):
             parts = d.split()
             if len(parts) == 2:
-                marks.append(int(parts[1], 16))
+                table[int(parts[1], 16)] = 1
             if unicodedata.normalize("NFC", ch) != ch:
-                singles.append(cp)
-    marks += list(range(0x1161, 0x1176)) + list(range(0x11A8, 0x11C3))  # Hangul V and T jamo
+                table[cp] = max(table[cp], 2)
+    table[0x1161:0x1176] = 1  # Hangul vowel jamo
+    table[0x11A8:0x11C3] = 1  # Hangul final jamo
+    return table
 
-    def char_class(cps) -> str:
-        return "".join(re.escape(chr(c)) for c in sorted(set(cps)))
 
-    return re.compile(f"(?s:.[{char_class(marks)}]+|[{char_class(singles)}])")
+def _regions(text: str) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` outside which NFC leaves `text` unchanged: each run of
+    flagged characters, extended by the starter before a joining one."""
+    cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    table = _nfc_table()
+    flag = np.where(cps < _SCAN_LIMIT, table[np.minimum(cps, _SCAN_LIMIT - 1)], 0)
+    region = flag > 0
+    region[:-1] |= flag[1:] == 1
+    if not region.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], region, [False]]).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
 def place_nfc(ids, lo, hi, text: str, tables, prefix_space, starts, ends, faithful) -> bool:
     """Place `ids[lo:hi]` on `text` (positions relative to the text) for an NFC-normalizing
     tokenizer; False if the regions do not reproduce NFC(text) or the tokens do not spell it."""
     regions = []  # (char start, char end, normalized piece)
-    for m in _regions_regex().finditer(text):
-        piece = unicodedata.normalize("NFC", m.group())
-        if piece != m.group():
-            regions.append((m.start(), m.end(), piece))
+    for a, b in _regions(text):
+        piece = unicodedata.normalize("NFC", text[a:b])
+        if piece != text[a:b]:
+            regions.append((a, b, piece))
     pieces, last = [], 0
     for s, e, piece in regions:
         pieces.append(text[last:s])
