@@ -235,3 +235,16 @@ def test_config_validation_names_the_field():
         CollateConfig(max_length=0)
     with pytest.raises(AlignmentError, match="neither a string 'text'"):
         collate([{"body": "x"}], tok("llama3"), [tok("qwen3")])
+
+
+@settings(max_examples=30, deadline=None)
+@given(text=random_text, budget=st.integers(1, 16))
+def test_truncation_with_two_teachers_shares_one_cut(text, budget):
+    s, teachers = tok("gpt-oss"), [tok("qwen3"), tok("mistral-v1")]
+    batch = AlignmentCollator(s, teachers, CollateConfig(max_length=budget))([text, text + " tail"])
+    for i in range(2):
+        assert (batch[f"teacher_{i}_token_bytes"].sum(1) == batch["num_bytes"]).all()
+        assert (batch[f"alignment_{i}_chunk_bytes"].sum(1) == batch["num_bytes"]).all()
+        assert batch[f"teacher_{i}_token_mask"].sum(1).max() <= budget
+    assert (batch["token_bytes"].sum(1) == batch["num_bytes"]).all()
+    assert batch["token_mask"].sum(1).max() <= budget
