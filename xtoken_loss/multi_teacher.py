@@ -385,7 +385,7 @@ class MultiTeacherLoss(nn.Module):
             sel = int(_select(batch_good[:, None])[0])
             weights = [1.0 if i == sel else 0.0 for i in range(n)]
         elif cfg.weighting == "dynamic":
-            weights = self._dynamic(batch_good[:, None])[:, 0].tolist()
+            weights = list(self._dynamic(batch_good[:, None])[:, 0].unbind())  # tensors: no host sync
         elif cfg.mode == "averaged_logits":
             s = sum(self.static_weights)
             weights = [w / s for w in self.static_weights]
@@ -393,7 +393,7 @@ class MultiTeacherLoss(nn.Module):
             weights = list(self.static_weights)
         if not cfg.per_sequence:
             for i in range(n):
-                metrics[f"teacher_{i}/weight"] = torch.tensor(weights[i], **f64)
+                metrics[f"teacher_{i}/weight"] = torch.as_tensor(weights[i], **f64)
                 if cfg.mode == "select_teacher":
                     metrics[f"teacher_{i}/selected"] = torch.tensor(float(weights[i] > 0), **f64)
         if cfg.projection_accuracy:
@@ -405,7 +405,7 @@ class MultiTeacherLoss(nn.Module):
         # 3. Normalizers and the losses.
         norms = self._normalizers(normalizer, norm_mode, stats, n)
         if cfg.mode == "averaged_logits":
-            w = seq_weights if seq_weights is not None else torch.tensor(weights, **f64)
+            w = seq_weights if seq_weights is not None else torch.stack([torch.as_tensor(x, **f64) for x in weights])
             averaged = _average_outputs(teacher_outputs, w, batch, dev, self.teachers[0])
             loss, m = self._call(0, student_logits, averaged, batch, norms[0], projections)
             metrics.update({f"averaged/{k}": v for k, v in m.items()})
@@ -429,7 +429,10 @@ class MultiTeacherLoss(nn.Module):
             kd, m = self._call(i, student_logits, teacher_outputs[i], b_i, norms[i], projections, **extra)
             metrics[f"teacher_{i}/kd"] = kd.detach()
             metrics.update({f"teacher_{i}/{k}": v for k, v in m.items()})
-            term = kd * scale if scale != 1.0 else kd
+            if isinstance(scale, torch.Tensor):
+                term = kd * scale.to(kd.dtype)
+            else:
+                term = kd * scale if scale != 1.0 else kd
             total = term if total is None else total + term
         if total is None:  # cannot happen (a teacher is always selected); keep the type stable
             total = student_logits.sum() * 0.0
