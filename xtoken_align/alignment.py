@@ -116,14 +116,6 @@ class PairBatch:
         return self.chunks[self.offsets[b]:self.offsets[b + 1]]
 
 
-def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(x) for x in id_lists), np.int64, len(id_lists))
-    offsets = np.zeros(len(id_lists) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter(chain.from_iterable(id_lists), np.int64, int(offsets[-1]))
-    return ids, offsets
-
-
 def _utf8(texts: list[str]) -> list[bytes]:
     """UTF-8 of each text; a non-string or a lone surrogate (possible in JSON strings) raises a
     one-line `AlignmentError` naming the sample."""
@@ -153,21 +145,15 @@ def _char_to_byte(text: str) -> np.ndarray:
 def _with_added(encoded, add: np.ndarray, prefix: tuple, suffix: tuple):
     """Flat ids with the post-processor's prefix/suffix ids added to the samples flagged in `add`:
     (ids [N], offsets [B + 1], n_pre [B], n_suf [B])."""
-    body, body_off = _flatten([e.ids for e in encoded])
+    id_lists = [e.ids for e in encoded]
     n_pre = np.where(add, len(prefix), 0).astype(np.int64)
     n_suf = np.where(add, len(suffix), 0).astype(np.int64)
-    if not (n_pre.any() or n_suf.any()):
-        return body, body_off, n_pre, n_suf
-    lengths = np.diff(body_off)
-    offsets = _offsets_of(lengths + n_pre + n_suf)
-    ids = np.empty(offsets[-1], np.int64)
-    ids[np.arange(len(body)) - np.repeat(body_off[:-1] - offsets[:-1] - n_pre, lengths)] = body
-    flagged = np.flatnonzero(add)
-    for k, t in enumerate(prefix):
-        ids[offsets[flagged] + k] = t
-    for k, t in enumerate(suffix):
-        ids[offsets[flagged + 1] - len(suffix) + k] = t
-    return ids, offsets, n_pre, n_suf
+    lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists)) + n_pre + n_suf
+    offsets = _offsets_of(lengths)
+    pre, suf, none = list(prefix), list(suffix), []
+    parts = chain.from_iterable((pre if x else none, ids, suf if x else none)
+                                for ids, x in zip(id_lists, add.tolist()))
+    return np.fromiter(chain.from_iterable(parts), np.int64, int(offsets[-1])), offsets, n_pre, n_suf
 
 
 def _offsets_of(counts: np.ndarray) -> np.ndarray:

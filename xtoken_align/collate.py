@@ -219,9 +219,13 @@ class _Padder:
             flat_index = rows * width + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths))
             self._index[key] = (offsets, len(lengths), width, flat_index)  # keeps offsets alive
         _, b, width, flat_index = self._index[key]
-        out = np.full(b * width, fill, dtype=dtype)
-        out[flat_index] = flat
-        return torch.from_numpy(out.reshape(b, width))
+        out = np.full((b, width), fill, dtype=dtype)
+        if len(flat) >= 64 * b:  # long rows: one slice copy per row beats a scatter
+            for row in range(b):
+                out[row, :offsets[row + 1] - offsets[row]] = flat[offsets[row]:offsets[row + 1]]
+        else:
+            out.reshape(-1)[flat_index] = flat
+        return torch.from_numpy(out)
 
     def mask(self, offsets: np.ndarray) -> torch.Tensor:
         """`[B, T]` bool: position holds a real element."""
