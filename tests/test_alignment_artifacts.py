@@ -177,3 +177,23 @@ def test_cli_bad_input_exit_2(tmp_path, case, pattern):
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe oops\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
     _one_line_error(_run(*args), pattern)
+
+
+def test_multi_teacher_batch_from_artifacts(tmp_path):
+    from xtoken_align.alignment_artifacts import batch_from_artifacts
+
+    s, t0, t1 = tok("llama3"), tok("qwen3"), tok("mistral-v1")
+    texts = _texts(6)
+    for name, t in (("a0", t0), ("a1", t1)):
+        write_alignment_artifact(tmp_path / name, s, t, [AlignmentCollator(s, [t]).align(texts)])
+    arts = [read_alignment_artifact(tmp_path / "a0", student=s, teacher=t0),
+            read_alignment_artifact(tmp_path / "a1", student=s, teacher=t1)]
+    got = batch_from_artifacts(arts, [4, 1], max_length=40, student=s, teachers=[t0, t1])
+    want = AlignmentCollator(s, [t0, t1], CollateConfig(max_length=40))([texts[4], texts[1]])
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    write_alignment_artifact(tmp_path / "short", s, t1,
+                             [AlignmentCollator(s, [t1], CollateConfig(max_length=8)).align(texts)])
+    with pytest.raises(ArtifactError, match="other student tokens"):
+        batch_from_artifacts([arts[0], read_alignment_artifact(tmp_path / "short")], [0])

@@ -215,3 +215,31 @@ def read_alignment_artifact(path: str | Path, *, student: TokenizerInfo | str | 
     if not isinstance(meta.get("shards"), list):
         raise ArtifactError(f"{path / ALIGNMENT_JSON}: 'shards' is missing")
     return AlignmentArtifact(path, meta)
+
+
+def batch_from_artifacts(artifacts: list[AlignmentArtifact], indices, *, max_length: int | None = None,
+                         teacher_max_length: int | None = None, student: TokenizerInfo | None = None,
+                         teachers: list[TokenizerInfo] | None = None) -> dict[str, torch.Tensor]:
+    """The multi-teacher CONTRACTS §2 batch from one artifact per teacher (teacher i = artifacts[i]).
+
+    The artifacts must hold the same student tokens (same student tokenizer and options; write them
+    untruncated and pass `max_length` here, so that the cut is shared by every teacher)."""
+    if not artifacts:
+        raise ArtifactError("batch_from_artifacts needs at least one alignment artifact")
+    fps = {a.meta["student"]["fingerprint"] for a in artifacts}
+    if len(fps) > 1:
+        raise ArtifactError("the alignment artifacts were built for different student tokenizers: "
+                            + ", ".join(str(a.path) for a in artifacts))
+    parts = [a.aligned(indices) for a in artifacts]
+    first = parts[0].student
+    for a, part in zip(artifacts[1:], parts[1:]):
+        if not (np.array_equal(part.student.offsets, first.offsets)
+                and np.array_equal(part.student.ids, first.ids)):
+            raise ArtifactError(f"{a.path} holds other student tokens than {artifacts[0].path} for these "
+                                f"samples (built from other data or with another max_length?)")
+    combined = AlignedBatch(first, [p.teachers[0] for p in parts], [p.pairs[0] for p in parts],
+                            parts[0].num_bytes)
+    combined = truncate(combined, max_length,
+                        teacher_max_length if teacher_max_length is not None else max_length)
+    pads = [pad_id(t) for t in teachers] if teachers else [0] * len(artifacts)
+    return to_tensors(combined, pad_id(student) if student else 0, pads)
