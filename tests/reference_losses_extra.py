@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from reference_losses import _kept, _kl, _top_columns, next_token_valid  # noqa: F401  (shared pieces)
+from reference_losses import _kept, _kl, next_token_valid  # the shared batch-reading pieces
 
 
 def chunk_units(batch, i, Ls, Lt, *, correct_only=True):
@@ -217,7 +217,9 @@ def reference_alm(student_logits, teacher_outputs, batch, *, teacher_index=0, ta
 
 
 def is_close(a, b, tol=1e-6):
-    return math.isclose(float(torch.as_tensor(a).detach()), float(torch.as_tensor(b).detach()), rel_tol=tol, abs_tol=tol)
+    """`reference_losses.is_close` for tensors that may require grad."""
+    a, b = float(torch.as_tensor(a).detach()), float(torch.as_tensor(b).detach())
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ distribution" is on each side is the `chunk_form`:
   log-softmax (a geometric mean; not normalised).
 
 This module also holds the machinery the hybrid losses (`hybrid.py`) share: unit grouping, the chunk
-distributions, and a *chunked autograd* runner. The runner processes a few units at a time: it
-gathers their logit rows, computes the per-unit loss with autograd on that small slice, and writes the
-slice's gradient into one logits-sized buffer, attached to the loss with `chunked.attach_grad`. Peak
-extra memory is a few `[n, V]` temporaries whatever the number of units; the teacher is a constant.
+distributions, the sorted L1 with its gradient, and a runner that processes a few units at a time:
+it gathers their logit rows, computes the per-unit loss and its gradient on that small slice (by hand
+for the `"start"` form, with autograd on the slice for the other forms), and writes the slice's
+gradient into one logits-sized buffer, attached to the loss with `chunked.attach_grad`. Peak extra
+memory is a few `[n, V]` temporaries whatever the number of units; the teacher is a constant.
 """
 
 from __future__ import annotations
