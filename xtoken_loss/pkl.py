@@ -281,7 +281,7 @@ def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, co
     for r0 in range(0, tr.shape[0], n):
         zt_s = zt_flat[tr[r0 : r0 + n, None], cols[None, :]].to(cdt)
         lsum.index_add_(0, tu[r0 : r0 + n], torch.log_softmax(zt_s / T, dim=1))
-    log_pt = lsum / units.teacher_count.to(cdt)[:, None]  # [U, k]
+    log_pt = lsum.div_(units.teacher_count.to(cdt)[:, None])  # [U, k], in place
 
     # Student: projected probabilities summed over the chunk's positions (pass 1, no gradient).
     sr, su = units.student_rows, units.student_unit
@@ -292,21 +292,32 @@ def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, co
         p, _ = softmax_rows(z, T, out=z)
         a, _, _ = project_probs(p, restr)
         qsum.index_add_(0, su[r0 : r0 + n], a)
-    zsum = qsum.sum(dim=1, keepdim=True)
-    q = qsum / torch.where(zsum > 0, zsum, torch.ones_like(zsum))
-    unclamped = q > eps
-    log_q = torch.log(torch.where(unclamped, q, torch.full_like(q, eps)))
-    pt = torch.exp(log_pt)
-    kl = (pt * (log_pt - log_q)).sum(dim=1)  # [U]
-    total = kl.sum()
-    metrics = {"kl": total.clone(), "teacher_mass_in_columns": pt.sum()}
+
+    # Chunk-level KL and d loss / d qsum (T^2 / norm included), a block of chunks at a time so the
+    # [U, k] temporaries stay bounded; d loss / d qsum overwrites qsum.
+    total = torch.zeros((), dtype=cdt, device=dev)
+    mass = torch.zeros((), dtype=cdt, device=dev)
+    nu = max(1, (1 << 20) // max(k, 1))
+    for u0 in range(0, U, nu):
+        qs, lp = qsum[u0 : u0 + nu], log_pt[u0 : u0 + nu]
+        zsum = qs.sum(dim=1, keepdim=True)
+        zsum = torch.where(zsum > 0, zsum, torch.ones_like(zsum))
+        q = qs / zsum
+        unclamped = q > eps
+        log_q = torch.log(torch.where(unclamped, q, torch.full_like(q, eps)))
+        pt = torch.exp(lp)
+        total += (pt * (lp - log_q)).sum()
+        mass += pt.sum()
+        if want_grad:
+            pu = torch.where(unclamped, pt, torch.zeros_like(pt))
+            d = pu.sum(dim=1, keepdim=True) / zsum - pu / torch.where(unclamped, qs, torch.ones_like(qs))
+            qs.copy_(d.mul_(T * T / norm))
+    metrics = {"kl": total.clone(), "teacher_mass_in_columns": mass}
     if not want_grad:
         return total, None, metrics
+    d_q = qsum
 
-    # d loss / d qsum (T^2 / norm included), then pass 2: recompute p and push the gradient back.
-    pu = torch.where(unclamped, pt, torch.zeros_like(pt))
-    d_q = (T * T / norm) * (pu.sum(dim=1, keepdim=True) / torch.where(zsum > 0, zsum, torch.ones_like(zsum))
-                            - torch.where(unclamped, pt / torch.where(unclamped, qsum, torch.ones_like(qsum)), torch.zeros_like(pt)))
+    # Pass 2: recompute p and push the gradient back.
     grad = torch.zeros_like(zs_flat)
     for r0 in range(0, sr.shape[0], n):
         rows = sr[r0 : r0 + n]
