@@ -22,7 +22,7 @@ CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 PAIRS = list(itertools.combinations(EXACT + EXACT_NFC, 2))
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(pair=st.sampled_from(PAIRS), text=random_text)
 def test_random_text_every_pair_tiles_and_mirrors(pair, text):
     a, b = tok(pair[0]), tok(pair[1])
