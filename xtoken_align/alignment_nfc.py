@@ -2,11 +2,11 @@
 
 Such a tokenizer's tokens spell NFC(text). The text differs from its NFC form only in small regions
 (a starter and the combining marks after it, or a singleton such as U+212B ANGSTROM SIGN), so:
-find those regions with a per-code-point lookup table, check that normalizing them one by one gives NFC(text), walk the
-tokens over NFC(text), and map positions back: identical stretches shift by the regions' size
-changes, a position strictly inside a changed region maps to the region's start, and every token
-overlapping a changed region is unfaithful. Where the check fails, the caller falls back to the
-tokenizer's own offsets.
+find those regions with a per-code-point lookup table, normalize them one by one, walk the tokens
+over the result (which succeeds only if it is NFC(text), what the tokens spell), and map positions
+back: identical stretches shift by the regions' size changes, a position strictly inside a changed
+region maps to the region's start, and every token overlapping a changed region is unfaithful.
+Where the walk fails, the caller falls back to the tokenizer's own offsets.
 """
 
 from __future__ import annotations
@@ -73,10 +73,9 @@ def place_nfc(ids, lo, hi, text: str, tables, prefix_space, starts, ends, faithf
         pieces.append(piece)
         last = e
     pieces.append(text[last:])
-    normalized = "".join(pieces)
-    if normalized != unicodedata.normalize("NFC", text):
-        return False
-    nb = np.frombuffer(normalized.encode("utf-8"), np.uint8)
+    # No separate check against NFC(text): the tokens spell NFC(text), so the walk below succeeds
+    # only if the regions reproduced it exactly.
+    nb = np.frombuffer("".join(pieces).encode("utf-8"), np.uint8)
     if not K.walk_range(ids, lo, hi, tables.surf_data, tables.surf_off, tables.special,
                         prefix_space, nb, 0, len(nb), 0, starts, ends, faithful):
         return False
