@@ -219,11 +219,14 @@ class _Padder:
             flat_index = rows * width + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths))
             self._index[key] = (offsets, len(lengths), width, flat_index)  # keeps offsets alive
         _, b, width, flat_index = self._index[key]
-        out = np.full((b, width), fill, dtype=dtype)
-        if len(flat) >= 64 * b:  # long rows: one slice copy per row beats a scatter
+        if len(flat) >= 64 * b:  # long rows: slice copies (one pass over memory) beat a scatter
+            out = np.empty((b, width), dtype=dtype)
             for row in range(b):
-                out[row, :offsets[row + 1] - offsets[row]] = flat[offsets[row]:offsets[row + 1]]
+                n = offsets[row + 1] - offsets[row]
+                out[row, :n] = flat[offsets[row]:offsets[row + 1]]
+                out[row, n:] = fill
         else:
+            out = np.full((b, width), fill, dtype=dtype)
             out.reshape(-1)[flat_index] = flat
         return torch.from_numpy(out)
 
