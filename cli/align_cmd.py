@@ -101,7 +101,8 @@ class _Stats:
         for (a, b), n in self.shapes.most_common(12):
             click.echo(f"  {name(a):>2}:{name(b):<2} {n:>10}  {pct(n, self.chunks):>7}")
         if self.fallback_s or self.fallback_t:
-            click.echo(f"samples placed by the tokenizer's offsets (a normalizer changed the text): "
+            click.echo(f"samples whose tokens do not spell the text (a normalizer or special-token "
+                       f"strings; placed by the NFC mapping or the tokenizer's offsets): "
                        f"student {self.fallback_s}, teacher {self.fallback_t}")
 
 

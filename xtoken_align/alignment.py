@@ -90,7 +90,7 @@ class SideBatch:
     ends: np.ndarray  # [N] int64
     faithful: np.ndarray  # [N] bool
     keys: np.ndarray  # [N] int64
-    fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [B] offsets were used
+    fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [B] not spelled: NFC map / offsets
 
     @property
     def token_bytes(self) -> np.ndarray:
