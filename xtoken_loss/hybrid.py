@@ -223,7 +223,7 @@ def hybrid_loss(
             kl = torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
             d_c = qc
         qu = q.index_fill(1, s_ids, 0.0)
-        pu = p.index_fill(1, t_ids, 0.0)
+        pu = p.index_fill_(1, t_ids, 0.0)  # p is not needed again
         l1, srt, sgn = sorted_l1_parts(qu, pu, cut)
         g = None
         if want_grad:

@@ -141,7 +141,8 @@ def run_units(
 
     `prob_fn(q [n, V_s], p [n, V_t], want_grad) -> (loss [n], d loss / d q [n, V_s] or None, metrics)`,
     when given, replaces `unit_fn` for the `"start"` form: it works on the normalised probabilities
-    with a hand-written gradient (no autograd graph), and the softmax backward is applied here."""
+    with a hand-written gradient (no autograd graph; it may overwrite `p`), and the softmax backward
+    is applied here."""
     B, Ls, Vs = student_logits.shape
     _, Lt, Vt = teacher_logits.shape
     dev = student_logits.device
@@ -169,24 +170,25 @@ def run_units(
     for g in range(len(starts) - 1):
         u0, u1 = starts[g], starts[g + 1]
         s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
-        with torch.no_grad():
-            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
-            t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
-            log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
-            del zt
         rows = s_side.rows[s0:s1]
         if prob_fn is not None and form == "start":
             with torch.no_grad():
+                p, _ = softmax_rows(zt_flat[t_side.rows[t0:t1]], temperature)
                 q, _ = softmax_rows(zs_flat[rows], temperature)
-                loss_u, g, extra = prob_fn(q, torch.exp(log_p), want_grad)
+                loss_u, g, extra = prob_fn(q, p, want_grad)
                 if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
                     g.sub_((q * g).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / (temperature * norm))
                     grad[rows] = g.to(grad.dtype)
                 total += loss_u.sum()
                 for k in metric_names:
                     sums[k] += extra[k].sum()
-            del q, g, log_p
+            del q, g, p
             continue
+        with torch.no_grad():
+            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
+            t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
+            log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
+            del zt
         z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
         s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
         with torch.enable_grad() if want_grad else torch.no_grad():
@@ -248,12 +250,17 @@ def _sort_desc(x: torch.Tensor, keep: int | None) -> torch.Tensor:
 
 def sorted_l1_parts(ps: torch.Tensor, pt: torch.Tensor, tail_cut: int | None = None):
     """`(l1 [n], s, sgn)`: the sorted-vector L1, the student's sorted values `s` and
-    `sgn = sign(s_j - t_j)` at the student's sorted positions (what `sorted_l1_grad` needs)."""
+    `sgn = sign(s_j - t_j)` at the student's sorted positions (what `sorted_l1_grad` needs).
+    Entries are >= 0, so the zero-padded tail of the longer side adds its plain sum."""
     s = _sort_desc(ps, tail_cut)
     t = _sort_desc(pt, tail_cut)
-    w = max(s.shape[1], t.shape[1])
-    diff = torch.nn.functional.pad(s, (0, w - s.shape[1])) - torch.nn.functional.pad(t, (0, w - t.shape[1]))
-    return diff.abs().sum(dim=1), s, torch.sign(diff[:, : s.shape[1]])
+    w0 = min(s.shape[1], t.shape[1])
+    diff = s[:, :w0] - t[:, :w0]
+    l1 = diff.abs().sum(dim=1) + s[:, w0:].sum(dim=1) + t[:, w0:].sum(dim=1)
+    sgn = torch.sign(diff)
+    if s.shape[1] > w0:
+        sgn = torch.cat([sgn, torch.sign(s[:, w0:])], dim=1)
+    return l1, s, sgn
 
 
 def sorted_l1_grad(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor) -> torch.Tensor:
