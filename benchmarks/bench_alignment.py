@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="qwen3")
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--doc-bytes", type=int, default=32_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     try:
         from trl.experimental.gold.gold_trainer import ULDLoss

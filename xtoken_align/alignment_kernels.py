@@ -25,7 +25,7 @@ SPACE = 32
 LCS_MAX_CELLS = 4_000_000  # zero-width runs larger than this are paired as one gap chunk
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _matches(surf_data, surf_off, tid, skip, text, pos, end):
     """Surface bytes of `tid` minus `skip` leading bytes equal `text[pos:...]` within `end`."""
     a = surf_off[tid] + skip
@@ -38,7 +38,7 @@ def _matches(surf_data, surf_off, tid, skip, text, pos, end):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def walk_range(ids, lo, hi, surf_data, surf_off, special, prefix_space, text, tlo, thi,
                phantom_pos, starts, ends, faithful):
     """Place `ids[lo:hi]` one after the other on `text[tlo:thi]` by their surface bytes.
@@ -72,7 +72,7 @@ def walk_range(ids, lo, hi, surf_data, surf_off, special, prefix_space, text, tl
     return r == thi
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def walk_batch(ids, tok_off, n_pre, n_suf, surf_data, surf_off, special, prefix_space, text,
                text_off, starts, ends, faithful, ok):
     """`walk_range` over every sample; `n_pre`/`n_suf` tokens at each end were added (BOS/EOS) and
@@ -94,7 +94,7 @@ def walk_batch(ids, tok_off, n_pre, n_suf, surf_data, surf_off, special, prefix_
                            tlo, starts, ends, faithful)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def place_by_offsets(ids, lo, hi, byte_starts, surf_data, surf_off, special, prefix_space, text,
                      tlo, thi, starts, ends, faithful):
     """Fallback placement when the surface bytes do not tile the text (a normalizer changed it).
@@ -310,7 +310,7 @@ def pair_batch(a_start, a_end, a_faith, a_key, a_off, b_start, b_end, b_faith, b
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def fnv_keys(data, off, out):
     """64-bit FNV-1a of each packed byte string, folded to a non-negative int64 above 2**20."""
     for t in range(off.shape[0] - 1):

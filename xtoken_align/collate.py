@@ -12,6 +12,7 @@ A teacher whose fingerprint equals the student's is same-vocab: it reads the stu
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,38 @@ def _sample_input(sample, config: CollateConfig):
                          f"got {type(sample).__name__}")
 
 
+def _encode_all(distinct: dict[str, TokenizerInfo], texts: dict[str, list[str]], add: np.ndarray
+                ) -> dict[str, tuple[SideBatch, list[bytes]]]:
+    """`encode_side` for every distinct tokenizer. With two or more, the first (the student) is
+    encoded on this thread while one helper thread encodes the others: the tokenizers library
+    releases the GIL and the kernels run without it, so one side's placement overlaps the other
+    side's tokenization. A fresh thread per call (no pool), so forked data-loader workers are safe."""
+    items = list(distinct.items())
+    out: dict[str, tuple[SideBatch, list[bytes]]] = {}
+    if len(items) == 1:
+        fp, info = items[0]
+        return {fp: encode_side(info, texts[fp], add_special_tokens=add)}
+    failure: list[BaseException] = []
+
+    def others():
+        try:
+            for fp, info in items[1:]:
+                out[fp] = encode_side(info, texts[fp], add_special_tokens=add)
+        except BaseException as exc:  # re-raised on the calling thread
+            failure.append(exc)
+
+    helper = threading.Thread(target=others, name="xtoken-encode", daemon=True)
+    helper.start()
+    try:
+        fp, info = items[0]
+        first = encode_side(info, texts[fp], add_special_tokens=add)
+    finally:
+        helper.join()
+    if failure:
+        raise failure[0]
+    return {fp: first, **{k: out[k] for k, _ in items[1:]}}
+
+
 def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerInfo],
                 config: CollateConfig = CollateConfig()) -> AlignedBatch:
     """Tokenize and align a batch (no truncation, no padding)."""
@@ -101,16 +134,10 @@ def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerI
             else:
                 texts[fp].append(value)
                 located[fp].append(None)
-    sides: dict[str, SideBatch] = {}
-    segments: dict[str, list[np.ndarray]] = {}
-    raw0 = None
-    for fp, info in distinct.items():
-        side, raw = encode_side(info, texts[fp], add_special_tokens=config.add_special_tokens & ~chat)
-        segments[fp] = plain_segments(raw)
-        if raw0 is None:
-            raw0 = raw
-        sides[fp] = side
-    num_bytes = np.array([len(r) for r in raw0], np.int64)
+    encoded = _encode_all(distinct, texts, config.add_special_tokens & ~chat)
+    sides: dict[str, SideBatch] = {fp: side for fp, (side, _) in encoded.items()}
+    segments: dict[str, list[np.ndarray]] = {fp: plain_segments(raw) for fp, (_, raw) in encoded.items()}
+    num_bytes = np.array([len(r) for r in encoded[student.fingerprint][1]], np.int64)
     for b in np.flatnonzero(chat):
         per_side = common_segments([located[fp][b] for fp in distinct])
         for fp, seg in zip(distinct, per_side):
