@@ -15,9 +15,11 @@ import torch
 from reference_losses import _kept, _kl, next_token_valid  # the shared batch-reading pieces
 
 
-def chunk_units(batch, i, Ls, Lt, *, correct_only=True):
+def chunk_units(batch, i, Ls, Lt, *, correct_only=True, starts=False):
     """Valid chunks as `(b, c, student positions, teacher positions)`: positions p whose next token
-    is in chunk c (first = the chunk start); chunks with an empty side are skipped."""
+    is in chunk c; chunks with an empty side are skipped. With `starts`, only chunks whose first
+    listed position on each side is the chunk start (token p itself outside c: a chunk that begins
+    at position 0 has no start position)."""
     out = []
     B = batch[f"alignment_{i}_pair_valid"].shape[0]
     for b in range(B):
@@ -29,6 +31,9 @@ def chunk_units(batch, i, Ls, Lt, *, correct_only=True):
             sp = _positions(batch, f"alignment_{i}_student_chunk_id", "", b, c, Ls)
             tp = _positions(batch, f"alignment_{i}_teacher_chunk_id", f"teacher_{i}_", b, c, Lt)
             if sp and tp:
+                if starts and (int(batch[f"alignment_{i}_student_chunk_id"][b, sp[0]]) == c
+                               or int(batch[f"alignment_{i}_teacher_chunk_id"][b, tp[0]]) == c):
+                    continue
                 out.append((b, c, sp, tp))
     return out
 
@@ -70,7 +75,7 @@ def reference_uld(student_logits, teacher_logits, batch, *, teacher_index=0, tem
     i = teacher_index
     zs, zt = student_logits.to(torch.float64), teacher_logits.to(torch.float64)
     T = float(temperature)
-    units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only)
+    units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only, starts=form == "start")
     total = torch.zeros((), dtype=torch.float64)
     for b, _c, sp, tp in units:
         q = torch.exp(chunk_log_dist(zs, b, sp, form, T, batch.get("input_ids")))
@@ -100,7 +105,7 @@ def reference_common_by_threshold(W, threshold=0.6):
 
 def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_index=0, temperature=1.0,
                      public=False, common_weight=1.0, uncommon_weight=1.0, tail_cut=None, correct_only=True,
-                     normalizer=None):
+                     normalizer=None, chunk_form=None):
     """KL on the common pairs `common = (student ids, teacher ids)` + sorted L1 on the rest.
     principled: chunk starts, renormalised KL, full sort; public: mean of log-probs, raw partial KL,
     sorted tails cut to min(|U_s|, |U_t|, tail_cut or 8192)."""
@@ -112,11 +117,11 @@ def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_i
     m = len(s_ids)
     u_s = [v for v in range(Vs) if v not in set(s_ids)]
     u_t = [v for v in range(Vt) if v not in set(t_ids)]
-    form = "mean_log" if public else "start"
+    form = chunk_form or ("mean_log" if public else "start")
     cut = tail_cut if tail_cut is not None else (8192 if public else None)
     if cut is not None:
         cut = min(len(u_s), len(u_t), cut)
-    units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only)
+    units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only, starts=form == "start")
     total = torch.zeros((), dtype=torch.float64)
     for b, _c, sp, tp in units:
         lq = chunk_log_dist(zs, b, sp, form, T)

@@ -24,7 +24,7 @@ def _check(fn, batch, zs, zt, common_ref, **opt):
     loss, metrics = fn(zs, zt, batch, **opt)
     (loss * 1.7).backward()
     zr = zs.detach().clone().requires_grad_()
-    keep = ("temperature", "public", "common_weight", "uncommon_weight", "tail_cut", "normalizer")
+    keep = ("temperature", "public", "common_weight", "uncommon_weight", "tail_cut", "normalizer", "chunk_form")
     ref, count = reference_hybrid(zr, zt, batch, common_ref, **{k: v for k, v in opt.items() if k in keep})
     (ref * 1.7).backward()
     assert is_close(loss, ref), (float(loss), float(ref))
@@ -57,6 +57,16 @@ def test_hkl_matches_reference_synthetic(seed, public):
     assert len(ref_common[0]) > 3
     _check(hkl_loss, batch, zs, zt, ref_common, projection=(idx, w), public=public,
            temperature=2.0 if seed else 1.0, tail_cut=17 if public else None, position_chunk_size=2)
+
+
+@pytest.mark.parametrize(("public", "form"), [(True, "start"), (False, "mean_log")])
+def test_hybrid_other_chunk_forms_match_reference(public, form):
+    batch = synthetic_batch(7)
+    Ls, Lt = _shapes(batch)
+    cs = CommonSet.from_map(torch.arange(40) % 45)
+    zs, zt = random_logits(1, (3, Ls, 40)), random_logits(2, (3, Lt, 50))
+    _check(hybrid_loss, batch, zs, zt, (cs.student_ids, cs.teacher_ids), common=cs, public=public, chunk_form=form,
+           temperature=1.5)
 
 
 @pytest.mark.parametrize("public", [False, True])
