@@ -10,7 +10,7 @@ untimed P-KL run (first-touch allocation and thread-pool start-up would otherwis
 case).
 Ends with `RESULT hkl_vs_pkl=<x> gold_vs_pkl=<x> uld_vs_pkl=<x> alm_vs_pkl=<x>` (time ratios of the
 principled forms to principled P-KL).
-Run: `python benchmarks/bench_losses_extra.py [--positions N] [--repeats R]`.
+Run: `python benchmarks/bench_losses_extra.py [--positions N] [--repeats R] [--principled-only]`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--positions", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--principled-only", action="store_true", help="skip the public forms")
     args = ap.parse_args()
 
     from xtoken_loss.alm import alm_loss
@@ -91,6 +92,8 @@ def main() -> None:
         ("gold", "public", lambda x: gold_loss(x, zt, batch, common=gold_common, public=True)),
         ("uld", "public", lambda x: uld_loss(x, zt, batch, public=True)),
     ]
+    if args.principled_only:
+        cases = [c for c in cases if c[1] == "principled"]
     timed(cases[0][2], zs, 1)  # warm-up
     # Interleaved rounds (every case once per round), best per case: on a shared machine the load
     # changes over minutes, and this keeps each ratio's two sides measured under similar load.
