@@ -158,3 +158,11 @@ def test_same_vocab_kd_with_ce_and_module():
         KDCELoss(scaling="adaptive")
     with pytest.raises(LossOptionError, match="'pkl', 'kl'"):
         kd_ce_loss(zs, zt, batch, kd="uld")
+
+
+def test_second_derivatives_raise_instead_of_returning_zeros():
+    batch, zs = _problem(6, v=9)
+    x = zs.clone().requires_grad_()
+    (g,) = torch.autograd.grad(ce_loss(x, None, batch)[0], x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

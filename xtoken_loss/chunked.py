@@ -13,6 +13,7 @@ logits' dtype.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from xtoken_loss.errors import LossOptionError
 
@@ -97,6 +98,7 @@ class PrecomputedGrad(torch.autograd.Function):
         return loss.detach().clone()
 
     @staticmethod
+    @once_differentiable  # second derivatives are not provided: raise instead of returning zeros
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if not torch.equal(grad_output, torch.ones_like(grad_output)):
