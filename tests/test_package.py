@@ -1,0 +1,32 @@
+"""Package-level promises: the loss library stands alone; every loss kind name is served."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_xtoken_loss_never_imports_xtoken_align():
+    code = ("import sys, xtoken_loss, xtoken_loss.multi_teacher, xtoken_loss.learned_projection; "
+            "print(sorted(m for m in sys.modules if m.startswith('xtoken_align')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_contract_loss_kind_is_registered():
+    import xtoken_loss
+
+    assert set(xtoken_loss.LOSSES) == {"pkl", "hkl", "gold", "uld", "alm", "kl", "ce"}
+    for fn in xtoken_loss.LOSSES.values():
+        assert callable(fn)
+
+
+def test_cli_help_lists_the_commands():
+    from click.testing import CliRunner
+
+    from cli.main import align_cli
+
+    result = CliRunner().invoke(align_cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("overlap-report", "align", "build-projection", "inspect"):
+        assert command in result.output
