@@ -346,6 +346,32 @@ def heldout_texts(num_texts, max_chars, *, skip=0):
     return texts
 
 
+def restrict_problem(batch, proj, teacher_vocab_size, extra_ids, seed):
+    """Restrict a real batch and W to the ids that occur, their W neighbours and `extra_ids` random
+    ids per side, remapped to 0..V-1. Returns `(batch, indices, weights, s_sel, t_map)`: W's rows of
+    the kept student ids `s_sel` with teacher columns remapped by `t_map` (-1 = dropped); an exact
+    sub-matrix, since every neighbour of a kept row is kept."""
+    idx, w = torch.as_tensor(proj.indices), torch.as_tensor(proj.weights)
+    g = torch.Generator().manual_seed(seed)
+    s_used = batch["input_ids"][batch["token_mask"]]
+    s_sel = torch.unique(torch.cat([s_used, torch.randint(0, idx.shape[0], (extra_ids,), generator=g)]))
+    nb = idx[s_sel]
+    t_used = batch["teacher_0_input_ids"][batch["teacher_0_token_mask"]]
+    t_width = max(teacher_vocab_size, int(idx.max()) + 1)
+    t_sel = torch.unique(torch.cat([t_used, nb[nb >= 0], torch.randint(0, t_width, (extra_ids,), generator=g)]))
+    s_map = torch.full((idx.shape[0],), -1, dtype=torch.int64)
+    s_map[s_sel] = torch.arange(s_sel.numel())
+    t_map = torch.full((t_width,), -1, dtype=torch.int64)
+    t_map[t_sel] = torch.arange(t_sel.numel())
+    batch["input_ids"] = torch.where(batch["token_mask"], s_map[batch["input_ids"]], 0)
+    batch["teacher_0_input_ids"] = torch.where(
+        batch["teacher_0_token_mask"], t_map[batch["teacher_0_input_ids"]], 0
+    )
+    r_idx = torch.where(nb >= 0, t_map[nb.clamp(min=0)], -1)
+    r_w = torch.where(r_idx >= 0, w[s_sel], torch.zeros_like(w[s_sel]))
+    return batch, r_idx, r_w, s_sel, t_map
+
+
 def real_problem(num_texts=3, max_chars=200, extra_ids=150, seed=0):
     """A real batch (llama3 student, qwen3 teacher, heldout text, `collate`) and the real W,
     restricted to: the ids that occur, their projection neighbours and `extra_ids` random ids per
@@ -359,24 +385,7 @@ def real_problem(num_texts=3, max_chars=200, extra_ids=150, seed=0):
 
     s_tok, t_tok, proj = real_tokenizers()
     batch = dict(collate(heldout_texts(num_texts, max_chars), s_tok, [t_tok]))
-    idx, w = torch.as_tensor(proj.indices), torch.as_tensor(proj.weights)
-    g = torch.Generator().manual_seed(seed)
-    s_used = batch["input_ids"][batch["token_mask"]]
-    s_sel = torch.unique(torch.cat([s_used, torch.randint(0, idx.shape[0], (extra_ids,), generator=g)]))
-    nb = idx[s_sel]
-    t_used = batch["teacher_0_input_ids"][batch["teacher_0_token_mask"]]
-    t_width = max(t_tok.vocab_size, int(idx.max()) + 1)
-    t_sel = torch.unique(torch.cat([t_used, nb[nb >= 0], torch.randint(0, t_width, (extra_ids,), generator=g)]))
-    s_map = torch.full((idx.shape[0],), -1, dtype=torch.int64)
-    s_map[s_sel] = torch.arange(s_sel.numel())
-    t_map = torch.full((t_width,), -1, dtype=torch.int64)
-    t_map[t_sel] = torch.arange(t_sel.numel())
-    batch["input_ids"] = torch.where(batch["token_mask"], s_map[batch["input_ids"]], 0)
-    batch["teacher_0_input_ids"] = torch.where(
-        batch["teacher_0_token_mask"], t_map[batch["teacher_0_input_ids"]], 0
-    )
-    r_idx = torch.where(nb >= 0, t_map[nb.clamp(min=0)], -1)
-    r_w = torch.where(r_idx >= 0, w[s_sel], torch.zeros_like(w[s_sel]))
-    out = (batch, r_idx, r_w, int(s_sel.numel()), int(t_sel.numel()))
+    batch, r_idx, r_w, s_sel, t_map = restrict_problem(batch, proj, t_tok.vocab_size, extra_ids, seed)
+    out = (batch, r_idx, r_w, int(s_sel.numel()), int((t_map >= 0).sum()))
     _REAL[key] = out
     return out

@@ -243,32 +243,16 @@ def real_problem(num_texts=3, max_chars=160, extra_ids=120, seed=0):
     from xtoken_align.artifacts import ROW_EXACT
     from xtoken_align.collate import collate
 
-    from reference_losses import heldout_texts, real_tokenizers
+    from reference_losses import heldout_texts, real_tokenizers, restrict_problem
 
     s_tok, t_tok, proj = real_tokenizers()
     texts = [t + " 12345 tokens." for t in heldout_texts(num_texts, max_chars)]  # Qwen splits digits
     batch = dict(collate(texts, s_tok, [t_tok]))
-    idx, w = torch.as_tensor(proj.indices), torch.as_tensor(proj.weights)
+    batch, r_idx, r_w, s_sel, t_map = restrict_problem(batch, proj, t_tok.vocab_size, extra_ids, seed)
     exact = torch.as_tensor(proj.row_kind).to(torch.int64) == ROW_EXACT
-    ex = torch.where(exact, idx[:, 0], -1)
-    g = torch.Generator().manual_seed(seed)
-    s_used = torch.unique(batch["input_ids"][batch["token_mask"]])
-    t_used = torch.unique(batch["teacher_0_input_ids"][batch["teacher_0_token_mask"]])
-    s_sel = torch.unique(torch.cat([s_used, torch.randint(0, idx.shape[0], (extra_ids,), generator=g)]))
-    nb = idx[s_sel]
-    t_width = max(t_tok.vocab_size, int(idx.max()) + 1)
-    t_sel = torch.unique(torch.cat([t_used, nb[nb >= 0], torch.randint(0, t_width, (extra_ids,), generator=g)]))
-    s_map = torch.full((idx.shape[0],), -1, dtype=torch.int64)
-    s_map[s_sel] = torch.arange(s_sel.numel())
-    t_map = torch.full((t_width,), -1, dtype=torch.int64)
-    t_map[t_sel] = torch.arange(t_sel.numel())
-    batch["input_ids"] = torch.where(batch["token_mask"], s_map[batch["input_ids"]], 0)
-    batch["teacher_0_input_ids"] = torch.where(batch["teacher_0_token_mask"], t_map[batch["teacher_0_input_ids"]], 0)
-    r_idx = torch.where(nb >= 0, t_map[nb.clamp(min=0)], -1)
-    r_w = torch.where(r_idx >= 0, w[s_sel], torch.zeros_like(w[s_sel]))
-    ex_r = ex[s_sel]
+    ex_r = torch.where(exact, torch.as_tensor(proj.indices)[:, 0], -1)[s_sel]
     ex_r = torch.where(ex_r >= 0, t_map[ex_r.clamp(min=0)], -1)
-    out = (batch, r_idx, r_w, ex_r, int(s_sel.numel()), int(t_sel.numel()))
+    out = (batch, r_idx, r_w, ex_r, int(s_sel.numel()), int((t_map >= 0).sum()))
     _CACHE[key] = out
     return out
 
