@@ -19,20 +19,12 @@ from xtoken_align import load_tokenizer
 from xtoken_align.alignment_artifacts import write_alignment_artifact
 from xtoken_align.collate import AlignedBatch, AlignmentCollator, CollateConfig
 from xtoken_align.errors import XTokenError
+from xtoken_align.textio import read_utf8
 
 
 def _read_text_lines(path: Path) -> list[str]:
     """One sample per line (the line terminator, `\\n` or `\\r\\n`, is not part of the text)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise XTokenError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise XTokenError(f"{path}: invalid UTF-8 at line {line} (byte {exc.start}: "
-                          f"{data[exc.start:exc.start + 1]!r}); fix or re-encode the file") from None
+    text = read_utf8(path, "text file")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -27,14 +27,13 @@ import decimal
 import gettext
 import hashlib
 import json
-import os
 import random
 import re
 import subprocess
 import sys
 import sysconfig
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent

@@ -150,7 +150,7 @@ def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_i
 def _binary(lt, ls, tau, divergence, eps=1e-6):
     """Divergence between (p_t, 1 - p_t) and (p_s, 1 - p_s), p = exp(l / tau - eps)."""
     at, as_ = lt / tau - eps, ls / tau - eps
-    pt, ps = torch.exp(at), torch.exp(as_)
+    pt = torch.exp(at)
     l1m_t, l1m_s = torch.log(-torch.expm1(at)), torch.log(-torch.expm1(as_))
     if divergence == "bce":
         return -(pt * as_ + (1 - pt) * l1m_s)

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xtoken_align.errors import XTokenError
+from xtoken_align.textio import read_utf8
 from xtoken_align.tokenizer import TokenizerInfo
 
 BATCH = 256
@@ -37,16 +38,7 @@ def read_corpus(path: Path) -> list[str]:
     """Texts of a corpus file: JSON lines with a `"text"` field (`.jsonl`), else one text per
     non-empty line. Raises `XTokenError` if the file is missing or not UTF-8."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise XTokenError(f"cannot read corpus {path}: {exc.strerror or exc}") from None
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise XTokenError(f"corpus {path} is not UTF-8 (invalid byte at line {line}, offset {exc.start}); "
-                          f"convert it to UTF-8 first") from None
+    content = read_utf8(path, "corpus")
     lines = [ln for ln in content.splitlines() if ln.strip()]
     if path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{")):
         texts = []

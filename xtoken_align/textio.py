@@ -1,0 +1,22 @@
+"""Reading user text files: UTF-8 or a one-line error naming the file, line and byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xtoken_align.errors import XTokenError
+
+
+def read_utf8(path: Path, what: str = "file") -> str:
+    """The whole file decoded as UTF-8; `XTokenError` if it cannot be read or is not UTF-8."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise XTokenError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise XTokenError(f"{what} {path}: invalid UTF-8 at line {line} (byte {exc.start}: "
+                          f"{data[exc.start:exc.start + 1]!r}); the file is not UTF-8: re-encode it") from None
