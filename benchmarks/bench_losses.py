@@ -8,6 +8,8 @@ leaning towards the tokens that actually follow.
 Measured in one run (best of `--reps` after one warm-up; each forward + backward from fresh leaf
 logits):
 - xtoken P-KL (principled default, and `public=True`);
+- xtoken H-KL, GOLD hybrid, ULD and ALM (principled forms; `bench_losses_extra.py` adds the
+  public forms);
 - xtoken same-vocab KL against per-position teacher top-k 8192 (same student logits shape);
 - `torch.nn.functional.cross_entropy` on the same student logits: the floor (any loss reads the
   logits and writes their gradient);
@@ -42,7 +44,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from xtoken_loss import Projection, ce_loss, kl_loss, pkl_loss  # noqa: E402
+from xtoken_loss import Projection, alm_loss, ce_loss, gold_loss, hkl_loss, kl_loss, pkl_loss, uld_loss  # noqa: E402
+from xtoken_loss.hybrid import CommonSet, common_by_threshold  # noqa: E402
 from xtoken_loss.units import chunk_units  # noqa: E402
 
 VS, VT, TOPK = 128256, 151936, 8192
@@ -61,7 +64,18 @@ def build_problem(positions: int, path: Path) -> None:
     text = "\n\n".join(heldout_texts(40, 2000))
     batch = dict(collate([text], s_tok, [t_tok], max_length=positions))
     torch.save({"batch": batch, "indices": torch.as_tensor(forward.indices),
-                "weights": torch.as_tensor(forward.weights)}, path)
+                "weights": torch.as_tensor(forward.weights),
+                "row_kind": torch.as_tensor(forward.row_kind).to(torch.int64)}, path)
+
+
+def common_sets(path: Path, proj):
+    """(H-KL common set: top W weight >= 0.6, GOLD common set: exact byte matches from the
+    artifact's `row_kind`) for the problem saved at `path`."""
+    from xtoken_align.artifacts import ROW_EXACT
+
+    data = torch.load(path)
+    exact = torch.where(data["row_kind"] == ROW_EXACT, data["indices"][:, 0], -1)
+    return common_by_threshold(proj, 0.6), CommonSet.from_map(exact)
 
 
 def load_problem(path: Path, seed: int = 0):
@@ -177,7 +191,7 @@ def timed(fn, x, reps, warmup=True):
     return best
 
 
-def losses(batch, proj, zs, zt, same):
+def losses(batch, proj, zs, zt, same, commons):
     ids = batch["input_ids"]
     tgt = torch.full_like(ids, -100)
     tgt[:, :-1] = torch.where(batch["token_mask"][:, 1:] & batch["token_mask"][:, :-1], ids[:, 1:], -100)
@@ -188,6 +202,10 @@ def losses(batch, proj, zs, zt, same):
         "pkl_public": lambda x: pkl_loss(x, zt, batch, projection=proj, top_k_columns=TOPK, public=True)[0],
         "samevocab_topk_kl": lambda x: kl_loss(x, same, batch)[0],
         "torch_sparse_pkl": lambda x: sparse_mm_pkl(x, zt, batch, proj),
+        "hkl": lambda x: hkl_loss(x, zt, batch, common=commons[0])[0],
+        "gold": lambda x: gold_loss(x, zt, batch, common=commons[1])[0],
+        "uld": lambda x: uld_loss(x, zt, batch)[0],
+        "alm": lambda x: alm_loss(x, zt, batch)[0],
     }
 
 
@@ -201,7 +219,7 @@ def _rss_kib(field):
 def memory_child(problem: Path, name: str) -> None:
     batch, proj, zs, zt = load_problem(problem)
     same = same_vocab_teacher(batch) if name == "samevocab_topk_kl" else None
-    fn = losses(batch, proj, zs, zt, same)[name]
+    fn = losses(batch, proj, zs, zt, same, common_sets(problem, proj))[name]
     leaf = zs.clone().requires_grad_()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _rss_kib("VmRSS")
@@ -250,7 +268,7 @@ def main():
           f"V_s={VS}, V_t={VT}, teacher top-k {TOPK}, projection top_k {proj.top_k}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (setup {time.perf_counter() - t0:.1f} s)")
 
-    fns = losses(batch, proj, zs, zt, same)
+    fns = losses(batch, proj, zs, zt, same, common_sets(problem, proj))
     times = {name: timed(fn, zs, args.reps) for name, fn in fns.items()}
 
     trl_note = ""
@@ -283,7 +301,8 @@ def main():
     print(
         f"RESULT pkl_vs_ce={pkl / ce:.2f} samevocab_vs_ce={times['samevocab_topk_kl'] / ce:.2f} "
         f"torch_sparse_vs_pkl={times['torch_sparse_pkl'] / pkl:.2f} trl_uld_vs_pkl={times['trl_uld'] / pkl:.1f} "
-        f"extra_mem_vs_logits={mem['pkl']:.2f}"
+        f"extra_mem_vs_logits={mem['pkl']:.2f} hkl_vs_pkl={times['hkl'] / pkl:.2f} "
+        f"gold_vs_pkl={times['gold'] / pkl:.2f} uld_vs_pkl={times['uld'] / pkl:.2f} alm_vs_pkl={times['alm'] / pkl:.2f}"
     )
 
 
