@@ -149,17 +149,11 @@ def _with_added(encoded, add: np.ndarray, prefix: tuple, suffix: tuple):
     n_pre = np.where(add, len(prefix), 0).astype(np.int64)
     n_suf = np.where(add, len(suffix), 0).astype(np.int64)
     lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists)) + n_pre + n_suf
-    offsets = _offsets_of(lengths)
+    offsets = cb.offsets_from_counts(lengths)
     pre, suf, none = list(prefix), list(suffix), []
     parts = chain.from_iterable((pre if x else none, ids, suf if x else none)
                                 for ids, x in zip(id_lists, add.tolist()))
     return np.fromiter(chain.from_iterable(parts), np.int64, int(offsets[-1])), offsets, n_pre, n_suf
-
-
-def _offsets_of(counts: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
 
 
 def _place_nfc_sample(info, tables, b, text_str, ids, offsets, n_pre, n_suf, starts, ends,

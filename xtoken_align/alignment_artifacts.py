@@ -29,6 +29,7 @@ from xtoken_align.alignment import PairBatch, SideBatch
 from xtoken_align.artifacts import (SCHEMA_VERSION, atomic_dir, check_tokenizers, created_with,
                                     read_meta, read_tensors, tokenizer_meta, write_meta, write_tensors)
 from xtoken_align.collate import AlignedBatch, pad_id, to_tensors, truncate
+from xtoken_align.canonical_bytes import offsets_from_counts
 from xtoken_align.errors import ArtifactError
 from xtoken_align.tokenizer import TokenizerInfo
 
@@ -40,11 +41,6 @@ _REQUIRED = {
     "chunks": np.int64, "chunk_offsets": np.int64, "num_bytes": np.int64,
 }
 
-
-def _offsets(counts) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
 
 
 def _shard_arrays(batches: list[AlignedBatch], teacher_index: int) -> dict[str, np.ndarray]:
@@ -62,7 +58,7 @@ def _shard_arrays(batches: list[AlignedBatch], teacher_index: int) -> dict[str, 
         out["num_bytes"].append(np.asarray(batch.num_bytes, np.int64))
     arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
     for k in ("student_offsets", "teacher_offsets", "chunk_offsets"):
-        arrays[k] = _offsets(arrays[k])
+        arrays[k] = offsets_from_counts(arrays[k])
     arrays["chunks"] = arrays["chunks"].reshape(-1, 7)
     return {k: np.ascontiguousarray(v, dtype=_REQUIRED[k]) for k, v in arrays.items()}
 
@@ -151,7 +147,7 @@ class AlignmentArtifact:
     def aligned(self, indices) -> AlignedBatch:
         """Samples `indices` (global, in order) as an `AlignedBatch` with one teacher."""
         counts = np.array([s["num_samples"] for s in self.meta["shards"]], np.int64)
-        starts = _offsets(counts)
+        starts = offsets_from_counts(counts)
         parts = {k: [] for k in ("s_ids", "s_tb", "s_n", "t_ids", "t_tb", "t_n", "ch", "c_n", "nb")}
         for g in indices:
             g = int(g)
@@ -171,10 +167,10 @@ class AlignmentArtifact:
             parts["nb"].append(a["num_bytes"][i])
         cat = lambda key, dtype: (np.concatenate(parts[key]).astype(dtype) if parts[key]  # noqa: E731
                                   else np.zeros(0, dtype))
-        student = _side(cat("s_ids", np.int64), _offsets(parts["s_n"]), cat("s_tb", np.int64))
-        teacher = _side(cat("t_ids", np.int64), _offsets(parts["t_n"]), cat("t_tb", np.int64))
+        student = _side(cat("s_ids", np.int64), offsets_from_counts(parts["s_n"]), cat("s_tb", np.int64))
+        teacher = _side(cat("t_ids", np.int64), offsets_from_counts(parts["t_n"]), cat("t_tb", np.int64))
         chunks = np.concatenate(parts["ch"]) if parts["ch"] else np.zeros((0, 7), np.int64)
-        pair = _pair(chunks, _offsets(parts["c_n"]))
+        pair = _pair(chunks, offsets_from_counts(parts["c_n"]))
         if len(pair.a_chunk) != len(student.ids) or len(pair.b_chunk) != len(teacher.ids):
             raise ArtifactError(f"{self.path}: chunks do not tile the stored tokens (corrupt shard)")
         return AlignedBatch(student, [teacher], [pair], np.asarray(parts["nb"], np.int64))

@@ -66,6 +66,13 @@ def wordpiece_piece_to_bytes(piece: str, *, prefix: str = "##") -> bytes:
     return piece.encode("utf-8")
 
 
+def offsets_from_counts(counts) -> np.ndarray:
+    """`[n + 1] int64` CSR offsets of n consecutive runs: run i is `[out[i], out[i + 1])`."""
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
 def pack(token_bytes: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
     """Flatten per-id bytes into (`data [N] uint8`, `offsets [V + 1] int64`); None packs as empty.
 
@@ -73,7 +80,6 @@ def pack(token_bytes: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
     """
     lengths = np.fromiter((0 if b is None else len(b) for b in token_bytes), dtype=np.int64,
                           count=len(token_bytes))
-    offsets = np.zeros(len(token_bytes) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = offsets_from_counts(lengths)
     data = np.frombuffer(b"".join(b for b in token_bytes if b is not None), dtype=np.uint8)
     return data, offsets

@@ -21,6 +21,7 @@ import torch
 from xtoken_align import alignment_kernels as K
 from xtoken_align.alignment import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
 from xtoken_align.alignment_chat import common_segments, render_conversation
+from xtoken_align.canonical_bytes import offsets_from_counts
 from xtoken_align.errors import AlignmentError
 from xtoken_align.tokenizer import TokenizerInfo
 
@@ -162,15 +163,10 @@ def _keep_prefix_mask(offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return local < np.repeat(keep, lengths)
 
 
-def _offsets(counts: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
-
 
 def _cut_side(side: SideBatch, keep: np.ndarray) -> tuple[SideBatch, np.ndarray]:
     mask = _keep_prefix_mask(side.offsets, keep)
-    return SideBatch(side.ids[mask], _offsets(keep), side.starts[mask], side.ends[mask],
+    return SideBatch(side.ids[mask], offsets_from_counts(keep), side.starts[mask], side.ends[mask],
                      side.faithful[mask], side.keys[mask], side.fallback), mask
 
 
@@ -216,7 +212,7 @@ def truncate(batch: AlignedBatch, max_length: int | None, teacher_max_length: in
             K.cut_pair(p.chunks, p.offsets, keep_s, max_t, keep_t, keep_c, keep_bytes)
             t_new, t_mask = _cut_side(side, keep_t)
             c_mask = _keep_prefix_mask(p.offsets, keep_c)
-            p_new = PairBatch(p.chunks[c_mask], _offsets(keep_c), p.a_chunk[s_mask],
+            p_new = PairBatch(p.chunks[c_mask], offsets_from_counts(keep_c), p.a_chunk[s_mask],
                               p.b_chunk[t_mask], p.a_exact[s_mask], p.b_exact[t_mask])
             cut_cache[id(p)] = (t_new, p_new, keep_bytes)
         t_new, p_new, keep_bytes = cut_cache[id(p)]

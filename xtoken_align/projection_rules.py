@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from xtoken_align.canonical_bytes import offsets_from_counts
 from xtoken_align.tokenizer import TokenizerInfo
 
 # How a token's bytes were split into target tokens (counted in the projection's stats).
@@ -190,8 +191,7 @@ def decompose(src: TokenizerInfo, ids: np.ndarray, splitter: ByteSplitter) -> Pi
     items = [src.token_bytes[i] for i in ids.tolist()]
     split, method = splitter.split(items)
     lens = np.fromiter((len(p) for p in split), dtype=np.int64, count=len(split))
-    ptr = np.zeros(len(split) + 1, dtype=np.int64)
-    np.cumsum(lens, out=ptr[1:])
+    ptr = offsets_from_counts(lens)
     pieces = np.fromiter((i for p in split for i in p), dtype=np.int64, count=int(ptr[-1]))
     return Pieces(ids=ids, ptr=ptr, pieces=pieces, method=method)
 
