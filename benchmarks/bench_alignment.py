@@ -31,8 +31,8 @@ from pathlib import Path
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from xtoken_align import load_tokenizer  # noqa: E402
-from xtoken_align.alignment import align_sides, encode_side  # noqa: E402
-from xtoken_align.collate import AlignmentCollator  # noqa: E402
+from xtoken_align.alignment.aligner import align_sides, encode_side  # noqa: E402
+from xtoken_align.batch.collate import AlignmentCollator  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "train.jsonl"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 from xtoken_align import load_tokenizer
-from xtoken_align.fixtures import FIXTURE_NAMES
-from xtoken_align.overlap import overlap_report
+from xtoken_align.tokenizer.fixtures import FIXTURE_NAMES
+from xtoken_align.tokenizer.overlap import overlap_report
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from xtoken_loss import Projection, alm_loss, ce_loss, gold_loss, hkl_loss, kl_loss, pkl_loss, uld_loss  # noqa: E402
-from xtoken_loss.hybrid import CommonSet, common_by_threshold  # noqa: E402
+from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold  # noqa: E402
 from xtoken_loss.units import chunk_units  # noqa: E402
 
 VS, VT, TOPK = 128256, 151936, 8192
@@ -58,7 +58,7 @@ VS, VT, TOPK = 128256, 151936, 8192
 def build_problem(positions: int, path: Path) -> None:
     """Align real text (one sample cut at `positions` student tokens) and save batch + W."""
     from reference_losses import heldout_texts, real_tokenizers
-    from xtoken_align.collate import collate
+    from xtoken_align.batch.collate import collate
 
     s_tok, t_tok, forward = real_tokenizers()
     text = "\n\n".join(heldout_texts(40, 2000))
@@ -71,7 +71,7 @@ def build_problem(positions: int, path: Path) -> None:
 def common_sets(path: Path, proj):
     """(H-KL common set: top W weight >= 0.6, GOLD common set: exact byte matches from the
     artifact's `row_kind`) for the problem saved at `path`."""
-    from xtoken_align.artifacts import ROW_EXACT
+    from xtoken_align.projection.artifacts import ROW_EXACT
 
     data = torch.load(path)
     exact = torch.where(data["row_kind"] == ROW_EXACT, data["indices"][:, 0], -1)

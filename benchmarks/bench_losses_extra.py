@@ -38,7 +38,7 @@ def setup(positions: int):
 
     import bench_losses
     from reference_losses import real_tokenizers
-    from xtoken_align.artifacts import ROW_EXACT
+    from xtoken_align.projection.artifacts import ROW_EXACT
 
     path = Path(tempfile.mkdtemp(prefix="bench_losses_extra-")) / "problem.pt"
     bench_losses.build_problem(positions, path)
@@ -68,10 +68,10 @@ def main() -> None:
     ap.add_argument("--principled-only", action="store_true", help="skip the public forms")
     args = ap.parse_args()
 
-    from xtoken_loss.alm import alm_loss
-    from xtoken_loss.hybrid import CommonSet, common_by_threshold, gold_loss, hkl_loss
-    from xtoken_loss.pkl import pkl_loss
-    from xtoken_loss.uld import uld_loss
+    from xtoken_loss.losses.alm import alm_loss
+    from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold, gold_loss, hkl_loss
+    from xtoken_loss.losses.pkl import pkl_loss
+    from xtoken_loss.losses.uld import uld_loss
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -26,8 +26,8 @@ CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 from xtoken_align import load_tokenizer
-from xtoken_align.projection import ProjectionConfig, build_projection
-from xtoken_align.projection_refine import read_corpus
+from xtoken_align.projection.builder import ProjectionConfig, build_projection
+from xtoken_align.projection.refine import read_corpus
 out, corpus = sys.argv[1], sys.argv[2] or None
 student, teacher = load_tokenizer("llama3"), load_tokenizer("qwen3")
 texts = read_corpus(corpus) if corpus else None

@@ -1,7 +1,7 @@
 """`xtoken-align align --student S --teacher T (--text-file F | --jsonl F) ...`: align a dataset.
 
 Prints summary statistics; `--json` writes one record per sample, `--html` a page to look at the
-alignments, `--out` a precomputed alignment artifact (`xtoken_align.alignment_artifacts`).
+alignments, `--out` a precomputed alignment artifact (`xtoken_align.batch.alignment_artifacts`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import click
 import numpy as np
 
 from xtoken_align import load_tokenizer
-from xtoken_align.alignment_artifacts import write_alignment_artifact
-from xtoken_align.collate import AlignedBatch, AlignmentCollator, CollateConfig
-from xtoken_align.errors import XTokenError
+from xtoken_align.batch.alignment_artifacts import write_alignment_artifact
+from xtoken_align.batch.collate import AlignedBatch, AlignmentCollator, CollateConfig
+from xtoken_core.errors import XTokenError
 from xtoken_align.textio import read_utf8
 
 

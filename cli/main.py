@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from xtoken_align.errors import XTokenError
+from xtoken_core.errors import XTokenError
 
 
 class _Group(click.Group):
@@ -29,9 +29,9 @@ def align_cli() -> None:
 
 
 def _register() -> None:
-    from cli.align_cmd import align_cmd
-    from cli.overlap_cmd import overlap_report_cmd
-    from cli.projection_cmd import build_projection_cmd, inspect_cmd
+    from xtoken_cli.align_cmd import align_cmd
+    from xtoken_cli.overlap_cmd import overlap_report_cmd
+    from xtoken_cli.projection_cmd import build_projection_cmd, inspect_cmd
 
     align_cli.add_command(align_cmd)
     align_cli.add_command(overlap_report_cmd)

@@ -10,8 +10,8 @@ import click
 import numpy as np
 
 from xtoken_align import load_tokenizer
-from xtoken_align import artifacts as art
-from xtoken_align.errors import XTokenError
+from xtoken_align.projection import artifacts as art
+from xtoken_core.errors import XTokenError
 
 
 class _StepProgress:
@@ -74,8 +74,8 @@ def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corp
                          both_directions: bool, student_vocab_size: int | None, teacher_vocab_size: int | None,
                          no_reverse: bool, prior_strength: float) -> None:
     """Build a sparse student-to-teacher projection (CONTRACTS §4 artifact) into OUT."""
-    from xtoken_align.projection import ProjectionConfig, build_projection, model_vocab_sizes
-    from xtoken_align.projection_refine import read_corpus
+    from xtoken_align.projection.builder import ProjectionConfig, build_projection, model_vocab_sizes
+    from xtoken_align.projection.refine import read_corpus
 
     start = time.perf_counter()
     cfg = ProjectionConfig(top_k=top_k, reverse=not no_reverse, prior_strength=prior_strength,

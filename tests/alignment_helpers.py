@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from xtoken_align import load_tokenizer
-from xtoken_align.alignment import Alignment
+from xtoken_align.alignment.aligner import Alignment
 
 # Fixture tokenizers whose canonical bytes always spell the text, and those exact on NFC text.
 EXACT = ("llama3", "cl100k", "o200k", "gpt-oss", "deepseek-v4", "mistral-v1", "tekken")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from xtoken_align import load_tokenizer
-from xtoken_align.fixtures import FIXTURE_NAMES
+from xtoken_align.tokenizer.fixtures import FIXTURE_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "corpus"

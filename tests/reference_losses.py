@@ -319,7 +319,7 @@ def real_tokenizers():
     """(llama3, qwen3) `TokenizerInfo`s and the real llama3 -> qwen3 projection (built once)."""
     if "toks" not in _REAL:
         from xtoken_align import load_tokenizer
-        from xtoken_align.projection import build_projection
+        from xtoken_align.projection.builder import build_projection
 
         s, t = load_tokenizer("llama3"), load_tokenizer("qwen3")
         _REAL["toks"] = (s, t, build_projection(s, t).forward)
@@ -381,7 +381,7 @@ def real_problem(num_texts=3, max_chars=200, extra_ids=150, seed=0):
     key = (num_texts, max_chars, extra_ids, seed)
     if key in _REAL:
         return _REAL[key]
-    from xtoken_align.collate import collate
+    from xtoken_align.batch.collate import collate
 
     s_tok, t_tok, proj = real_tokenizers()
     batch = dict(collate(heldout_texts(num_texts, max_chars), s_tok, [t_tok]))

@@ -240,8 +240,8 @@ def real_problem(num_texts=3, max_chars=160, extra_ids=120, seed=0):
     key = (num_texts, max_chars, extra_ids, seed)
     if key in _CACHE:
         return _CACHE[key]
-    from xtoken_align.artifacts import ROW_EXACT
-    from xtoken_align.collate import collate
+    from xtoken_align.projection.artifacts import ROW_EXACT
+    from xtoken_align.batch.collate import collate
 
     from reference_losses import heldout_texts, real_tokenizers, restrict_problem
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from alignment_helpers import (EXACT, EXACT_NFC, check_invariants, exact_on, mirrored, random_text,
                                tok, token_bytes_of)
-from xtoken_align.alignment import align_text, align_texts
-from xtoken_align.collate import AlignmentCollator, CollateConfig, align_batch, collate
-from xtoken_align.errors import AlignmentError
+from xtoken_align.alignment.aligner import align_text, align_texts
+from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, align_batch, collate
+from xtoken_core.errors import AlignmentError
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 PAIRS = list(itertools.combinations(EXACT + EXACT_NFC, 2))

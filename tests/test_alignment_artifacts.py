@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from alignment_helpers import tok
-from cli.main import align_cli
-from xtoken_align.alignment import encode_side
-from xtoken_align.alignment_artifacts import read_alignment_artifact, write_alignment_artifact
-from xtoken_align.collate import AlignmentCollator, CollateConfig
-from xtoken_align.errors import ArtifactError
+from xtoken_cli.main import align_cli
+from xtoken_align.alignment.aligner import encode_side
+from xtoken_align.batch.alignment_artifacts import read_alignment_artifact, write_alignment_artifact
+from xtoken_align.batch.collate import AlignmentCollator, CollateConfig
+from xtoken_core.errors import ArtifactError
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 
@@ -180,7 +180,7 @@ def test_cli_bad_input_exit_2(tmp_path, case, pattern):
 
 
 def test_multi_teacher_batch_from_artifacts(tmp_path):
-    from xtoken_align.alignment_artifacts import batch_from_artifacts
+    from xtoken_align.batch.alignment_artifacts import batch_from_artifacts
 
     s, t0, t1 = tok("llama3"), tok("qwen3"), tok("mistral-v1")
     texts = _texts(6)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alignment_helpers import nfc_text, tok, token_bytes_of
-from xtoken_align.alignment_chat import common_segments, render_conversation
-from xtoken_align.collate import AlignmentCollator, CollateConfig, align_batch
+from xtoken_align.alignment.chat import common_segments, render_conversation
+from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, align_batch
 
 PAIRS = [("llama3", "qwen3"), ("deepseek-v4", "gpt-oss"), ("qwen3.5", "llama3"), ("gpt-oss", "qwen3")]
 

@@ -1,4 +1,4 @@
-"""The learned projection (`xtoken_loss.learned_projection`): starts at the artifact's W, its P-KL
+"""The learned projection (`xtoken_loss.losses.learned_pkl`): starts at the artifact's W, its P-KL
 matches the shared float64 P-KL reference and `pkl_loss` on the current W (hand-built and restricted
 real llama3 x qwen3 problems), the gradient for W matches finite differences, rows stay stochastic
 after optimiser steps, and it saves back to an artifact with provenance."""
@@ -12,9 +12,9 @@ import torch
 
 from reference_losses import dense_projection, random_logits, random_projection, reference_pkl, synthetic_batch
 from reference_losses_extra import is_close, real_problem
-from xtoken_loss.errors import ProjectionArtifactError
-from xtoken_loss.learned_projection import LearnedPKLLoss, LearnedProjection, learned_pkl_loss
-from xtoken_loss.pkl import pkl_loss
+from xtoken_core.errors import ProjectionArtifactError
+from xtoken_loss.losses.learned_pkl import LearnedPKLLoss, LearnedProjection, learned_pkl_loss
+from xtoken_loss.losses.pkl import pkl_loss
 from xtoken_loss.projection import Projection, load_projection
 
 

@@ -1,4 +1,4 @@
-"""ALM (`xtoken_loss.alm`) against the float64 reference on hand-built batches and on a restricted,
+"""ALM (`xtoken_loss.losses.alm`) against the float64 reference on hand-built batches and on a restricted,
 remapped real llama3 x qwen3 problem; full-logit and top-k (`target_logprob`) teacher inputs agree;
 debiasing drops exactly the chunks whose end is an unlikely boundary; the loss is minimised when the
 student's chunk likelihoods equal the teacher's; gradients."""
@@ -10,8 +10,8 @@ import torch
 
 from reference_losses import random_logits, synthetic_batch
 from reference_losses_extra import is_close, real_problem, reference_alm
-from xtoken_loss.alm import alm_loss, binary_divergence
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_loss.losses.alm import alm_loss, binary_divergence
+from xtoken_core.errors import LossInputError, LossOptionError
 
 
 def _shapes(batch):

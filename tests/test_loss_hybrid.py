@@ -1,4 +1,4 @@
-"""H-KL and GOLD hybrid (`xtoken_loss.hybrid`) against the float64 dense reference, on hand-built
+"""H-KL and GOLD hybrid (`xtoken_loss.losses.hybrid`) against the float64 dense reference, on hand-built
 batches and on a restricted, remapped real llama3 x qwen3 problem (real alignment from the collator,
 real projection from the builder, real exact map); the collision rule; the principled common-set KL
 is a true KL (>= 0, zero at equality); the public form's partial KL can go negative; gradients."""
@@ -11,8 +11,8 @@ import torch
 from reference_losses import dense_projection, random_logits, random_projection, synthetic_batch
 from reference_losses_extra import (chunk_units, is_close, real_problem, reference_common_by_threshold,
                                     reference_hybrid)
-from xtoken_loss.errors import LossInputError, LossOptionError
-from xtoken_loss.hybrid import CommonSet, common_by_threshold, common_exact, gold_loss, hkl_loss, hybrid_loss
+from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold, common_exact, gold_loss, hkl_loss, hybrid_loss
 
 
 def _shapes(batch):
@@ -169,9 +169,9 @@ def test_hybrid_gradcheck_errors_and_masking():
 
 
 def test_modules_match_functions():
-    from xtoken_loss.alm import alm_loss
+    from xtoken_loss.losses.alm import alm_loss
     from xtoken_loss.modules_extra import EXTRA_LOSSES, ALMLoss, GOLDLoss, HKLLoss, ULDLoss
-    from xtoken_loss.uld import uld_loss
+    from xtoken_loss.losses.uld import uld_loss
 
     assert set(EXTRA_LOSSES) == {"hkl", "gold", "uld", "alm"}
     batch = synthetic_batch(5)

@@ -29,7 +29,7 @@ def _write(dir_, idx, w, **meta_over):
 
 
 def test_loads_the_real_builders_artifact_and_checks_fingerprints(tmp_path):
-    from xtoken_align.artifacts import write_projection
+    from xtoken_align.projection.artifacts import write_projection
 
     s_tok, t_tok, forward = real_tokenizers()
     out = write_projection(tmp_path / "proj", forward)

@@ -1,4 +1,4 @@
-"""ULD (`xtoken_loss.uld`) against the float64 dense reference, on hand-built batches and on a
+"""ULD (`xtoken_loss.losses.uld`) against the float64 dense reference, on hand-built batches and on a
 restricted, remapped real llama3 x qwen3 problem; its properties (zero for identical sorted
 distributions, invariance to padding and position-chunk size) and gradients."""
 
@@ -9,8 +9,8 @@ import torch
 
 from reference_losses import random_logits, synthetic_batch
 from reference_losses_extra import is_close, real_problem, reference_uld
-from xtoken_loss.errors import LossInputError, LossOptionError
-from xtoken_loss.uld import uld_loss
+from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.losses.uld import uld_loss
 
 
 def _shapes(batch):

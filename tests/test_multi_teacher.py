@@ -19,10 +19,10 @@ import torch
 
 from reference_losses import dense_projection, next_token_valid, reference_kl, reference_pkl
 from reference_losses_extra import reference_alm, reference_common_by_threshold, reference_hybrid
-from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
-from xtoken_loss.multi_teacher import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
+from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
 from xtoken_loss.projection import Projection
-from xtoken_loss.teachers import TeacherSpec, build_teachers
+from xtoken_loss.multi_teacher.teachers import TeacherSpec, build_teachers
 
 TEXTS = [
     "The year 2024 had 366 days; 1,234,567 people counted them twice.",
@@ -46,7 +46,7 @@ def tokenizers():
 
 @functools.lru_cache(maxsize=None)
 def real_projection():
-    from xtoken_align.projection import ProjectionConfig, build_projection
+    from xtoken_align.projection.builder import ProjectionConfig, build_projection
 
     llama, qwen = tokenizers()
     return build_projection(llama, qwen, ProjectionConfig())
@@ -57,7 +57,7 @@ def real_problem(texts: tuple[str, ...] = tuple(TEXTS), seed: int = 0, teachers:
     """`(batch, projection, V_s, V_t, info)`: the collated batch (by default teacher 0 = qwen3,
     cross-tokenizer; teacher 1 = llama3, same-vocab) with ids remapped to small vocabularies, and the
     projection restricted to them. Every row kept keeps all its entries, so rows still sum to 1."""
-    from xtoken_align.collate import AlignmentCollator, CollateConfig
+    from xtoken_align.batch.collate import AlignmentCollator, CollateConfig
 
     llama, qwen = tokenizers()
     infos = [qwen if t == "qwen3" else llama for t in teachers]
@@ -586,7 +586,7 @@ def test_projection_accuracy_matches_reference():
     assert close(m_good["teacher_0/projection_accuracy"], hits / units)
     assert float(m_good["teacher_0/projection_accuracy"]) > 0.8 > float(m["teacher_0/projection_accuracy"])
     # top-k teacher outputs (listed in any order): the listed token with the highest log-probability
-    from xtoken_loss.scores import projection_accuracy_counts
+    from xtoken_loss.multi_teacher.scores import projection_accuracy_counts
 
     lp, idx = torch.log_softmax(z0_good, -1).topk(4, dim=-1)
     perm = torch.tensor([2, 0, 3, 1])
@@ -597,7 +597,7 @@ def test_projection_accuracy_matches_reference():
 
 def test_projected_argmax_paths_agree():
     """The top-m bound path and the full projection give the same argmax, including near-ties."""
-    from xtoken_loss.scores import _argmax_tables, projected_argmax
+    from xtoken_loss.multi_teacher.scores import _argmax_tables, projected_argmax
 
     _, proj, Vs, Vt, _ = real_problem()
     g = torch.Generator().manual_seed(3)
@@ -704,9 +704,9 @@ def test_function_form_and_artifact_path(tmp_path):
 def test_full_vocabulary_gold_and_kl_from_an_artifact(tmp_path):
     """Real widths (128,256 x 151,669), a GOLD teacher read from an artifact directory (its exact rows),
     and a same-vocab teacher: the multi-teacher sum equals the weighted direct calls."""
-    from xtoken_align.collate import AlignmentCollator, CollateConfig
-    from xtoken_loss.hybrid import gold_loss
-    from xtoken_loss.kl import kl_loss
+    from xtoken_align.batch.collate import AlignmentCollator, CollateConfig
+    from xtoken_loss.losses.hybrid import gold_loss
+    from xtoken_loss.losses.kl import kl_loss
 
     llama, qwen = tokenizers()
     real_projection().save(tmp_path / "proj")

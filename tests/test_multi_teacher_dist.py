@@ -17,9 +17,9 @@ import torch
 import torch.multiprocessing as mp
 
 from test_multi_teacher import problem_logits, real_problem
-from xtoken_loss.multi_teacher import MultiTeacherConfig, MultiTeacherLoss
+from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss
 from xtoken_loss.projection import Projection
-from xtoken_loss.teachers import TeacherSpec
+from xtoken_loss.multi_teacher.teachers import TeacherSpec
 
 WORLD = 2
 BONUS_QWEN = (6.0, 6.0, 0.0, 0.5)

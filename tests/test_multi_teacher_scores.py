@@ -1,4 +1,4 @@
-"""Per-teacher scores (`xtoken_loss.scores`): top-k teacher outputs against full logits, reduced
+"""Per-teacher scores (`xtoken_loss.multi_teacher.scores`): top-k teacher outputs against full logits, reduced
 precision, padding, and the errors for missing inputs."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from test_multi_teacher import problem_logits, real_problem, ref_scores
-from xtoken_loss.errors import LossInputError
-from xtoken_loss.multi_teacher import MultiTeacherConfig, MultiTeacherLoss
-from xtoken_loss.scores import goodness, score_values, teacher_score_sums
-from xtoken_loss.teachers import TeacherSpec
+from xtoken_core.errors import LossInputError
+from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss
+from xtoken_loss.multi_teacher.scores import goodness, score_values, teacher_score_sums
+from xtoken_loss.multi_teacher.teachers import TeacherSpec
 
 
 def topk_outputs(z, ids, k):

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import get_tokenizer
 
-from cli.main import align_cli
-from xtoken_align.overlap import category, overlap_report, text_set
+from xtoken_cli.main import align_cli
+from xtoken_align.tokenizer.overlap import category, overlap_report, text_set
 
 
 def _quicktok_set(encoding: str) -> set[bytes]:

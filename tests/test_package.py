@@ -7,7 +7,7 @@ import sys
 
 
 def test_xtoken_loss_never_imports_xtoken_align():
-    code = ("import sys, xtoken_loss, xtoken_loss.multi_teacher, xtoken_loss.learned_projection; "
+    code = ("import sys, xtoken_loss, xtoken_loss.multi_teacher.aggregate, xtoken_loss.losses.learned_pkl; "
             "print(sorted(m for m in sys.modules if m.startswith('xtoken_align')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -24,7 +24,7 @@ def test_every_contract_loss_kind_is_registered():
 def test_cli_help_lists_the_commands():
     from click.testing import CliRunner
 
-    from cli.main import align_cli
+    from xtoken_cli.main import align_cli
 
     result = CliRunner().invoke(align_cli, ["--help"])
     assert result.exit_code == 0

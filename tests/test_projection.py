@@ -13,10 +13,10 @@ import pytest
 import scipy.sparse as sp
 
 from xtoken_align import XTokenError, load_tokenizer
-from xtoken_align import artifacts as art
-from xtoken_align.projection import ProjectionConfig, build_projection, top_k_rows
-from xtoken_align.projection_refine import cooccurrence_counts
-from xtoken_align.projection_rules import (SPLIT_BYTE_DP, SPLIT_NONE, SPLIT_NORMALIZED, SPLIT_PARTIAL,
+from xtoken_align.projection import artifacts as art
+from xtoken_align.projection.builder import ProjectionConfig, build_projection, top_k_rows
+from xtoken_align.projection.refine import cooccurrence_counts
+from xtoken_align.projection.rules import (SPLIT_BYTE_DP, SPLIT_NONE, SPLIT_NORMALIZED, SPLIT_PARTIAL,
                                            SPLIT_TOKENIZER, ByteSplitter, decompose, exact_map, special_map)
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "train.jsonl"
@@ -271,8 +271,7 @@ def test_corpus_refinement_changes_only_rows_with_evidence():
 
 
 def test_exact_offset_fallback_matches_the_aligner(monkeypatch):
-    from xtoken_align import projection_refine
-
+    from xtoken_align.projection import refine as projection_refine
     L, Q = tok("llama3"), tok("qwen3")
     texts = corpus_texts(60) + ["Cafe\u0301 2024", "naïve 12:45"]
     via_aligner, info_a = cooccurrence_counts(L, Q, texts)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import align_cli
+from xtoken_cli.main import align_cli
 from xtoken_align import ArtifactError, load_tokenizer
-from xtoken_align import artifacts as art
-from xtoken_align.projection import ProjectionConfig, build_projection
+from xtoken_align.projection import artifacts as art
+from xtoken_align.projection.builder import ProjectionConfig, build_projection
 
 
 @pytest.fixture(scope="module")

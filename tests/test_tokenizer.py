@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xtoken_align import TokenizerLoadError, load_tokenizer
-from xtoken_align.fixtures import FIXTURE_NAMES
+from xtoken_align.tokenizer.fixtures import FIXTURE_NAMES
 
 EXACT = [n for n in FIXTURE_NAMES if n != "bert-uncased"]
 

@@ -4,10 +4,10 @@ The flow, one module a step: `tokenizer` (load any tokenizer into canonical toke
 `overlap` (vocabulary statistics) -> alignment -> projection -> artifacts.
 """
 
-from xtoken_align.errors import AlignmentError, ArtifactError, TokenizerLoadError, XTokenError
-from xtoken_align.tokenizer import TokenizerInfo, load_tokenizer
+from xtoken_core.errors import AlignmentError, ArtifactError, TokenizerLoadError, XTokenError
+from xtoken_align.tokenizer.loader import TokenizerInfo, load_tokenizer
 
-__version__ = "0.1.0"
+from xtoken_core import __version__  # noqa: E402  (one place: the installed metadata)
 
 __all__ = [
     "AlignmentError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xtoken_align.errors import XTokenError
+from xtoken_core.errors import XTokenError
 
 
 def read_utf8(path: Path, what: str = "file") -> str:

@@ -7,23 +7,23 @@ Every loss has the CONTRACTS §5 shape
 and a thin `nn.Module` wrapper with the same argument order. Formulas: docs/losses.md.
 """
 
-from xtoken_loss.ce import ce_loss
-from xtoken_loss.combine import combine_losses, kd_ce_loss
-from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError, XTokenLossError
-from xtoken_loss.kl import kl_loss
+from xtoken_loss.losses.ce import ce_loss
+from xtoken_loss.losses.combine import combine_losses, kd_ce_loss
+from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError, XTokenLossError
+from xtoken_loss.losses.kl import kl_loss
 from xtoken_loss.modules import CELoss, KDCELoss, KLLoss, PKLLoss
-from xtoken_loss.alm import alm_loss
-from xtoken_loss.hybrid import gold_loss, hkl_loss
-from xtoken_loss.learned_projection import LearnedPKLLoss, LearnedProjection, learned_pkl_loss
+from xtoken_loss.losses.alm import alm_loss
+from xtoken_loss.losses.hybrid import gold_loss, hkl_loss
+from xtoken_loss.losses.learned_pkl import LearnedPKLLoss, LearnedProjection, learned_pkl_loss
 from xtoken_loss.modules_extra import EXTRA_LOSSES, ALMLoss, GOLDLoss, HKLLoss, ULDLoss
-from xtoken_loss.multi_teacher import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
-from xtoken_loss.pkl import pkl_loss
+from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
+from xtoken_loss.losses.pkl import pkl_loss
 from xtoken_loss.projection import Projection, load_projection
-from xtoken_loss.teachers import TeacherSpec, build_teachers
-from xtoken_loss.uld import uld_loss
+from xtoken_loss.multi_teacher.teachers import TeacherSpec, build_teachers
+from xtoken_loss.losses.uld import uld_loss
 from xtoken_loss.units import count_units
 
-__version__ = "0.1.0"
+from xtoken_core import __version__  # noqa: E402  (one place: the installed metadata)
 
 # Loss kind (CONTRACTS §5 name) -> function.
 LOSSES = {"pkl": pkl_loss, "kl": kl_loss, "ce": ce_loss, **EXTRA_LOSSES}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from xtoken_loss.errors import LossOptionError
+from xtoken_core.errors import LossOptionError
 
 # Elements per chunk temporary when the caller does not pick a position chunk size: 2**23 float32
 # values = 32 MiB, 65 rows of a 128k vocabulary (fewer, larger steps mean fewer thread barriers).

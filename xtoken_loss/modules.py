@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xtoken_loss.ce import ce_loss
+from xtoken_loss.losses.ce import ce_loss
 from xtoken_loss.chunked import check_choice, check_temperature
-from xtoken_loss.combine import KD_KINDS, SCALINGS, kd_ce_loss
-from xtoken_loss.kl import DIRECTIONS, TAILS, kl_loss
-from xtoken_loss.pkl import DEFAULT_TOP_K_COLUMNS, pkl_loss
+from xtoken_loss.losses.combine import KD_KINDS, SCALINGS, kd_ce_loss
+from xtoken_loss.losses.kl import DIRECTIONS, TAILS, kl_loss
+from xtoken_loss.losses.pkl import DEFAULT_TOP_K_COLUMNS, pkl_loss
 from xtoken_loss.projection import as_projection
 
 

@@ -13,12 +13,12 @@ import math
 import torch
 from torch import nn
 
-from xtoken_loss.alm import DEFAULT_TAU, DIVERGENCES, alm_loss
+from xtoken_loss.losses.alm import DEFAULT_TAU, DIVERGENCES, alm_loss
 from xtoken_loss.chunked import check_choice, check_temperature
-from xtoken_loss.errors import LossOptionError
-from xtoken_loss.hybrid import DEFAULT_THRESHOLD, CommonSet, common_by_threshold, common_exact, gold_loss, hkl_loss
-from xtoken_loss.learned_projection import LearnedPKLLoss, LearnedProjection
-from xtoken_loss.uld import CHUNK_FORMS, check_tail_cut, uld_loss
+from xtoken_core.errors import LossOptionError
+from xtoken_loss.losses.hybrid import DEFAULT_THRESHOLD, CommonSet, common_by_threshold, common_exact, gold_loss, hkl_loss
+from xtoken_loss.losses.learned_pkl import LearnedPKLLoss, LearnedProjection
+from xtoken_loss.losses.uld import CHUNK_FORMS, check_tail_cut, uld_loss
 
 EXTRA_LOSSES = {"hkl": hkl_loss, "gold": gold_loss, "uld": uld_loss, "alm": alm_loss}
 

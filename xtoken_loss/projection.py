@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 
 SCHEMA_VERSION = 1
 ARTIFACT_KIND = "projection"

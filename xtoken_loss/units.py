@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_core.errors import LossInputError, LossOptionError
 
 
 def get_key(batch: dict, key: str, shape=None, *, required: bool = True):

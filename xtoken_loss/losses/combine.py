@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from xtoken_loss.ce import ce_loss
+from xtoken_loss.losses.ce import ce_loss
 from xtoken_loss.chunked import check_choice
-from xtoken_loss.errors import LossOptionError
-from xtoken_loss.kl import kl_loss
-from xtoken_loss.pkl import pkl_loss
+from xtoken_core.errors import LossOptionError
+from xtoken_loss.losses.kl import kl_loss
+from xtoken_loss.losses.pkl import pkl_loss
 from xtoken_loss.units import count_units
 
 SCALINGS = ("fixed", "dynamic")

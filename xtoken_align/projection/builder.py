@@ -27,10 +27,10 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from xtoken_align import artifacts as art
-from xtoken_align.errors import XTokenError
-from xtoken_align.projection_rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
-from xtoken_align.tokenizer import TokenizerInfo
+from xtoken_align.projection import artifacts as art
+from xtoken_core.errors import XTokenError
+from xtoken_align.projection.rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
+from xtoken_align.tokenizer.loader import TokenizerInfo
 
 METHOD_NAME = "xtoken_rule_based"
 
@@ -126,7 +126,7 @@ def build_projection(student: TokenizerInfo, teacher: TokenizerInfo, config: Pro
 
     counts, corpus_info = None, None
     if corpus is not None:
-        from xtoken_align.projection_refine import cooccurrence_counts
+        from xtoken_align.projection.refine import cooccurrence_counts
 
         say("corpus co-occurrence", 0, len(corpus))
         counts, corpus_info = cooccurrence_counts(student, teacher, corpus, progress=progress)

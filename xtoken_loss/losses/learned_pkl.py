@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from xtoken_loss.chunked import check_choice, check_temperature, compute_dtype, resolve_normalizer, rows_per_chunk
-from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import (
     ARTIFACT_KIND,
     DIRECTION,
@@ -110,7 +110,7 @@ class LearnedProjection(nn.Module):
         directory unless `overwrite`."""
         from safetensors.torch import save_file
 
-        from xtoken_loss import __version__
+        from xtoken_core import __version__
 
         out = Path(path)
         if out.exists() and not overwrite:
@@ -212,7 +212,7 @@ def learned_pkl_loss(
     """Principled P-KL (as `pkl_loss(public=False)`) with gradients for the logits *and* the learned W.
     Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2)."""
     from xtoken_loss.chunked import coarse_divergence
-    from xtoken_loss.uld import teacher_logits_of
+    from xtoken_loss.losses.uld import teacher_logits_of
 
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")

@@ -42,7 +42,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.projection import (
     as_projection,
     project_probs,

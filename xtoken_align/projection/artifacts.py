@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from xtoken_align.errors import ArtifactError
+from xtoken_core.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 
@@ -39,7 +39,7 @@ DIRECTIONS = ("student_to_teacher", "teacher_to_student")
 
 
 def created_with() -> str:
-    from xtoken_align import __version__
+    from xtoken_core import __version__
 
     return f"xtoken {__version__}"
 

@@ -6,7 +6,7 @@ the same byte. Each such boundary is one observation "student token s <-> teache
 `cooccurrence_counts` returns these counts as a sparse `[V_s, V_t]` matrix. The projection
 builder blends them with its rule-based prior (`projection.py`).
 
-Boundaries come from the chunk aligner (`xtoken_align.alignment`) when it is importable and
+Boundaries come from the chunk aligner (`xtoken_align.alignment.aligner`) when it is importable and
 accepts the batch: each chunk with tokens on both sides contributes (its first student token, its
 first teacher token); its fallback for text a normalizer changed (NFC, lowercasing) applies, so no
 text is skipped. Otherwise (the aligner missing, or raising on a batch), boundaries come from exact
@@ -27,9 +27,9 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from xtoken_align.errors import XTokenError
+from xtoken_core.errors import XTokenError
 from xtoken_align.textio import read_utf8
-from xtoken_align.tokenizer import TokenizerInfo
+from xtoken_align.tokenizer.loader import TokenizerInfo
 
 BATCH = 256
 
@@ -81,7 +81,7 @@ def _boundaries(tok: TokenizerInfo, texts: list[str], encodings) -> list[tuple[n
 def _chunk_aligner():
     """The chunk aligner's (encode_side, align_sides), or None where it is not available."""
     try:
-        from xtoken_align.alignment import align_sides, encode_side
+        from xtoken_align.alignment.aligner import align_sides, encode_side
     except ImportError:
         return None
     return encode_side, align_sides

@@ -29,7 +29,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.units import check_finite, next_token_mask
 
 DIRECTIONS = ("forward", "reverse")

@@ -17,7 +17,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_loss.errors import LossInputError
+from xtoken_core.errors import LossInputError
 from xtoken_loss.units import check_finite, get_key, next_token_mask
 
 

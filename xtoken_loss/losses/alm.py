@@ -38,7 +38,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask
 
 DIVERGENCES = ("bce", "kl")

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from xtoken_align import canonical_bytes as cb
-from xtoken_align.errors import TokenizerLoadError
-from xtoken_align.fixtures import resolve_fixture
-from xtoken_align.special_roles import special_roles
+from xtoken_align.tokenizer import canonical_bytes as cb
+from xtoken_core.errors import TokenizerLoadError
+from xtoken_align.tokenizer.fixtures import resolve_fixture
+from xtoken_align.tokenizer.special_roles import special_roles
 
 KINDS = ("byte_level", "tiktoken", "sentencepiece", "sentencepiece_byte_fallback", "wordpiece")
 EXACTNESS = ("exact", "exact_nfc", "lossy")

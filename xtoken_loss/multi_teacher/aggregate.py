@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from xtoken_loss.chunked import check_choice, compute_dtype
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.projection import Projection
-from xtoken_loss.scores import (
+from xtoken_loss.multi_teacher.scores import (
     SCORES,
     goodness,
     projection_accuracy_counts,
@@ -40,7 +40,7 @@ from xtoken_loss.scores import (
     score_values,
     teacher_score_sums,
 )
-from xtoken_loss.teachers import TeacherSpec
+from xtoken_loss.multi_teacher.teachers import TeacherSpec
 from xtoken_loss.units import count_units, next_token_mask
 
 MODES = ("sum", "averaged_logits", "select_teacher")
@@ -49,12 +49,12 @@ SCORE_CHOICES = ("auto",) + SCORES
 
 # kind -> (module, function) of the library loss distilling a teacher of that kind
 LIBRARY_LOSSES = {
-    "kl": ("xtoken_loss.kl", "kl_loss"),
-    "pkl": ("xtoken_loss.pkl", "pkl_loss"),
-    "hkl": ("xtoken_loss.hybrid", "hkl_loss"),
-    "gold": ("xtoken_loss.hybrid", "gold_loss"),
-    "uld": ("xtoken_loss.uld", "uld_loss"),
-    "alm": ("xtoken_loss.alm", "alm_loss"),
+    "kl": ("xtoken_loss.losses.kl", "kl_loss"),
+    "pkl": ("xtoken_loss.losses.pkl", "pkl_loss"),
+    "hkl": ("xtoken_loss.losses.hybrid", "hkl_loss"),
+    "gold": ("xtoken_loss.losses.hybrid", "gold_loss"),
+    "uld": ("xtoken_loss.losses.uld", "uld_loss"),
+    "alm": ("xtoken_loss.losses.alm", "alm_loss"),
 }
 
 
@@ -243,8 +243,7 @@ class MultiTeacherLoss(nn.Module):
         if proj is not None and _accepts(fn, "projection"):
             opts["projection"] = proj
         if spec.loss_fn is None and spec.loss in ("hkl", "gold") and "common" not in spec.loss_options:
-            from xtoken_loss import hybrid
-
+            from xtoken_loss.losses import hybrid
             if spec.loss == "hkl":
                 th = spec.loss_options.get("threshold", hybrid.DEFAULT_THRESHOLD)
                 opts["common"] = hybrid.common_by_threshold(proj, th)

@@ -35,7 +35,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_loss.errors import LossInputError, LossOptionError
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
 
 CHUNK_FORMS = ("start", "chain", "mean_log")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xtoken_align.errors import TokenizerLoadError
+from xtoken_core.errors import TokenizerLoadError
 
 FIXTURE_NAMES = ("llama3", "qwen3", "qwen3.5", "cl100k", "o200k", "gpt-oss", "deepseek-v4",
                  "mistral-v1", "tekken", "bert-uncased")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def fixtures_dir() -> Path:

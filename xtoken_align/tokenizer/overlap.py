@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from xtoken_align.tokenizer import TokenizerInfo
+from xtoken_align.tokenizer.loader import TokenizerInfo
 
 CATEGORIES = ("digits_1", "digits_2", "digits_3", "ascii_punctuation", "whitespace", "cjk", "special")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from xtoken_align.canonical_bytes import offsets_from_counts
-from xtoken_align.tokenizer import TokenizerInfo
+from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
+from xtoken_align.tokenizer.loader import TokenizerInfo
 
 # How a token's bytes were split into target tokens (counted in the projection's stats).
 SPLIT_TOKENIZER = 0  # the target tokenizer's own split of the decoded text reproduced the bytes

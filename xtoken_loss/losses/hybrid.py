@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from xtoken_loss.chunked import check_choice, check_temperature
-from xtoken_loss.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import Projection, as_projection
-from xtoken_loss.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.losses.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1, sorted_l1_grad, sorted_l1_parts
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
@@ -290,6 +290,6 @@ def gold_loss(
 
 
 def teacher_logits_width(teacher_outputs) -> int:
-    from xtoken_loss.uld import teacher_logits_of
+    from xtoken_loss.losses.uld import teacher_logits_of
 
     return teacher_logits_of(teacher_outputs, "hkl").shape[-1]

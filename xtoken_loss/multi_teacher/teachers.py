@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from xtoken_loss.errors import LossOptionError, ProjectionArtifactError
+from xtoken_core.errors import LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import Projection, load_projection
 
 TEACHER_LOSS_KINDS = ("pkl", "hkl", "gold", "uld", "alm", "kl")

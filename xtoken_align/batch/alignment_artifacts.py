@@ -25,13 +25,13 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from xtoken_align.alignment import PairBatch, SideBatch
-from xtoken_align.artifacts import (SCHEMA_VERSION, atomic_dir, check_tokenizers, created_with,
+from xtoken_align.alignment.aligner import PairBatch, SideBatch
+from xtoken_align.projection.artifacts import (SCHEMA_VERSION, atomic_dir, check_tokenizers, created_with,
                                     read_meta, read_tensors, tokenizer_meta, write_meta, write_tensors)
-from xtoken_align.collate import AlignedBatch, pad_id, to_tensors, truncate
-from xtoken_align.canonical_bytes import offsets_from_counts
-from xtoken_align.errors import ArtifactError
-from xtoken_align.tokenizer import TokenizerInfo
+from xtoken_align.batch.collate import AlignedBatch, pad_id, to_tensors, truncate
+from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
+from xtoken_core.errors import ArtifactError
+from xtoken_align.tokenizer.loader import TokenizerInfo
 
 ALIGNMENT_KIND = "alignment"
 ALIGNMENT_JSON = "alignment.json"

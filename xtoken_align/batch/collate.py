@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xtoken_align import alignment_kernels as K
-from xtoken_align.alignment import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
-from xtoken_align.alignment_chat import common_segments, render_conversation
-from xtoken_align.canonical_bytes import offsets_from_counts
-from xtoken_align.errors import AlignmentError
-from xtoken_align.tokenizer import TokenizerInfo
+from xtoken_align.alignment import kernels as K
+from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
+from xtoken_align.alignment.chat import common_segments, render_conversation
+from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
+from xtoken_core.errors import AlignmentError
+from xtoken_align.tokenizer.loader import TokenizerInfo
 
 
 @dataclass(frozen=True, kw_only=True)
