@@ -34,13 +34,6 @@ def rows_per_chunk(position_chunk_size: int | None, width: int) -> int:
     return position_chunk_size
 
 
-def check_temperature(temperature) -> float:
-    t = float(temperature)
-    if not t > 0 or t == float("inf"):
-        raise LossOptionError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return t
-
-
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise LossOptionError(f"{name}={value!r}: valid values are {', '.join(map(repr, choices))}")
@@ -149,9 +142,3 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> tor
         out.copy_(src.index_select(0, rows))
     return out
 
-
-def copy_rows(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """`src [m, V]` copied into `buf[:m]` (compute dtype)."""
-    out = buf[: src.shape[0]]
-    out.copy_(src)
-    return out

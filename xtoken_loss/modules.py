@@ -1,95 +1,103 @@
-"""Thin `nn.Module` wrappers: the module holds the options, the function holds the math.
+"""The one `nn.Module` base of every loss module: the module holds the options, the function holds the math.
 
-`forward(student_logits, teacher_outputs, batch, *, normalizer=None) -> (loss, metrics)`, the same
-argument order and return type as the functions. Options are checked when the module is built.
+A concrete module lives beside its function in `xtoken_loss/losses/<kind>.py` (the registry,
+`xtoken_loss.registry`, points at it) and only declares `function`, `options_type` and an
+`__init__` with the function's keyword options (same names, same defaults):
+
+    forward(student_logits, teacher_outputs, batch, *, normalizer=None) -> (loss, metrics)
+
+has the function's argument order and return type. Options are validated when the module is built
+(through the loss's options config, the same check the function runs on every call).
+
+Artifacts (a `Projection`, a `CommonSet`: frozen dataclasses of tensors) are registered with
+`register_artifact`: their tensors become *non-persistent* buffers, so `.to(device)`, `.cuda()` and
+DDP move them with the module, while `state_dict()` leaves them out (an artifact is identified by
+its fingerprints and loaded from its directory, it is not model state). A dtype change
+(`.half()`, `.to(torch.float64)`) leaves artifact tensors in their own dtype; only the device moves.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, ClassVar
+
 import torch
 from torch import nn
 
-from xtoken_loss.losses.ce import ce_loss
-from xtoken_loss.chunked import check_choice, check_temperature
-from xtoken_loss.losses.combine import KD_KINDS, SCALINGS, kd_ce_loss
-from xtoken_loss.losses.kl import DIRECTIONS, TAILS, kl_loss
-from xtoken_loss.losses.pkl import DEFAULT_TOP_K_COLUMNS, pkl_loss
-from xtoken_loss.projection import as_projection
+from xtoken_core.config import Config, fields_of
 
 
-class _LossModule(nn.Module):
-    def __init__(self, **options):
+class LossModule(nn.Module):
+    """Base of every loss module (module doc). Subclasses set `function` (as a `staticmethod`) and
+    `options_type`, and pass their keyword options to `super().__init__(**options)`; artifacts are
+    added with `register_artifact(name, value)` and passed to the function under `name`."""
+
+    function: ClassVar[Callable]
+    options_type: ClassVar[type[Config] | None] = None
+
+    def __init__(self, **options: Any):
         super().__init__()
-        if "temperature" in options:
-            check_temperature(options["temperature"])
-        if "direction" in options:
-            check_choice("direction", options["direction"], DIRECTIONS)
+        if self.options_type is not None:
+            names = {f.name for f in fields_of(self.options_type)}
+            self.options_type(**{k: v for k, v in options.items() if k in names})  # validate once, here
         self.options = options
+        self._artifacts: dict[str, tuple[Any, tuple[str, ...]]] = {}
+
+    # artifacts ------------------------------------------------------------------------------------
+
+    def register_artifact(self, name: str, value) -> None:
+        """Keep `value` (a dataclass holding tensors, or None) as artifact `name`: its tensor fields
+        become non-persistent buffers `{name}_{field}`."""
+        if value is None:
+            self._artifacts[name] = (None, ())
+            return
+        keys = tuple(f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor))
+        for k in keys:
+            self.register_buffer(f"{name}_{k}", getattr(value, k), persistent=False)
+        self._artifacts[name] = (value, keys)
+
+    def artifact(self, name: str):
+        """Artifact `name` rebuilt around the current buffers (the same object while they are unchanged)."""
+        value, keys = self._artifacts[name]
+        if value is None or all(getattr(self, f"{name}_{k}") is getattr(value, k) for k in keys):
+            return value
+        value = dataclasses.replace(value, **{k: getattr(self, f"{name}_{k}") for k in keys})
+        self._artifacts[name] = (value, keys)
+        return value
+
+    def _apply(self, fn, recurse=True):
+        # artifact buffers follow the module's device, never its dtype (indices, weights stay exact)
+        saved = {}
+        for name, (value, keys) in self._artifacts.items():
+            for k in keys:
+                b = f"{name}_{k}"
+                saved[b] = self._buffers.pop(b)
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            for b, t in saved.items():
+                device = fn(torch.empty(0, device=t.device)).device
+                self._buffers[b] = t if t.device == device else t.to(device)
+        return out
+
+    # the call ---------------------------------------------------------------------------------------
+
+    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
+        artifacts = {name: self.artifact(name) for name in self._artifacts}
+        return type(self).function(student_logits, teacher_outputs, batch, normalizer=normalizer, **artifacts,
+                                   **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "projection")
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-class PKLLoss(_LossModule):
-    """`pkl_loss` with fixed options. `projection`: a `Projection`, an artifact directory, or
-    `(indices, weights)`; loaded once and moved to the logits' device on first use."""
+def __getattr__(name: str):
+    # the concrete modules' historical home (`from xtoken_loss.modules import PKLLoss`)
+    from xtoken_loss import registry
 
-    def __init__(self, projection, *, teacher_index: int = 0, temperature: float = 1.0, direction: str = "forward",
-                 top_k_columns: int | None = DEFAULT_TOP_K_COLUMNS, public: bool = False, correct_only: bool = True,
-                 process_group=None, position_chunk_size: int | None = None, check_inputs: bool = False):
-        super().__init__(teacher_index=teacher_index, temperature=temperature, direction=direction,
-                         top_k_columns=top_k_columns, public=public, correct_only=correct_only,
-                         process_group=process_group, position_chunk_size=position_chunk_size,
-                         check_inputs=check_inputs)
-        self.projection = as_projection(projection, "cpu")
-
-    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
-        if self.projection.device != student_logits.device:
-            self.projection = self.projection.to(student_logits.device)
-        return pkl_loss(student_logits, teacher_outputs, batch, projection=self.projection, normalizer=normalizer,
-                        **self.options)
-
-
-class KLLoss(_LossModule):
-    """`kl_loss` (same-vocab KD) with fixed options."""
-
-    def __init__(self, *, temperature: float = 1.0, direction: str = "forward", tail: str = "bucket",
-                 position_chunk_size: int | None = None, check_inputs: bool = False):
-        check_choice("tail", tail, TAILS)
-        super().__init__(temperature=temperature, direction=direction, tail=tail,
-                         position_chunk_size=position_chunk_size, check_inputs=check_inputs)
-
-    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
-        return kl_loss(student_logits, teacher_outputs, batch, normalizer=normalizer, **self.options)
-
-
-class CELoss(_LossModule):
-    """`ce_loss` (next-token cross-entropy); `teacher_outputs` is ignored."""
-
-    def __init__(self, *, position_chunk_size: int | None = None, check_inputs: bool = False):
-        super().__init__(position_chunk_size=position_chunk_size, check_inputs=check_inputs)
-
-    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
-        return ce_loss(student_logits, teacher_outputs, batch, normalizer=normalizer, **self.options)
-
-
-class KDCELoss(_LossModule):
-    """`kd_ce_loss` (KD + CE) with fixed options; `kd_options` go to the KD loss."""
-
-    def __init__(self, *, kd: str = "pkl", scaling: str = "fixed", kd_weight: float = 1.0, ce_weight: float = 1.0,
-                 public: bool = False, kd_options: dict | None = None, position_chunk_size: int | None = None,
-                 check_inputs: bool = False):
-        check_choice("kd", kd, KD_KINDS)
-        check_choice("scaling", scaling, SCALINGS)
-        opts = dict(kd_options or {})
-        if "projection" in opts:
-            opts["projection"] = as_projection(opts["projection"], "cpu")
-        super().__init__(kd=kd, scaling=scaling, kd_weight=kd_weight, ce_weight=ce_weight, public=public,
-                         kd_options=opts, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
-
-    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
-        opts = self.options["kd_options"]
-        proj = opts.get("projection")
-        if proj is not None and proj.device != student_logits.device:
-            opts["projection"] = proj.to(student_logits.device)
-        return kd_ce_loss(student_logits, teacher_outputs, batch, normalizer=normalizer, **self.options)
+    for spec in registry.REGISTRY.values():
+        if spec.module.__name__ == name:
+            return spec.module
+    if name in registry.EXTRA_MODULES:
+        return registry.EXTRA_MODULES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

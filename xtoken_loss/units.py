@@ -191,25 +191,18 @@ def check_chunk_ids(batch: dict, teacher_index: int) -> None:
             )
 
 
-def count_units(batch: dict, kind: str, *, teacher_index: int = 0, public: bool = False,
-                correct_only: bool = True, device=None) -> torch.Tensor:
-    """The local number of valid units a loss of `kind` counts on `batch` (a 0-dim int64 tensor).
+def count_units(batch: dict, kind: str, *, teacher_index: int = 0, device=None, **options) -> torch.Tensor:
+    """The local number of valid units a loss of `kind` with keyword `options` (the loss function's,
+    e.g. `public=True`, `chunk_form="chain"`, `correct_only=False`) divides by on `batch` when
+    `normalizer=None` (a 0-dim int64 tensor). Every registry kind is covered.
 
     Under data parallelism, all-reduce (sum) it across ranks and pass it as `normalizer`.
-    `"ce"`/`"kl"`: next-token positions; `"pkl"`: valid chunks (chunk starts, or with `public=True`
-    chunks with positions on both sides).
+    Position kinds (`LossSpec.unit == "position"`): next-token positions. Chunk kinds: the valid
+    chunks of teacher `teacher_index`, as chunk starts or as chunks with positions on both sides,
+    whichever the options' `unit_mode` says (principled P-KL, and ULD / H-KL / GOLD in the "start"
+    chunk form: starts; public P-KL, the other chunk forms and ALM: positions). ALM with
+    `debias_gamma` drops chunks by the logits, so its count is refused.
     """
-    if kind in ("ce", "kl"):
-        ids = batch.get("input_ids", batch.get("token_mask"))
-        if ids is None:
-            raise LossInputError("count_units: batch needs 'input_ids' or 'token_mask'")
-        return next_token_mask(batch, ids.shape[0], ids.shape[1], "", device or ids.device).sum()
-    if kind == "pkl":
-        i = teacher_index
-        s = get_key(batch, f"alignment_{i}_student_chunk_id")
-        t = get_key(batch, f"alignment_{i}_teacher_chunk_id")
-        return chunk_units(
-            batch, i, s.shape[0], s.shape[1], t.shape[1], mode="mean" if public else "start",
-            correct_only=correct_only, device=device or s.device,
-        ).num_units
-    raise LossOptionError(f"count_units: kind {kind!r}: valid kinds are 'ce', 'kl', 'pkl'")
+    from xtoken_loss import registry  # the registry imports the losses, which import this module
+
+    return registry.count_units(batch, kind, teacher_index=teacher_index, device=device, **options)

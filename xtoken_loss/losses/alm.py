@@ -26,12 +26,13 @@ Sum over kept chunks / `normalizer` (default: the number of kept chunks). Teache
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import torch
 
+from xtoken_core.config import Config, config, option
 from xtoken_loss.chunked import (
     attach_grad,
-    check_choice,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
@@ -39,11 +40,44 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask
 
-DIVERGENCES = ("bce", "kl")
 DEFAULT_TAU = 100.0
-PAPER_GAMMA = 0.1
+TEACHER_FORMS = ("logits", "target_logprob")
+
+
+@config
+class ALMOptions(Config):
+    """Options of `alm_loss` / `ALMLoss` (module doc)."""
+
+    error_type = LossOptionError
+
+    teacher_index: int = option(0, help="which teacher's batch keys (teacher_{i}_*, alignment_{i}_*) to read", min=0)
+    tau: float = option(DEFAULT_TAU, help="temperature of the chunk likelihoods (p = exp(l / tau - eps))", gt=0)
+    divergence: Literal["bce", "kl"] = option("bce", help="binary divergence: 'bce' (tokenkit) or 'kl'")
+    debias_gamma: float | None = option(None, help="keep a chunk only when its end is a likely token boundary "
+                                        "(paper: 0.1; None: off)", min=0, max=1)
+    teacher_boundary_tokens: Any | None = option(None, help="teacher ids (or a bool mask) that start a new piece", cli=False)
+    student_boundary_tokens: Any | None = option(None, help="student ids (or a bool mask) that start a new piece", cli=False)
+    correct_only: bool = option(True, help="count only chunks whose pair is correct (pair_is_correct)")
+    eps: float = option(1e-6, help="keeps l / tau - eps < 0")
+    position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
+    check_inputs: bool = option(False, help="check the inputs for NaN/inf and bad chunk ids (syncs)")
+
+    def check(self) -> None:
+        if self.debias_gamma is not None and self.teacher_boundary_tokens is None and (
+            self.student_boundary_tokens is None
+        ):
+            raise self.fail(
+                "alm: debias_gamma needs teacher_boundary_tokens and/or student_boundary_tokens (ids or a bool mask "
+                "of the tokens that start a new piece, e.g. those whose bytes begin with whitespace, and EOS)"
+            )
+
+    @property
+    def unit_mode(self) -> str:
+        """`units.chunk_units` mode: every position of the chunk (the chain rule over its tokens)."""
+        return "mean"
 
 
 def log1mexp(a: torch.Tensor) -> torch.Tensor:
@@ -114,18 +148,10 @@ def alm_loss(
     """ALM of teacher `teacher_index` (module doc). Returns `(loss, metrics)`; metrics (means per kept
     chunk): `alm`, `student_chunk_logprob`, `teacher_chunk_logprob`, and `kept_fraction` (kept / valid
     chunks, debiasing)."""
-    check_choice("divergence", divergence, DIVERGENCES)
+    ALMOptions(teacher_index=teacher_index, tau=tau, divergence=divergence, debias_gamma=debias_gamma,
+               teacher_boundary_tokens=teacher_boundary_tokens, student_boundary_tokens=student_boundary_tokens,
+               correct_only=correct_only, eps=eps, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     tau = float(tau)
-    if not tau > 0 or math.isinf(tau):
-        raise LossOptionError(f"tau must be a finite number > 0, got {tau!r}")
-    if debias_gamma is not None:
-        if not 0.0 <= float(debias_gamma) <= 1.0:
-            raise LossOptionError(f"debias_gamma must be in [0, 1] or None, got {debias_gamma!r}")
-        if teacher_boundary_tokens is None and student_boundary_tokens is None:
-            raise LossOptionError(
-                "alm: debias_gamma needs teacher_boundary_tokens and/or student_boundary_tokens (ids or a bool mask "
-                "of the tokens that start a new piece, e.g. those whose bytes begin with whitespace, and EOS)"
-            )
     form, t_main = _teacher_form(teacher_outputs)
     if student_logits.dim() != 3:
         raise LossInputError(f"alm: student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
@@ -272,3 +298,19 @@ def _teacher_boundary_ok(teacher_outputs, form, t_main, batch, units, tokens, ga
         mass = torch.where(listed, torch.exp(lpq), torch.zeros_like(lpq)).sum(dim=1)
     return ~has_next | (mass >= gamma)
 
+
+
+class ALMLoss(LossModule):
+    """`alm_loss` with fixed options (boundary token masks/ids are kept as given)."""
+
+    function = staticmethod(alm_loss)
+    options_type = ALMOptions
+
+    def __init__(self, *, teacher_index: int = 0, tau: float = DEFAULT_TAU, divergence: str = "bce",
+                 debias_gamma: float | None = None, teacher_boundary_tokens=None, student_boundary_tokens=None,
+                 correct_only: bool = True, eps: float = 1e-6, position_chunk_size: int | None = None,
+                 check_inputs: bool = False):
+        super().__init__(teacher_index=teacher_index, tau=tau, divergence=divergence, debias_gamma=debias_gamma,
+                         teacher_boundary_tokens=teacher_boundary_tokens,
+                         student_boundary_tokens=student_boundary_tokens, correct_only=correct_only, eps=eps,
+                         position_chunk_size=position_chunk_size, check_inputs=check_inputs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from xtoken_core.config import Config, config, option
+
 from xtoken_loss.chunked import (
     attach_grad,
     compute_dtype,
@@ -17,8 +19,21 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_core.errors import LossInputError
+from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_finite, get_key, next_token_mask
+
+TEACHER_FORMS = ()  # uses no teacher
+
+
+@config
+class CEOptions(Config):
+    """Options of `ce_loss` / `CELoss`."""
+
+    error_type = LossOptionError
+
+    position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
+    check_inputs: bool = option(False, help="check the logits for NaN/inf and input_ids for range (syncs)")
 
 
 def ce_loss(
@@ -34,6 +49,7 @@ def ce_loss(
 
     Returns `(loss, metrics)`; metrics: `ce` (mean nats per valid position).
     """
+    CEOptions(position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     if batch is None:
         raise LossInputError("ce_loss needs the batch (input_ids, token_mask, sample_mask)")
     if student_logits.dim() != 3:
@@ -76,3 +92,13 @@ def ce_loss(
     loss = total / norm
     metrics = {"ce": (total / num_units.to(cdt).clamp_min(1)).detach()}
     return attach_grad(student_logits, loss, grad.view(B, L, V) if want_grad else None), metrics
+
+
+class CELoss(LossModule):
+    """`ce_loss` (next-token cross-entropy); `teacher_outputs` is ignored."""
+
+    function = staticmethod(ce_loss)
+    options_type = CEOptions
+
+    def __init__(self, *, position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__(position_chunk_size=position_chunk_size, check_inputs=check_inputs)

@@ -10,7 +10,8 @@ Collision rule (one partner per teacher token): when several student rows choose
 column, the pair with the largest weight wins; ties go to the lowest student id. The losers become
 uncommon. The rule depends on W only, never on the batch.
 
-Per valid chunk, with q the student's and p the teacher's chunk distribution (`uld.py` chunk forms):
+Per valid chunk, with q the student's and p the teacher's chunk distribution (`uld.py` chunk forms,
+run by `xtoken_loss/chunk_runner.py`):
 - principled (default, `public=False`): chunk form `"start"`;
   `loss_c = T^2 * common_weight * KL(p_C / p(C) || q_C / q(C)) + uncommon_weight * L1(sort q_U, sort p_U)`,
   a true KL between the renormalised common-set distributions (>= 0), and the full sorted L1 over the
@@ -27,17 +28,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from xtoken_loss.chunked import check_choice, check_temperature
+from xtoken_core.config import config, option
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_loss.chunk_runner import prepare, run_units
+from xtoken_loss.losses.uld import ChunkLossOptions
+from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection
-from xtoken_loss.losses.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
 ROW_KIND_EXACT = 1  # `row_kind` value of exact rows in a projection artifact (CONTRACTS §4 extra tensor)
+TEACHER_FORMS = ("logits",)
+
+
+@config
+class HybridOptions(ChunkLossOptions):
+    """Options of `hybrid_loss` and `gold_loss` / `GOLDLoss` (module doc; public form: chunk form
+    `"mean_log"`, tail cut 8192)."""
+
+    public_form: ClassVar[str] = "mean_log"
+
+    common_weight: float = option(1.0, help="weight of the common-set KL")
+    uncommon_weight: float = option(1.0, help="weight of the sorted L1 on the uncommon entries")
+
+    @property
+    def cut(self) -> int | None:
+        """The tail cut in use (`tail_cut`, else the public form's)."""
+        return self.tail_cut if self.tail_cut is not None else (PUBLIC_TAIL_CUT if self.public else None)
+
+
+@config
+class GOLDOptions(HybridOptions):
+    """Options of `gold_loss` / `GOLDLoss`: the hybrid's (the common set comes from the artifact)."""
+
+
+@config
+class HKLOptions(HybridOptions):
+    """Options of `hkl_loss` / `HKLLoss`: the hybrid's plus the common-set `threshold`."""
+
+    threshold: float = option(DEFAULT_THRESHOLD, help="a student row is common when its top W weight is >= this",
+                              gt=0, max=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +125,7 @@ def common_by_threshold(projection, threshold: float = DEFAULT_THRESHOLD) -> Com
     (the first such slot on equal weights), collisions by the rule in the module doc."""
     th = float(threshold)
     if not 0.0 < th <= 1.0:
-        raise LossOptionError(f"threshold must be in (0, 1], got {threshold!r}")
+        raise LossOptionError(f"threshold must be in (0, 1], got {threshold!r}")  # also HKLOptions.threshold
     proj = projection if isinstance(projection, Projection) else as_projection(projection, "cpu")
     idx, w = proj.indices.cpu(), proj.weights.cpu().to(torch.float64)
     w = torch.where(idx >= 0, w, torch.full_like(w, -1.0))
@@ -157,10 +192,10 @@ def hybrid_loss(
     """KL on the common set `common` (a `CommonSet` or a `[V_s]` map) + sorted L1 on the rest
     (module doc). Returns `(loss, metrics)`; metrics (means per valid chunk): `common_kl` (without
     T^2), `uncommon_l1`, `teacher_common_mass`, `student_common_mass`."""
-    T = check_temperature(temperature)
-    form = chunk_form if chunk_form is not None else ("mean_log" if public else "start")
-    check_choice("chunk_form", form, CHUNK_FORMS)
-    tail_cut = check_tail_cut(tail_cut if tail_cut is not None else (PUBLIC_TAIL_CUT if public else None))
+    o = HybridOptions(teacher_index=teacher_index, temperature=temperature, public=public, common_weight=common_weight,
+                      uncommon_weight=uncommon_weight, chunk_form=chunk_form, tail_cut=tail_cut,
+                      correct_only=correct_only, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+    T, form, tail_cut = float(temperature), o.form, o.cut
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]
@@ -293,3 +328,80 @@ def teacher_logits_width(teacher_outputs) -> int:
     from xtoken_loss.losses.uld import teacher_logits_of
 
     return teacher_logits_of(teacher_outputs, "hkl").shape[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The multi-teacher loss's per-teacher preparation (registry hook `prepare_teacher`): the common set,
+# computed once per teacher instead of on every call.
+
+
+def prepare_hkl_teacher(spec, projection) -> dict:
+    """`common` for an H-KL teacher from its loaded projection (unless its options give one)."""
+    if "common" in spec.loss_options:
+        return {}
+    return {"common": common_by_threshold(projection, spec.loss_options.get("threshold", DEFAULT_THRESHOLD))}
+
+
+def prepare_gold_teacher(spec, projection) -> dict:
+    """`common` for a GOLD teacher: the exact rows of its artifact (unless its options give one)."""
+    if "common" in spec.loss_options:
+        return {}
+    return {"common": common_exact(spec.projection)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+
+
+class _HybridModule(LossModule):
+    @property
+    def common(self) -> CommonSet:
+        return self.artifact("common")
+
+
+class HKLLoss(_HybridModule):
+    """`hkl_loss` with fixed options; the common set is computed once from `projection` (a
+    `Projection`, an artifact directory or `(indices, weights)`) at `threshold`, or given as `common`."""
+
+    function = staticmethod(hkl_loss)
+    options_type = HKLOptions
+
+    def __init__(self, projection=None, *, common: CommonSet | None = None, threshold: float = DEFAULT_THRESHOLD,
+                 teacher_index: int = 0, temperature: float = 1.0, public: bool = False, common_weight: float = 1.0,
+                 uncommon_weight: float = 1.0, chunk_form: str | None = None, tail_cut: int | None = None,
+                 correct_only: bool = True, position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__(threshold=threshold, teacher_index=teacher_index, temperature=temperature, public=public,
+                         common_weight=common_weight, uncommon_weight=uncommon_weight, chunk_form=chunk_form,
+                         tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                         check_inputs=check_inputs)
+        del self.options["threshold"]  # used here, once; the function gets the common set
+        if common is None:
+            if projection is None:
+                raise LossOptionError("HKLLoss: pass a projection (or a precomputed common=common_by_threshold(...))")
+            common = common_by_threshold(projection, threshold)
+        self.register_artifact("common", _as_common(common, "cpu"))
+
+
+class GOLDLoss(_HybridModule):
+    """`gold_loss` with fixed options; `common`: a `CommonSet`, a `[V_s]` exact map, or an artifact
+    directory whose `row_kind` marks the exact rows (or pass that directory as `projection`)."""
+
+    function = staticmethod(gold_loss)
+    options_type = GOLDOptions
+
+    def __init__(self, common=None, *, projection=None, teacher_index: int = 0, temperature: float = 1.0,
+                 public: bool = False, common_weight: float = 1.0, uncommon_weight: float = 1.0,
+                 chunk_form: str | None = None, tail_cut: int | None = None, correct_only: bool = True,
+                 position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__(teacher_index=teacher_index, temperature=temperature, public=public,
+                         common_weight=common_weight, uncommon_weight=uncommon_weight, chunk_form=chunk_form,
+                         tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                         check_inputs=check_inputs)
+        if common is None:
+            if projection is None:
+                raise LossOptionError(
+                    "GOLDLoss: pass common=... (a [V_s] map of exactly matching teacher ids) or projection=<artifact "
+                    "directory> (its row_kind marks exact rows)"
+                )
+            common = projection
+        self.register_artifact("common", common_exact(common))

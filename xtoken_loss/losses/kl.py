@@ -16,12 +16,13 @@ top-k inputs, because the teacher's rest mass at another temperature is not reco
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from xtoken_core.config import Config, config, option
 from xtoken_loss.chunked import (
     attach_grad,
-    check_choice,
-    check_temperature,
     coarse_divergence,
     compute_dtype,
     needs_grad,
@@ -30,10 +31,25 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_finite, next_token_mask
 
-DIRECTIONS = ("forward", "reverse")
-TAILS = ("bucket", "renormalize")
+TEACHER_FORMS = ("logits", "topk")
+
+
+@config
+class KLOptions(Config):
+    """Options of `kl_loss` / `KLLoss` (module doc)."""
+
+    error_type = LossOptionError
+
+    temperature: float = option(1.0, help="softmax temperature of both models", gt=0)
+    direction: Literal["forward", "reverse"] = option("forward", help="'forward' KL(teacher || student) or "
+                                                      "'reverse' KL(student || teacher)")
+    tail: Literal["bucket", "renormalize"] = option("bucket", help="top-k teachers: one rest outcome ('bucket') or "
+                                                    "both renormalised over the listed tokens ('renormalize')")
+    position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
+    check_inputs: bool = option(False, help="check the inputs for NaN/inf and top-k indices (syncs)")
 
 
 def _teacher_form(teacher_outputs):
@@ -68,9 +84,9 @@ def kl_loss(
     positions are next-token positions (see `units.next_token_mask`). Returns `(loss, metrics)`;
     metrics: `kl` (mean KL per valid position, without the T^2 factor).
     """
-    check_choice("direction", direction, DIRECTIONS)
-    check_choice("tail", tail, TAILS)
-    T = check_temperature(temperature)
+    KLOptions(temperature=temperature, direction=direction, tail=tail, position_chunk_size=position_chunk_size,
+              check_inputs=check_inputs)
+    T = float(temperature)
     if student_logits.dim() != 3:
         raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
     B, L, V = student_logits.shape
@@ -191,3 +207,15 @@ def _topk_rows(p, lp, idx, T, direction, tail):
         p.mul_(scale[:, None])
 
     return loss_row, coef
+
+
+class KLLoss(LossModule):
+    """`kl_loss` (same-vocab KD) with fixed options."""
+
+    function = staticmethod(kl_loss)
+    options_type = KLOptions
+
+    def __init__(self, *, temperature: float = 1.0, direction: str = "forward", tail: str = "bucket",
+                 position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__(temperature=temperature, direction=direction, tail=tail,
+                         position_chunk_size=position_chunk_size, check_inputs=check_inputs)

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xtoken_loss.chunked import check_choice, check_temperature, compute_dtype, resolve_normalizer, rows_per_chunk
+from xtoken_core.config import config
+from xtoken_loss.chunked import compute_dtype, resolve_normalizer, rows_per_chunk
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import (
     ARTIFACT_KIND,
@@ -43,9 +44,22 @@ from xtoken_loss.projection import (
     reduce_column_scores,
     top_columns,
 )
+from xtoken_loss.losses.pkl import PKLOptions
+from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
 LEARNED_METHOD = "learned"
+TEACHER_FORMS = ("logits",)
+
+
+@config
+class LearnedPKLOptions(PKLOptions):
+    """Options of `learned_pkl_loss` / `LearnedPKLLoss`: the principled P-KL's (`public` stays False)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.public:
+            raise self.fail("learned_pkl: the learned W trains the principled P-KL only; leave public=False")
 
 
 class LearnedProjection(nn.Module):
@@ -216,8 +230,10 @@ def learned_pkl_loss(
 
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
-    check_choice("direction", direction, ("forward", "reverse"))
-    T = check_temperature(temperature)
+    LearnedPKLOptions(teacher_index=teacher_index, temperature=temperature, direction=direction,
+                      top_k_columns=top_k_columns, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                      check_inputs=check_inputs)
+    T = float(temperature)
     zt = teacher_logits_of(teacher_outputs, "learned_pkl")
     B, Ls, Vs = student_logits.shape
     Lt, Vt = zt.shape[1], zt.shape[2]
@@ -319,22 +335,22 @@ def learned_pkl_loss(
     return out, metrics
 
 
-class LearnedPKLLoss(nn.Module):
+class LearnedPKLLoss(LossModule):
     """`learned_pkl_loss` as a module that owns the `LearnedProjection` (its `theta` is a parameter of
     this module, so `optimizer = Adam(list(student.parameters()) + list(loss.parameters()))` trains W)."""
+
+    function = staticmethod(learned_pkl_loss)
+    options_type = LearnedPKLOptions
 
     def __init__(self, projection, *, teacher_index: int = 0, temperature: float = 1.0, direction: str = "forward",
                  top_k_columns: int | None = 8192, correct_only: bool = True, process_group=None,
                  position_chunk_size: int | None = None, check_inputs: bool = False):
-        super().__init__()
-        check_temperature(temperature)
-        check_choice("direction", direction, ("forward", "reverse"))
+        super().__init__(teacher_index=teacher_index, temperature=temperature, direction=direction,
+                         top_k_columns=top_k_columns, correct_only=correct_only, process_group=process_group,
+                         position_chunk_size=position_chunk_size, check_inputs=check_inputs)
         self.projection = projection if isinstance(projection, LearnedProjection) else (
             LearnedProjection.from_artifact(projection) if isinstance(projection, (str, Path))
-            else LearnedProjection(projection))
-        self.options = dict(teacher_index=teacher_index, temperature=temperature, direction=direction,
-                            top_k_columns=top_k_columns, correct_only=correct_only, process_group=process_group,
-                            position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+            else LearnedProjection(projection))  # a submodule: its theta is trained
 
     def forward(self, student_logits, teacher_outputs, batch, *, normalizer=None):
         return learned_pkl_loss(student_logits, teacher_outputs, batch, projection=self.projection,

@@ -27,12 +27,13 @@ chunks). Teacher outputs are treated as constants (no gradient).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from xtoken_core.config import Config, config, option
 from xtoken_loss.chunked import (
     attach_grad,
-    check_choice,
-    check_temperature,
     coarse_divergence,
     compute_dtype,
     exp_rows,
@@ -50,10 +51,39 @@ from xtoken_loss.projection import (
     restrict_projection,
     top_columns,
 )
+from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
-DIRECTIONS = ("forward", "reverse")
 DEFAULT_TOP_K_COLUMNS = 8192
+TEACHER_FORMS = ("logits",)
+
+
+@config
+class PKLOptions(Config):
+    """Options of `pkl_loss` / `PKLLoss` (module doc); the projection and `columns` are passed beside."""
+
+    error_type = LossOptionError
+
+    teacher_index: int = option(0, help="which teacher's batch keys (teacher_{i}_*, alignment_{i}_*) to read", min=0)
+    temperature: float = option(1.0, help="softmax temperature of both models", gt=0)
+    direction: Literal["forward", "reverse"] = option("forward", help="'forward' KL(teacher || student) or "
+                                                      "'reverse' KL(student || teacher)")
+    top_k_columns: int | None = option(DEFAULT_TOP_K_COLUMNS, help="teacher columns compared (None: every "
+                                       "reachable column)", min=1)
+    public: bool = option(False, help="reproduce the published P-KL (chunk means, raw-logit column choice)")
+    correct_only: bool = option(True, help="count only chunks whose pair is correct (pair_is_correct)")
+    position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
+    public_eps: float = option(1e-10, help="public form: clamp of the projected student probability", gt=0)
+    check_inputs: bool = option(False, help="check the inputs for NaN/inf and bad chunk ids (syncs)")
+
+    def check(self) -> None:
+        if self.public and self.direction != "forward":
+            raise self.fail("pkl: public=True reproduces the published forward P-KL only; use direction='forward'")
+
+    @property
+    def unit_mode(self) -> str:
+        """`units.chunk_units` mode: chunk starts (principled) or every position of the chunk (public)."""
+        return "mean" if self.public else "start"
 
 
 def _teacher_logits(teacher_outputs) -> torch.Tensor:
@@ -95,12 +125,10 @@ def pkl_loss(
     T^2), `teacher_mass_in_columns`; principled form also `teacher_reachable_mass` and
     `student_mapped_mass`.
     """
-    check_choice("direction", direction, DIRECTIONS)
-    T = check_temperature(temperature)
-    if public and direction != "forward":
-        raise LossOptionError("pkl: public=True reproduces the published forward P-KL only; use direction='forward'")
-    if top_k_columns is not None and (not isinstance(top_k_columns, int) or top_k_columns < 1):
-        raise LossOptionError(f"top_k_columns must be a positive integer or None, got {top_k_columns!r}")
+    PKLOptions(teacher_index=teacher_index, temperature=temperature, direction=direction, top_k_columns=top_k_columns,
+               public=public, correct_only=correct_only, position_chunk_size=position_chunk_size,
+               public_eps=public_eps, check_inputs=check_inputs)
+    T = float(temperature)
     zt = _teacher_logits(teacher_outputs)
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
@@ -331,3 +359,25 @@ def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, co
         h.div_(T)
         grad.index_copy_(0, rows, h if h.dtype == grad.dtype else h.to(grad.dtype))
     return total, grad, metrics
+
+
+class PKLLoss(LossModule):
+    """`pkl_loss` with fixed options. `projection`: a `Projection`, an artifact directory, or
+    `(indices, weights)`, loaded once and kept as non-persistent buffers (moved by `.to()`)."""
+
+    function = staticmethod(pkl_loss)
+    options_type = PKLOptions
+
+    def __init__(self, projection, *, teacher_index: int = 0, temperature: float = 1.0, direction: str = "forward",
+                 top_k_columns: int | None = DEFAULT_TOP_K_COLUMNS, columns: torch.Tensor | None = None,
+                 public: bool = False, correct_only: bool = True, process_group=None,
+                 position_chunk_size: int | None = None, public_eps: float = 1e-10, check_inputs: bool = False):
+        super().__init__(teacher_index=teacher_index, temperature=temperature, direction=direction,
+                         top_k_columns=top_k_columns, columns=columns, public=public, correct_only=correct_only,
+                         process_group=process_group, position_chunk_size=position_chunk_size,
+                         public_eps=public_eps, check_inputs=check_inputs)
+        self.register_artifact("projection", as_projection(projection, "cpu"))
+
+    @property
+    def projection(self):
+        return self.artifact("projection")

@@ -11,303 +11,64 @@ distribution" is on each side is the `chunk_form`:
 - `"mean_log"` (public H-KL / GOLD hybrid): `exp` of the mean over the chunk's positions of the
   log-softmax (a geometric mean; not normalised).
 
-This module also holds the machinery the hybrid losses (`hybrid.py`) share: unit grouping, the chunk
-distributions, the sorted L1 with its gradient, and a runner that processes a few units at a time:
-it gathers their logit rows, computes the per-unit loss and its gradient on that small slice (by hand
-for the `"start"` form, with autograd on the slice for the other forms), and writes the slice's
-gradient into one logits-sized buffer, attached to the loss with `chunked.attach_grad`. Peak extra
-memory is a few `[n, V]` temporaries whatever the number of units; the teacher is a constant.
+The chunk-unit machinery it shares with the hybrid losses (`hybrid.py`) lives in
+`xtoken_loss/chunk_runner.py` (unit grouping, chunk distributions, the memory-bounded runner) and
+`xtoken_loss/sorted_l1.py` (the sorted L1 with its gradient). `ChunkLossOptions`, the options all
+three share, is defined here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
-from xtoken_loss.chunked import (
-    attach_grad,
-    check_choice,
-    check_temperature,
-    compute_dtype,
-    needs_grad,
-    resolve_normalizer,
-    rows_per_chunk,
-    softmax_rows,
-)
-from xtoken_core.errors import LossInputError, LossOptionError
-from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
+from xtoken_core.config import Config, config, option
+from xtoken_core.errors import LossOptionError
+from xtoken_loss.chunk_runner import prepare, run_units, teacher_logits_of  # noqa: F401  (teacher_logits_of: old home)
+from xtoken_loss.modules import LossModule
+from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
 
-CHUNK_FORMS = ("start", "chain", "mean_log")
+TEACHER_FORMS = ("logits",)
+ChunkForm = Literal["start", "chain", "mean_log"]
 
 
-def teacher_logits_of(teacher_outputs, loss_name: str) -> torch.Tensor:
-    """The teacher's full logits `[B, T_t, V_t]` from a tensor or `{'logits': ...}`."""
-    if isinstance(teacher_outputs, torch.Tensor):
-        return teacher_outputs
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is not None:
-        return teacher_outputs["logits"]
-    raise LossInputError(
-        f"{loss_name}: teacher_outputs must be the teacher's full logits [B, T_t, V_t] (a tensor or "
-        "{'logits': ...}): the sorted-probability comparison needs the teacher's whole distribution. With "
-        "per-position top-k teacher outputs use 'alm' (needs target_logprob) or 'kl'"
-    )
+@config
+class ChunkLossOptions(Config):
+    """Options every chunk-unit loss (ULD, H-KL, GOLD) shares."""
+
+    error_type = LossOptionError
+
+    teacher_index: int = option(0, help="which teacher's batch keys (teacher_{i}_*, alignment_{i}_*) to read", min=0)
+    temperature: float = option(1.0, help="softmax temperature of both models", gt=0)
+    public: bool = option(False, help="reproduce the published form (its chunk form and tail cut)")
+    chunk_form: ChunkForm | None = option(None, help="chunk distribution: 'start', 'chain' or 'mean_log' "
+                                          "(None: the form's default)")
+    tail_cut: int | None = option(None, help="keep only the largest entries of each sorted vector (None: all)",
+                                  min=1)
+    correct_only: bool = option(True, help="count only chunks whose pair is correct (pair_is_correct)")
+    position_chunk_size: int | None = option(None, help="units per step (None: automatic from the width)", min=1)
+    check_inputs: bool = option(False, help="check the inputs for NaN/inf and bad chunk ids (syncs)")
+
+    default_form: ClassVar[str] = "start"  # the chunk form without public=True
+    public_form: ClassVar[str] = "chain"  # ... and with it
+
+    @property
+    def form(self) -> str:
+        """The chunk form in use (`chunk_form`, else the default of the principled or public form)."""
+        if self.chunk_form is not None:
+            return self.chunk_form
+        return type(self).public_form if self.public else type(self).default_form
+
+    @property
+    def unit_mode(self) -> str:
+        """How `units.chunk_units` turns a chunk into a unit for this form: `"start"` or `"mean"`."""
+        return "start" if self.form == "start" else "mean"
 
 
-def check_tail_cut(tail_cut) -> int | None:
-    if tail_cut is not None and (not isinstance(tail_cut, int) or isinstance(tail_cut, bool) or tail_cut < 1):
-        raise LossOptionError(f"tail_cut must be a positive integer or None, got {tail_cut!r}")
-    return tail_cut
-
-
-# --------------------------------------------------------------------------------------------------
-# Units and chunk distributions
-
-
-@dataclass(frozen=True, eq=False)
-class UnitRows:
-    """For each unit u (U of them), the logit rows of one side: `rows[unit == u]`, ordered, with
-    `unit` non-decreasing. `targets[r]` is the token row r predicts (chain form only)."""
-
-    rows: torch.Tensor  # [N] flat row indices b * L + p
-    unit: torch.Tensor  # [N] unit of each row, non-decreasing
-    num_units: int
-    targets: torch.Tensor | None = None  # [N]
-
-    def bounds(self, starts: list[int]) -> list[int]:
-        """Row offsets of the unit offsets `starts` (one host sync)."""
-        pos = torch.searchsorted(self.unit, torch.as_tensor(starts, dtype=self.unit.dtype, device=self.unit.device))
-        return pos.tolist()
-
-
-def unit_rows(units: ChunkUnits, side: str, form: str, input_ids: torch.Tensor | None) -> UnitRows:
-    """The rows each unit reads on `side` ("student" / "teacher") for chunk form `form`."""
-    rows = units.student_rows if side == "student" else units.teacher_rows
-    if form == "start":
-        U = rows.shape[0]
-        return UnitRows(rows, torch.arange(U, device=rows.device), U)
-    unit = units.student_unit if side == "student" else units.teacher_unit
-    U = units.student_count.shape[0]
-    targets = None
-    if form == "chain":
-        if input_ids is None:
-            raise LossInputError(f"chunk_form='chain' needs the {side}'s input_ids in the batch")
-        targets = input_ids.reshape(-1)[rows + 1]  # row p predicts token p + 1 (same sample: p < L - 1)
-    return UnitRows(rows, unit, U, targets)
-
-
-def unit_log_dists(z: torch.Tensor, unit: torch.Tensor, n_units: int, form: str, temperature: float,
-                   targets: torch.Tensor | None = None) -> torch.Tensor:
-    """`[n_units, V]` log chunk distributions from logit rows `z [r, V]` (rows of units 0..n_units-1,
-    `unit [r]` non-decreasing). Differentiable; `z` should already be in the compute dtype."""
-    lp = torch.log_softmax(z / temperature, dim=1)  # [r, V]
-    if form == "start":
-        return lp
-    if form == "mean_log":
-        counts = torch.bincount(unit, minlength=n_units).to(lp.dtype)
-        out = torch.zeros(n_units, lp.shape[1], dtype=lp.dtype, device=lp.device)
-        return out.index_add(0, unit, lp) / counts.clamp_min(1)[:, None]
-    # chain: first row's distribution + the log-probabilities of the later rows' actual tokens
-    first = torch.ones_like(unit, dtype=torch.bool)
-    first[1:] = unit[1:] != unit[:-1]
-    tok = lp.gather(1, targets[:, None]).squeeze(1)  # [r]
-    extra = torch.zeros(n_units, dtype=lp.dtype, device=lp.device)
-    extra = extra.index_add(0, unit, torch.where(first, torch.zeros_like(tok), tok))
-    return lp[first] + extra[:, None]
-
-
-# --------------------------------------------------------------------------------------------------
-# The chunked autograd runner
-
-
-def run_units(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    units: ChunkUnits,
-    batch: dict,
-    teacher_index: int,
-    unit_fn,
-    *,
-    form: str,
-    temperature: float,
-    normalizer,
-    position_chunk_size: int | None,
-    metric_names: tuple[str, ...],
-    prob_fn=None,
-):
-    """Sum `unit_fn(log_q_student [n, V_s], log_p_teacher [n, V_t]) -> (loss [n], {name: [n]})` over
-    the units, n at a time, with the student gradient computed per group. Returns
-    `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit).
-
-    `prob_fn(q [n, V_s], p [n, V_t], want_grad) -> (loss [n], d loss / d q [n, V_s] or None, metrics)`,
-    when given, replaces `unit_fn` for the `"start"` form: it works on the normalised probabilities
-    with a hand-written gradient (no autograd graph; it may overwrite `p`), and the softmax backward
-    is applied here."""
-    B, Ls, Vs = student_logits.shape
-    _, Lt, Vt = teacher_logits.shape
-    dev = student_logits.device
-    cdt = compute_dtype(student_logits.dtype)
-    norm = resolve_normalizer(normalizer, units.num_units, cdt)
-    ids_s = batch.get("input_ids") if form == "chain" else None
-    ids_t = batch.get(f"teacher_{teacher_index}_input_ids") if form == "chain" else None
-    if ids_s is not None:
-        ids_s = get_key(batch, "input_ids", (B, Ls)).to(dev)
-    if ids_t is not None:
-        ids_t = get_key(batch, f"teacher_{teacher_index}_input_ids", (B, Lt)).to(dev)
-    s_side = unit_rows(units, "student", form, ids_s)
-    t_side = unit_rows(units, "teacher", form, ids_t)
-    U = s_side.num_units
-    n = rows_per_chunk(position_chunk_size, max(Vs, Vt))
-    starts = list(range(0, U, n)) + [U]
-    sb = s_side.bounds(starts) if form != "start" else starts
-    tb = t_side.bounds(starts) if form != "start" else starts
-    zs_flat = student_logits.reshape(B * Ls, Vs)
-    zt_flat = teacher_logits.reshape(B * Lt, Vt)
-    want_grad = needs_grad(student_logits)
-    grad = torch.zeros_like(zs_flat) if want_grad else None
-    total = torch.zeros((), dtype=cdt, device=dev)
-    sums = {k: torch.zeros((), dtype=cdt, device=dev) for k in metric_names}
-    for g in range(len(starts) - 1):
-        u0, u1 = starts[g], starts[g + 1]
-        s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
-        rows = s_side.rows[s0:s1]
-        if prob_fn is not None and form == "start":
-            with torch.no_grad():
-                p, _ = softmax_rows(zt_flat[t_side.rows[t0:t1]], temperature)
-                q, _ = softmax_rows(zs_flat[rows], temperature)
-                loss_u, g, extra = prob_fn(q, p, want_grad)
-                if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
-                    g.sub_((q * g).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / (temperature * norm))
-                    grad[rows] = g.to(grad.dtype)
-                total += loss_u.sum()
-                for k in metric_names:
-                    sums[k] += extra[k].sum()
-            del q, g, p
-            continue
-        with torch.no_grad():
-            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
-            t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
-            log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
-            del zt
-        z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
-        s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
-        with torch.enable_grad() if want_grad else torch.no_grad():
-            log_q = unit_log_dists(z, s_side.unit[s0:s1] - u0, u1 - u0, form, temperature, s_tg)
-            loss_u, extra = unit_fn(log_q, log_p)
-            group_total = loss_u.sum()
-        if want_grad:
-            (gz,) = torch.autograd.grad(group_total, z)
-            grad.index_add_(0, rows, (gz / norm).to(grad.dtype))
-        total += group_total.detach()
-        for k in metric_names:
-            sums[k] += extra[k].detach().sum()
-        del z, log_q, log_p
-    count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: (v / count).detach() for k, v in sums.items()}
-    loss = total / norm
-    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
-
-
-def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index, correct_only, check_inputs,
-            form):
-    """Shared input checks; returns `(teacher_logits, units)`."""
-    zt = teacher_logits_of(teacher_outputs, loss_name)
-    if student_logits.dim() != 3 or zt.dim() != 3:
-        raise LossInputError(
-            f"{loss_name}: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must "
-            "be [B, T, V]"
-        )
-    B, Ls, _ = student_logits.shape
-    if zt.shape[0] != B:
-        raise LossInputError(f"{loss_name}: teacher logits batch size {zt.shape[0]} != student batch size {B}")
-    if check_inputs:
-        check_finite("student_logits", student_logits)
-        check_finite("teacher logits", zt)
-        check_chunk_ids(batch, teacher_index)
-    mode = "start" if form == "start" else "mean"
-    units = chunk_units(batch, teacher_index, B, Ls, zt.shape[1], mode=mode, correct_only=correct_only,
-                        device=student_logits.device)
-    return zt, units
-
-
-# --------------------------------------------------------------------------------------------------
-# ULD
-
-
-def _sort_desc(x: torch.Tensor, keep: int | None) -> torch.Tensor:
-    """Rows of `x` sorted descending (values only), the first `keep` of them (None: all).
-
-    On CPU the full sort runs in NumPy (values only: several times faster than `torch.sort`, which
-    also builds indices); `torch.topk` when only the largest `keep` are needed."""
-    if keep is not None and keep < x.shape[1]:
-        return torch.topk(x, keep, dim=1, sorted=True).values
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        import numpy as np
-
-        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=1)[:, ::-1]))
-    return torch.sort(x, dim=1, descending=True).values
-
-
-def sorted_l1_parts(ps: torch.Tensor, pt: torch.Tensor, tail_cut: int | None = None):
-    """`(l1 [n], s, sgn)`: the sorted-vector L1, the student's sorted values `s` and
-    `sgn = sign(s_j - t_j)` at the student's sorted positions (what `sorted_l1_grad` needs).
-    Entries are >= 0, so the zero-padded tail of the longer side adds its plain sum."""
-    s = _sort_desc(ps, tail_cut)
-    t = _sort_desc(pt, tail_cut)
-    w0 = min(s.shape[1], t.shape[1])
-    diff = s[:, :w0] - t[:, :w0]
-    l1 = diff.abs().sum(dim=1) + s[:, w0:].sum(dim=1) + t[:, w0:].sum(dim=1)
-    sgn = torch.sign(diff)
-    if s.shape[1] > w0:
-        sgn = torch.cat([sgn, torch.sign(s[:, w0:])], dim=1)
-    return l1, s, sgn
-
-
-def sorted_l1_grad(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor) -> torch.Tensor:
-    """`d L1 / d ps [n, V_s]` without sort indices: along the sorted positions `sgn` is piecewise
-    constant (the sorted curves cross a few times), so an element's gradient is the sign of the
-    segment its rank falls in, and "rank >= b" is "value < s[b - 1]": a binary search among the few
-    segment thresholds instead of an argsort. Tied values take the sign at the first position of
-    their run (a valid subgradient)."""
-    n, k = s.shape
-    # a kept prefix (tail_cut): ranks >= k get sign 0, one more segment
-    sgn = torch.nn.functional.pad(sgn, (0, 1)) if k < ps.shape[1] else sgn
-    change = sgn[:, 1:] != sgn[:, :-1]  # [n, k'-1]: a new segment starts at position j + 1
-    count = change.sum(dim=1)
-    m = int(count.max()) if count.numel() else 0
-    r, j = change.nonzero(as_tuple=True)
-    slot = (torch.cumsum(change.to(torch.int64), dim=1) - 1)[r, j]
-    th = torch.full((n, m), float("-inf"), dtype=s.dtype, device=s.device)
-    th[r, slot] = s[r, j]  # segment m + 1 holds ranks >= j + 1, i.e. values < s[j]; descending in m
-    seg = torch.zeros(n, m + 1, dtype=sgn.dtype, device=sgn.device)
-    seg[:, 0] = sgn[:, 0]
-    seg[r, slot + 1] = sgn[r, j + 1]
-    asc = th.flip(1).contiguous()
-    greater = m - torch.searchsorted(asc, ps.contiguous(), right=True)  # thresholds > v
-    return seg.gather(1, greater)
-
-
-class _SortedL1(torch.autograd.Function):
-    """`[n]` sorted-vector L1 with a gradient for the first argument only (the teacher is constant)."""
-
-    @staticmethod
-    def forward(ctx, ps, pt, tail_cut):
-        l1, s, sgn = sorted_l1_parts(ps, pt, tail_cut)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(ps, s, sgn)
-        return l1
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        ps, s, sgn = ctx.saved_tensors
-        return sorted_l1_grad(ps, s, sgn) * grad_out[:, None], None, None
-
-
-def sorted_l1(ps: torch.Tensor, pt: torch.Tensor, tail_cut: int | None = None) -> torch.Tensor:
-    """`[n]`: L1 between the rows of `ps [n, V_s]` and `pt [n, V_t]` sorted descending, the shorter
-    zero-padded; with `tail_cut`, only the `min(tail_cut, width)` largest entries of each side.
-    Differentiable in `ps` (`pt` is treated as a constant)."""
-    return _SortedL1.apply(ps, pt.detach(), tail_cut)
+@config
+class ULDOptions(ChunkLossOptions):
+    """Options of `uld_loss` / `ULDLoss` (public form: chunk form `"chain"`)."""
 
 
 def uld_loss(
@@ -331,10 +92,10 @@ def uld_loss(
     only the largest entries of each sorted vector (None: all). No T^2 factor (the L1 is not a KL).
     Returns `(loss, metrics)`; metrics: `uld` (mean L1 per valid chunk).
     """
-    T = check_temperature(temperature)
-    form = chunk_form if chunk_form is not None else ("chain" if public else "start")
-    check_choice("chunk_form", form, CHUNK_FORMS)
-    tail_cut = check_tail_cut(tail_cut)
+    o = ULDOptions(teacher_index=teacher_index, temperature=temperature, public=public, chunk_form=chunk_form,
+                   tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                   check_inputs=check_inputs)
+    T, form = float(temperature), o.form
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
 
@@ -349,3 +110,17 @@ def uld_loss(
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size, metric_names=("uld",),
                      prob_fn=prob_fn)
+
+
+class ULDLoss(LossModule):
+    """`uld_loss` with fixed options."""
+
+    function = staticmethod(uld_loss)
+    options_type = ULDOptions
+
+    def __init__(self, *, teacher_index: int = 0, temperature: float = 1.0, public: bool = False,
+                 chunk_form: str | None = None, tail_cut: int | None = None, correct_only: bool = True,
+                 position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__(teacher_index=teacher_index, temperature=temperature, public=public, chunk_form=chunk_form,
+                         tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                         check_inputs=check_inputs)

@@ -20,17 +20,18 @@ projection-accuracy counts and, with `normalizer="global"`, each teacher's unit 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Sequence
+import typing
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from xtoken_loss.chunked import check_choice, compute_dtype
+from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss import registry
+from xtoken_loss.chunked import compute_dtype
 from xtoken_loss.projection import Projection
 from xtoken_loss.multi_teacher.scores import (
     SCORES,
@@ -43,23 +44,14 @@ from xtoken_loss.multi_teacher.scores import (
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
 from xtoken_loss.units import count_units, next_token_mask
 
-MODES = ("sum", "averaged_logits", "select_teacher")
-WEIGHTINGS = ("static", "dynamic")
-SCORE_CHOICES = ("auto",) + SCORES
-
-# kind -> (module, function) of the library loss distilling a teacher of that kind
-LIBRARY_LOSSES = {
-    "kl": ("xtoken_loss.losses.kl", "kl_loss"),
-    "pkl": ("xtoken_loss.losses.pkl", "pkl_loss"),
-    "hkl": ("xtoken_loss.losses.hybrid", "hkl_loss"),
-    "gold": ("xtoken_loss.losses.hybrid", "gold_loss"),
-    "uld": ("xtoken_loss.losses.uld", "uld_loss"),
-    "alm": ("xtoken_loss.losses.alm", "alm_loss"),
-}
+Mode = Literal["sum", "averaged_logits", "select_teacher"]
+Weighting = Literal["static", "dynamic"]
+ScoreChoice = Literal[("auto",) + SCORES]
+MODES, WEIGHTINGS, SCORE_CHOICES = typing.get_args(Mode), typing.get_args(Weighting), typing.get_args(ScoreChoice)
 
 
-@dataclass(frozen=True, kw_only=True)
-class MultiTeacherConfig:
+@config
+class MultiTeacherConfig(Config):
     """How the teachers' losses are combined (validated when built; messages name the field).
 
     mode: `"sum"`, `"averaged_logits"` or `"select_teacher"`.
@@ -77,22 +69,21 @@ class MultiTeacherConfig:
     position_chunk_size: rows per chunk when scoring full teacher logits (None: automatic).
     """
 
-    mode: str = "sum"
-    weighting: str = "static"
-    score: str = "auto"
-    alpha: float = 1.0
-    per_sequence: bool = False
-    vocab_size_normalization: bool = False
-    projection_accuracy: bool = True
-    position_chunk_size: int | None = None
+    error_type = LossOptionError
 
-    def __post_init__(self):
-        check_choice("MultiTeacherConfig.mode", self.mode, MODES)
-        check_choice("MultiTeacherConfig.weighting", self.weighting, WEIGHTINGS)
-        check_choice("MultiTeacherConfig.score", self.score, SCORE_CHOICES)
+    mode: Mode = option("sum", help="'sum', 'averaged_logits' or 'select_teacher'")
+    weighting: Weighting = option("static", help="'static' (the teachers' weights) or 'dynamic' (softmax of alpha "
+                                  "times a score)")
+    score: ScoreChoice = option("auto", help="what dynamic weights and selection measure ('auto': bpb across "
+                                "tokenizers, else ce)")
+    alpha: float = option(1.0, help="sharpness of dynamic weights (0: the static prior)")
+    per_sequence: bool = option(False, help="weight or select per sequence instead of per batch")
+    vocab_size_normalization: bool = option(False, help="scale teacher i's KD by log V_i / log min_j V_j")
+    projection_accuracy: bool = option(True, help="report each projection teacher's projection accuracy")
+    position_chunk_size: int | None = option(None, help="rows per step when scoring (None: automatic)", min=1)
+
+    def check(self) -> None:
         a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-            raise LossOptionError(f"MultiTeacherConfig.alpha must be a finite number, got {a!r}")
         dynamic = self.weighting == "dynamic"
         if self.mode == "select_teacher" and dynamic:
             raise LossOptionError(
@@ -116,8 +107,6 @@ class MultiTeacherConfig:
                 "MultiTeacherConfig.vocab_size_normalization does nothing in mode 'averaged_logits' (all teachers "
                 "share the student's vocabulary); leave it False"
             )
-        if not isinstance(self.per_sequence, bool) or not isinstance(self.vocab_size_normalization, bool):
-            raise LossOptionError("MultiTeacherConfig.per_sequence and vocab_size_normalization must be bools")
 
     @property
     def needs_scores(self) -> bool:
@@ -140,17 +129,10 @@ def _names_param(fn, name: str) -> bool:
 
 
 def resolve_loss_fn(spec: TeacherSpec):
-    """The loss function of a teacher: its `loss_fn`, else the library function of its kind."""
+    """The loss function of a teacher: its `loss_fn`, else the registry's function of its kind."""
     if spec.loss_fn is not None:
         return spec.loss_fn
-    module, name = LIBRARY_LOSSES[spec.loss]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise LossOptionError(
-            f"teacher {spec.name!r}: loss {spec.loss!r} needs {module}.{name}, which this xtoken_loss does not have "
-            "yet; pass TeacherSpec.loss_fn or use another kind"
-        ) from None
+    return spec.loss_spec.function
 
 
 def _resolve_group(process_group):
@@ -235,20 +217,16 @@ class MultiTeacherLoss(nn.Module):
         self._argmax_cache: dict = {}  # projection-accuracy tables per teacher
 
     def _fixed_options(self, i: int) -> dict:
-        """Options set once per teacher: the projection, and for the library H-KL / GOLD their common
-        set, computed here once instead of on every call."""
+        """Options set once per teacher: the projection, and what the kind's `LossSpec.prepare_teacher`
+        computes once instead of on every call (the library H-KL / GOLD common set)."""
         spec, fn = self.teachers[i], self.loss_fns[i]
         opts = {}
         proj = self.projections[i]
         if proj is not None and _accepts(fn, "projection"):
             opts["projection"] = proj
-        if spec.loss_fn is None and spec.loss in ("hkl", "gold") and "common" not in spec.loss_options:
-            from xtoken_loss.losses import hybrid
-            if spec.loss == "hkl":
-                th = spec.loss_options.get("threshold", hybrid.DEFAULT_THRESHOLD)
-                opts["common"] = hybrid.common_by_threshold(proj, th)
-            else:
-                opts["common"] = hybrid.common_exact(spec.projection)
+        prepare = spec.loss_spec.prepare_teacher
+        if spec.loss_fn is None and prepare is not None:
+            opts.update(prepare(spec, proj))  # e.g. the H-KL / GOLD common set
         return opts
 
     def extra_repr(self) -> str:
@@ -266,15 +244,15 @@ class MultiTeacherLoss(nn.Module):
                 str(t.fingerprint) != str(self.student_fingerprint)
             ):
                 raise LossOptionError(
-                    f"teacher {t.name!r} uses loss 'kl' (same-vocab) but its fingerprint {t.fingerprint!r} "
+                    f"teacher {t.name!r} uses loss {t.loss!r} (same-vocab) but its fingerprint {t.fingerprint!r} "
                     f"differs from the student's {self.student_fingerprint!r}; a teacher with another tokenizer "
-                    "needs a cross-tokenizer loss ('pkl', 'hkl', 'gold', 'uld', 'alm')"
+                    "needs a cross-tokenizer loss (" + ", ".join(map(repr, registry.cross_tokenizer_kinds())) + ")"
                 )
             if self.student_vocab_size is not None and t.vocab_size is not None and (
                 t.vocab_size != self.student_vocab_size
             ):
                 raise LossOptionError(
-                    f"teacher {t.name!r} uses loss 'kl' (same-vocab) but its vocab_size {t.vocab_size} differs from "
+                    f"teacher {t.name!r} uses loss {t.loss!r} (same-vocab) but its vocab_size {t.vocab_size} differs from "
                     f"the student's {self.student_vocab_size}; use a cross-tokenizer loss for it"
                 )
 
@@ -285,7 +263,8 @@ class MultiTeacherLoss(nn.Module):
             if cross:
                 raise LossOptionError(
                     f"mode 'averaged_logits' averages logits over one shared vocabulary, but teacher(s) {cross} are "
-                    "cross-tokenizer; use mode 'sum' or 'select_teacher', or give only same-vocab ('kl') teachers"
+                    "cross-tokenizer; use mode 'sum' or 'select_teacher', or give only same-vocab ("
+                    + ", ".join(map(repr, registry.kinds(lambda s: s.same_vocab))) + ") teachers"
                 )
             first = self.teachers[0]
             for t in self.teachers[1:]:
@@ -505,16 +484,17 @@ class MultiTeacherLoss(nn.Module):
         return "shared"
 
     def _unit_counts(self, batch, dev) -> torch.Tensor:
+        """`[n]` each teacher's local unit count (its kind's `LossSpec.count_units` with its options)."""
         out = []
         for i, spec in enumerate(self.teachers):
-            opts = spec.loss_options
             try:
-                c = count_units(batch, spec.loss, teacher_index=i, public=bool(opts.get("public", False)),
-                                correct_only=bool(opts.get("correct_only", True)), device=dev)
-            except LossOptionError:
+                names = spec.loss_spec.option_names()  # the options that decide the units
+                opts = {k: v for k, v in spec.loss_options.items() if k in names}
+                c = spec.loss_spec.count_units(batch, teacher_index=i, device=dev, **opts)
+            except LossOptionError as exc:
                 raise LossOptionError(
-                    f"teacher {spec.name!r}: cannot count the units of loss {spec.loss!r} here; pass the normalizers "
-                    "yourself (normalizer=[...], one per teacher)"
+                    f"teacher {spec.name!r}: cannot count the units of loss {spec.loss!r} here ({exc}); pass the "
+                    "normalizers yourself (normalizer=[...], one per teacher)"
                 ) from None
             out.append(c.to(torch.float64))
         return torch.stack(out)

@@ -1,13 +1,13 @@
 """Teacher specifications for multi-teacher distillation (docs/multi_teacher.md).
 
 A `TeacherSpec` says what one teacher is (name, tokenizer fingerprint and vocab size), how much it
-counts (`weight`), which loss distils it (a CONTRACTS §5 kind name) and how its vocabulary relates to
-the student's:
-- a *same-vocab* teacher (loss `"kl"`) shares the student's tokenizer, needs no projection and
-  no alignment, and reads the student's `input_ids`;
-- a *cross-tokenizer* teacher (`"pkl"`, `"hkl"`, `"gold"`, `"uld"`, `"alm"`) reads the batch's
-  `teacher_{i}_*` / `alignment_{i}_*` keys (i = its place in the teacher list); the
-  projection-based kinds (`"pkl"`, `"hkl"`, `"gold"`) also need a projection artifact.
+counts (`weight`), which loss distils it (a CONTRACTS §5 kind name from `xtoken_loss.registry`) and
+how its vocabulary relates to the student's, as the kind's `LossSpec` says:
+- a *same-vocab* teacher (`LossSpec.same_vocab`) shares the student's tokenizer, needs no projection
+  and no alignment, and reads the student's `input_ids`;
+- a *cross-tokenizer* teacher reads the batch's `teacher_{i}_*` / `alignment_{i}_*` keys (i = its
+  place in the teacher list); the kinds with `LossSpec.needs_projection` also need a projection
+  artifact (or, where `LossSpec.takes_common`, a common set in `loss_options`).
 
 Everything a user can get wrong is checked when the spec is built, with a message naming the field.
 """
@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from xtoken_core.errors import LossOptionError, ProjectionArtifactError
+from xtoken_loss import registry
 from xtoken_loss.projection import Projection, load_projection
 
-TEACHER_LOSS_KINDS = ("pkl", "hkl", "gold", "uld", "alm", "kl")
-SAME_VOCAB_KINDS = ("kl",)
-PROJECTION_KINDS = ("pkl", "hkl", "gold")
-COMMON_SET_KINDS = ("hkl", "gold")  # may take a precomputed `common` set instead of a projection
 # Options the multi-teacher loss sets itself for each teacher; a spec must not set them.
 RESERVED_OPTIONS = ("normalizer", "teacher_index", "projection", "sequence_weights")
 
@@ -36,16 +33,16 @@ class TeacherSpec:
     """One teacher of a multi-teacher run.
 
     name: a label for metrics and messages.
-    loss: the loss kind distilling this teacher (`"pkl"`, `"hkl"`, `"gold"`, `"uld"`, `"alm"`, or
-        `"kl"` for a same-vocab teacher).
+    loss: the loss kind distilling this teacher (`registry.teacher_kinds()`; a same-vocab kind for
+        a teacher sharing the student's tokenizer).
     weight: static weight (>= 0, finite). With dynamic weights it is the prior the score softmax
         multiplies (docs/multi_teacher.md).
     fingerprint: the teacher tokenizer's fingerprint (`TokenizerInfo.fingerprint`), compared with
         the projection artifact and, for a same-vocab teacher, with the student's.
     vocab_size: the teacher tokenizer's vocab size (needed for vocab-size normalisation).
-    projection: for `"pkl"`/`"hkl"`/`"gold"`: an artifact directory, or a loaded `Projection`
-        (`"gold"` needs the directory: its `row_kind` tensor marks the exact rows); `"hkl"`/`"gold"`
-        may instead get `loss_options={"common": ...}`. None for the other kinds.
+    projection: for the kinds that need one: an artifact directory, or a loaded `Projection` (a kind
+        with `LossSpec.artifact_dir_only` needs the directory); kinds that take a common set may get
+        `loss_options={"common": ...}` instead. None for the other kinds.
     loss_options: keyword options passed to the loss function (temperature, direction, ...).
     loss_fn: a callable with the CONTRACTS §5 signature used instead of the kind's library
         function (for experiments and tests); the kind still decides the teacher's path.
@@ -64,14 +61,16 @@ class TeacherSpec:
         if not isinstance(self.name, str) or not self.name:
             raise LossOptionError(f"TeacherSpec.name must be a non-empty string, got {self.name!r}")
         who = f"teacher {self.name!r}"
-        if self.loss == "ce":
+        kinds = registry.teacher_kinds()
+        spec = registry.REGISTRY.get(self.loss) if isinstance(self.loss, str) else None
+        if spec is not None and not spec.uses_teacher:
             raise LossOptionError(
-                f"{who}: TeacherSpec.loss='ce' uses no teacher; add the student CE with "
-                "xtoken_loss.combine_losses and pick a KD kind here: " + ", ".join(map(repr, TEACHER_LOSS_KINDS))
+                f"{who}: TeacherSpec.loss={self.loss!r} uses no teacher; add the student CE with "
+                "xtoken_loss.combine_losses and pick a KD kind here: " + ", ".join(map(repr, kinds))
             )
-        if self.loss not in TEACHER_LOSS_KINDS:
+        if spec is None:
             raise LossOptionError(
-                f"{who}: TeacherSpec.loss={self.loss!r}: valid kinds are " + ", ".join(map(repr, TEACHER_LOSS_KINDS))
+                f"{who}: TeacherSpec.loss={self.loss!r}: valid kinds are " + ", ".join(map(repr, kinds))
             )
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
@@ -84,22 +83,21 @@ class TeacherSpec:
             raise LossOptionError(
                 f"{who}: TeacherSpec.vocab_size must be an integer >= 2 or None, got {self.vocab_size!r}"
             )
-        if self.loss in PROJECTION_KINDS and self.projection is None and not (
-            self.loss in COMMON_SET_KINDS and "common" in self.loss_options
-        ):
+        has_common = spec.takes_common and "common" in self.loss_options
+        if spec.needs_projection and self.projection is None and not has_common:
             raise LossOptionError(
                 f"{who}: TeacherSpec.projection is required for loss {self.loss!r} (a cross-tokenizer teacher); "
                 "pass the artifact directory from `xtoken-align build-projection` or a loaded Projection"
-                + (" (or loss_options={'common': ...})" if self.loss in COMMON_SET_KINDS else "")
+                + (" (or loss_options={'common': ...})" if spec.takes_common else "")
             )
-        if self.loss == "gold" and isinstance(self.projection, Projection) and "common" not in self.loss_options:
+        if spec.artifact_dir_only and isinstance(self.projection, Projection) and not has_common:
             raise LossOptionError(
-                f"{who}: loss 'gold' reads its exact-match common set from the artifact's `row_kind` tensor, which a "
-                "loaded Projection lacks; pass TeacherSpec.projection as the artifact directory, or "
+                f"{who}: loss {self.loss!r} reads its exact-match common set from the artifact's `row_kind` tensor, "
+                "which a loaded Projection lacks; pass TeacherSpec.projection as the artifact directory, or "
                 "loss_options={'common': ...}"
             )
-        if self.loss not in PROJECTION_KINDS and self.projection is not None:
-            why = "a same-vocab teacher needs no projection" if self.loss in SAME_VOCAB_KINDS else (
+        if not spec.needs_projection and self.projection is not None:
+            why = "a same-vocab teacher needs no projection" if spec.same_vocab else (
                 f"loss {self.loss!r} does not use one")
             raise LossOptionError(f"{who}: TeacherSpec.projection must be None for loss {self.loss!r} ({why})")
         if self.projection is not None and not isinstance(self.projection, (str, os.PathLike, Projection)):
@@ -119,13 +117,14 @@ class TeacherSpec:
             raise LossOptionError(f"{who}: TeacherSpec.loss_fn must be callable or None")
 
     @property
-    def is_same_vocab(self) -> bool:
-        """True for a teacher sharing the student's tokenizer (per-position path, no alignment)."""
-        return self.loss in SAME_VOCAB_KINDS
+    def loss_spec(self) -> registry.LossSpec:
+        """The registry's spec of this teacher's loss kind."""
+        return registry.REGISTRY[self.loss]
 
     @property
-    def needs_projection(self) -> bool:
-        return self.loss in PROJECTION_KINDS
+    def is_same_vocab(self) -> bool:
+        """True for a teacher sharing the student's tokenizer (per-position path, no alignment)."""
+        return self.loss_spec.same_vocab
 
     def load_projection(self, *, student_fingerprint: str | None = None, device=None) -> Projection | None:
         """The teacher's projection (None when its loss uses none), loaded and checked.

@@ -1,0 +1,214 @@
+"""The chunk-unit runner shared by ULD and the H-KL / GOLD hybrids.
+
+A loss over aligned chunks (CONTRACTS §2, `units.chunk_units`) compares one student and one teacher
+*chunk distribution* per valid chunk. `unit_rows` lists the logit rows each unit reads for a chunk
+form (`"start"`, `"chain"`, `"mean_log"`; `losses/uld.py` defines them), `unit_log_dists` builds the
+chunk distributions from those rows, and `run_units` processes a few units at a time: it gathers
+their logit rows, computes the per-unit loss and its gradient on that small slice (by hand for the
+`"start"` form, with autograd on the slice for the other forms), and writes the slice's gradient
+into one logits-sized buffer, attached to the loss with `chunked.attach_grad`. Peak extra memory is
+a few `[n, V]` temporaries whatever the number of units; the teacher is a constant. `prepare` holds
+the input checks these losses share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xtoken_core.errors import LossInputError
+from xtoken_loss.chunked import (
+    attach_grad,
+    compute_dtype,
+    needs_grad,
+    resolve_normalizer,
+    rows_per_chunk,
+    softmax_rows,
+)
+from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
+
+
+def teacher_logits_of(teacher_outputs, loss_name: str) -> torch.Tensor:
+    """The teacher's full logits `[B, T_t, V_t]` from a tensor or `{'logits': ...}`."""
+    if isinstance(teacher_outputs, torch.Tensor):
+        return teacher_outputs
+    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is not None:
+        return teacher_outputs["logits"]
+    raise LossInputError(
+        f"{loss_name}: teacher_outputs must be the teacher's full logits [B, T_t, V_t] (a tensor or "
+        "{'logits': ...}): the sorted-probability comparison needs the teacher's whole distribution. With "
+        "per-position top-k teacher outputs use 'alm' (needs target_logprob) or 'kl'"
+    )
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Units and chunk distributions
+
+
+@dataclass(frozen=True, eq=False)
+class UnitRows:
+    """For each unit u (U of them), the logit rows of one side: `rows[unit == u]`, ordered, with
+    `unit` non-decreasing. `targets[r]` is the token row r predicts (chain form only)."""
+
+    rows: torch.Tensor  # [N] flat row indices b * L + p
+    unit: torch.Tensor  # [N] unit of each row, non-decreasing
+    num_units: int
+    targets: torch.Tensor | None = None  # [N]
+
+    def bounds(self, starts: list[int]) -> list[int]:
+        """Row offsets of the unit offsets `starts` (one host sync)."""
+        pos = torch.searchsorted(self.unit, torch.as_tensor(starts, dtype=self.unit.dtype, device=self.unit.device))
+        return pos.tolist()
+
+
+def unit_rows(units: ChunkUnits, side: str, form: str, input_ids: torch.Tensor | None) -> UnitRows:
+    """The rows each unit reads on `side` ("student" / "teacher") for chunk form `form`."""
+    rows = units.student_rows if side == "student" else units.teacher_rows
+    if form == "start":
+        U = rows.shape[0]
+        return UnitRows(rows, torch.arange(U, device=rows.device), U)
+    unit = units.student_unit if side == "student" else units.teacher_unit
+    U = units.student_count.shape[0]
+    targets = None
+    if form == "chain":
+        if input_ids is None:
+            raise LossInputError(f"chunk_form='chain' needs the {side}'s input_ids in the batch")
+        targets = input_ids.reshape(-1)[rows + 1]  # row p predicts token p + 1 (same sample: p < L - 1)
+    return UnitRows(rows, unit, U, targets)
+
+
+def unit_log_dists(z: torch.Tensor, unit: torch.Tensor, n_units: int, form: str, temperature: float,
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n_units, V]` log chunk distributions from logit rows `z [r, V]` (rows of units 0..n_units-1,
+    `unit [r]` non-decreasing). Differentiable; `z` should already be in the compute dtype."""
+    lp = torch.log_softmax(z / temperature, dim=1)  # [r, V]
+    if form == "start":
+        return lp
+    if form == "mean_log":
+        counts = torch.bincount(unit, minlength=n_units).to(lp.dtype)
+        out = torch.zeros(n_units, lp.shape[1], dtype=lp.dtype, device=lp.device)
+        return out.index_add(0, unit, lp) / counts.clamp_min(1)[:, None]
+    # chain: first row's distribution + the log-probabilities of the later rows' actual tokens
+    first = torch.ones_like(unit, dtype=torch.bool)
+    first[1:] = unit[1:] != unit[:-1]
+    tok = lp.gather(1, targets[:, None]).squeeze(1)  # [r]
+    extra = torch.zeros(n_units, dtype=lp.dtype, device=lp.device)
+    extra = extra.index_add(0, unit, torch.where(first, torch.zeros_like(tok), tok))
+    return lp[first] + extra[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The chunked autograd runner
+
+
+def run_units(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    units: ChunkUnits,
+    batch: dict,
+    teacher_index: int,
+    unit_fn,
+    *,
+    form: str,
+    temperature: float,
+    normalizer,
+    position_chunk_size: int | None,
+    metric_names: tuple[str, ...],
+    prob_fn=None,
+):
+    """Sum `unit_fn(log_q_student [n, V_s], log_p_teacher [n, V_t]) -> (loss [n], {name: [n]})` over
+    the units, n at a time, with the student gradient computed per group. Returns
+    `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit).
+
+    `prob_fn(q [n, V_s], p [n, V_t], want_grad) -> (loss [n], d loss / d q [n, V_s] or None, metrics)`,
+    when given, replaces `unit_fn` for the `"start"` form: it works on the normalised probabilities
+    with a hand-written gradient (no autograd graph; it may overwrite `p`), and the softmax backward
+    is applied here."""
+    B, Ls, Vs = student_logits.shape
+    _, Lt, Vt = teacher_logits.shape
+    dev = student_logits.device
+    cdt = compute_dtype(student_logits.dtype)
+    norm = resolve_normalizer(normalizer, units.num_units, cdt)
+    ids_s = batch.get("input_ids") if form == "chain" else None
+    ids_t = batch.get(f"teacher_{teacher_index}_input_ids") if form == "chain" else None
+    if ids_s is not None:
+        ids_s = get_key(batch, "input_ids", (B, Ls)).to(dev)
+    if ids_t is not None:
+        ids_t = get_key(batch, f"teacher_{teacher_index}_input_ids", (B, Lt)).to(dev)
+    s_side = unit_rows(units, "student", form, ids_s)
+    t_side = unit_rows(units, "teacher", form, ids_t)
+    U = s_side.num_units
+    n = rows_per_chunk(position_chunk_size, max(Vs, Vt))
+    starts = list(range(0, U, n)) + [U]
+    sb = s_side.bounds(starts) if form != "start" else starts
+    tb = t_side.bounds(starts) if form != "start" else starts
+    zs_flat = student_logits.reshape(B * Ls, Vs)
+    zt_flat = teacher_logits.reshape(B * Lt, Vt)
+    want_grad = needs_grad(student_logits)
+    grad = torch.zeros_like(zs_flat) if want_grad else None
+    total = torch.zeros((), dtype=cdt, device=dev)
+    sums = {k: torch.zeros((), dtype=cdt, device=dev) for k in metric_names}
+    for g in range(len(starts) - 1):
+        u0, u1 = starts[g], starts[g + 1]
+        s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
+        rows = s_side.rows[s0:s1]
+        if prob_fn is not None and form == "start":
+            with torch.no_grad():
+                p, _ = softmax_rows(zt_flat[t_side.rows[t0:t1]], temperature)
+                q, _ = softmax_rows(zs_flat[rows], temperature)
+                loss_u, g, extra = prob_fn(q, p, want_grad)
+                if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
+                    g.sub_((q * g).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / (temperature * norm))
+                    grad[rows] = g.to(grad.dtype)
+                total += loss_u.sum()
+                for k in metric_names:
+                    sums[k] += extra[k].sum()
+            del q, g, p
+            continue
+        with torch.no_grad():
+            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
+            t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
+            log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
+            del zt
+        z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
+        s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            log_q = unit_log_dists(z, s_side.unit[s0:s1] - u0, u1 - u0, form, temperature, s_tg)
+            loss_u, extra = unit_fn(log_q, log_p)
+            group_total = loss_u.sum()
+        if want_grad:
+            (gz,) = torch.autograd.grad(group_total, z)
+            grad.index_add_(0, rows, (gz / norm).to(grad.dtype))
+        total += group_total.detach()
+        for k in metric_names:
+            sums[k] += extra[k].detach().sum()
+        del z, log_q, log_p
+    count = units.num_units.to(cdt).clamp_min(1)
+    metrics = {k: (v / count).detach() for k, v in sums.items()}
+    loss = total / norm
+    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
+
+
+def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index, correct_only, check_inputs,
+            form):
+    """Shared input checks; returns `(teacher_logits, units)`."""
+    zt = teacher_logits_of(teacher_outputs, loss_name)
+    if student_logits.dim() != 3 or zt.dim() != 3:
+        raise LossInputError(
+            f"{loss_name}: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must "
+            "be [B, T, V]"
+        )
+    B, Ls, _ = student_logits.shape
+    if zt.shape[0] != B:
+        raise LossInputError(f"{loss_name}: teacher logits batch size {zt.shape[0]} != student batch size {B}")
+    if check_inputs:
+        check_finite("student_logits", student_logits)
+        check_finite("teacher logits", zt)
+        check_chunk_ids(batch, teacher_index)
+    mode = "start" if form == "start" else "mean"
+    units = chunk_units(batch, teacher_index, B, Ls, zt.shape[1], mode=mode, correct_only=correct_only,
+                        device=student_logits.device)
+    return zt, units
+
