@@ -738,3 +738,108 @@ def test_full_vocabulary_gold_and_kl_from_an_artifact(tmp_path):
     exec(snippet, ns)
     assert torch.isfinite(ns["loss"]) and "teacher_0/kd" in ns["metrics"]
 
+
+
+# -------------------------------------------------------------------------------------------------
+# every loss kind: normalizer="global" and per-sequence selection (unit counts from the references)
+
+
+def _kind_problem(kind, seed=0):
+    """A synthetic batch with teachers 0 and 1 on the same alignment, the student logits, two teachers'
+    logits (teacher 1 sharpened towards the actual next tokens on sequences 0 and 2, blunted elsewhere,
+    so per-sequence CE selects it exactly there) and the two `TeacherSpec`s of loss `kind`."""
+    from reference_losses import random_logits, random_projection, synthetic_batch
+    from xtoken_loss.registry import REGISTRY
+
+    batch = synthetic_batch(seed)
+    for k in list(batch):
+        if k.startswith(("teacher_0_", "alignment_0_")):
+            batch[k.replace("_0_", "_1_", 1)] = batch[k].clone()
+    Ls, Lt = batch["input_ids"].shape[1], batch["teacher_0_input_ids"].shape[1]
+    spec = REGISTRY[kind]
+    zs = random_logits(seed + 1, (3, Ls, 40))
+    ids, mask, V = ((batch["input_ids"], batch["token_mask"], 40) if spec.same_vocab
+                    else (batch["teacher_0_input_ids"], batch["teacher_0_token_mask"], 50))
+    z0 = random_logits(seed + 2, (3, ids.shape[1], V))
+    nxt = torch.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    real = torch.zeros_like(mask)
+    real[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    onehot = torch.nn.functional.one_hot(nxt, V).to(torch.float64) * real[..., None]
+    better = torch.tensor([True, False, True])
+    z1 = z0 + 3.0 * torch.where(better, 1.0, -1.0)[:, None, None] * onehot
+    idx, w = random_projection(seed + 3, 40, 50)
+    proj = Projection.from_tensors(idx, w)
+    extra, options = {}, {}
+    if kind == "pkl":
+        extra = {"projection": proj}
+    elif kind == "hkl":
+        extra, options = {"projection": proj}, {"threshold": 0.3}
+    elif kind == "gold":
+        options = {"common": torch.arange(40) % 45}
+    specs = [TeacherSpec(name=f"t{i}", loss=kind, loss_options=options, **extra) for i in range(2)]
+    call = dict(options)
+    if kind == "hkl":
+        from xtoken_loss.losses.hybrid import common_by_threshold
+
+        call = {"common": common_by_threshold(proj, 0.3)}
+    elif kind == "pkl":
+        call["projection"] = proj
+    return batch, zs, (z0, z1), idx, w, specs, call, better
+
+
+def _units(kind, batch, zs, zt, idx, w):
+    from test_loss_registry import _reference_count  # what the float64 reference sums over
+
+    return max(_reference_count(kind, batch, zs, zt, idx, w, {}), 1)
+
+
+KINDS = ["pkl", "hkl", "gold", "uld", "alm", "kl"]
+
+
+def test_kind_tests_cover_every_teacher_kind():
+    from xtoken_loss.registry import teacher_kinds
+
+    assert set(KINDS) == set(teacher_kinds())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_global_normalizer_works_for_every_kind(kind):
+    from xtoken_loss.registry import REGISTRY
+
+    batch, zs, (z0, _z1), idx, w, specs, call, _ = _kind_problem(kind)
+    fn = REGISTRY[kind].function
+    mt = MultiTeacherLoss(specs[:1], MultiTeacherConfig(), process_group=None)
+    got, _ = mt(zs, [z0], batch, normalizer="global")
+    n = _units(kind, batch, zs, z0, idx, w)
+    want, _ = fn(zs, z0, batch, normalizer=float(n), **call)
+    assert close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_sequence_selection_works_for_every_kind(kind):
+    from xtoken_loss.registry import REGISTRY
+
+    batch, zs, zts, idx, w, specs, call, better = _kind_problem(kind)
+    spec = REGISTRY[kind]
+    mt = MultiTeacherLoss(specs, MultiTeacherConfig(mode="select_teacher", score="ce", per_sequence=True),
+                          process_group=None)
+    zs_g = zs.clone().requires_grad_()
+    got, metrics = mt(zs_g, list(zts), batch)
+    got.backward()
+    kept = batch["sample_mask"]
+    sel = better.to(torch.int64)  # teacher 1 where it was sharpened
+    zr = zs.clone().requires_grad_()
+    want = 0.0
+    for i in range(2):
+        b_i = dict(batch)
+        b_i["sample_mask"] = kept & (sel == i)
+        n = _units(kind, batch, zs, zts[i], idx, w)  # the teacher's units in *all* kept sequences
+        opts = dict(call) if spec.same_vocab else {**call, "teacher_index": i}
+        loss_i, _ = spec.function(zr, zts[i], b_i, normalizer=float(n), **opts)
+        want = want + loss_i
+    want.backward()
+    assert close(got, want, 1e-10)
+    assert torch.allclose(zs_g.grad, zr.grad, rtol=1e-9, atol=1e-12)
+    frac = float((kept & better).sum()) / float(kept.sum())
+    assert close(metrics["teacher_1/selected"], frac)

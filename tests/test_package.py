@@ -13,6 +13,13 @@ def test_xtoken_loss_never_imports_xtoken_align():
     assert out.stdout.strip() == "[]"
 
 
+def test_import_xtoken_loss_needs_neither_xtoken_align_nor_numba_nor_scipy():
+    code = ("import sys, xtoken_loss; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('xtoken_align', 'numba', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_every_contract_loss_kind_is_registered():
     import xtoken_loss
 

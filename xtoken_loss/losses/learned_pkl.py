@@ -44,7 +44,7 @@ from xtoken_loss.projection import (
     reduce_column_scores,
     top_columns,
 )
-from xtoken_loss.losses.pkl import PKLOptions
+from xtoken_loss.losses.pkl import PrincipledPKLOptions
 from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
@@ -53,13 +53,8 @@ TEACHER_FORMS = ("logits",)
 
 
 @config
-class LearnedPKLOptions(PKLOptions):
-    """Options of `learned_pkl_loss` / `LearnedPKLLoss`: the principled P-KL's (`public` stays False)."""
-
-    def check(self) -> None:
-        super().check()
-        if self.public:
-            raise self.fail("learned_pkl: the learned W trains the principled P-KL only; leave public=False")
+class LearnedPKLOptions(PrincipledPKLOptions):
+    """Options of `learned_pkl_loss` / `LearnedPKLLoss`: the principled P-KL's."""
 
 
 class LearnedProjection(nn.Module):

@@ -59,8 +59,8 @@ TEACHER_FORMS = ("logits",)
 
 
 @config
-class PKLOptions(Config):
-    """Options of `pkl_loss` / `PKLLoss` (module doc); the projection and `columns` are passed beside."""
+class PrincipledPKLOptions(Config):
+    """The options of the principled P-KL (shared with the learned-W P-KL, `learned_pkl.py`)."""
 
     error_type = LossOptionError
 
@@ -70,11 +70,22 @@ class PKLOptions(Config):
                                                       "'reverse' KL(student || teacher)")
     top_k_columns: int | None = option(DEFAULT_TOP_K_COLUMNS, help="teacher columns compared (None: every "
                                        "reachable column)", min=1)
-    public: bool = option(False, help="reproduce the published P-KL (chunk means, raw-logit column choice)")
     correct_only: bool = option(True, help="count only chunks whose pair is correct (pair_is_correct)")
     position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
-    public_eps: float = option(1e-10, help="public form: clamp of the projected student probability", gt=0)
     check_inputs: bool = option(False, help="check the inputs for NaN/inf and bad chunk ids (syncs)")
+
+    @property
+    def unit_mode(self) -> str:
+        """`units.chunk_units` mode: one unit per chunk start."""
+        return "start"
+
+
+@config
+class PKLOptions(PrincipledPKLOptions):
+    """Options of `pkl_loss` / `PKLLoss` (module doc); the projection and `columns` are passed beside."""
+
+    public: bool = option(False, help="reproduce the published P-KL (chunk means, raw-logit column choice)")
+    public_eps: float = option(1e-10, help="public form: clamp of the projected student probability", gt=0)
 
     def check(self) -> None:
         if self.public and self.direction != "forward":
