@@ -755,7 +755,7 @@ def _kind_problem(kind, seed=0):
     for k in list(batch):
         if k.startswith(("teacher_0_", "alignment_0_")):
             batch[k.replace("_0_", "_1_", 1)] = batch[k].clone()
-    Ls, Lt = batch["input_ids"].shape[1], batch["teacher_0_input_ids"].shape[1]
+    Ls = batch["input_ids"].shape[1]
     spec = REGISTRY[kind]
     zs = random_logits(seed + 1, (3, Ls, 40))
     ids, mask, V = ((batch["input_ids"], batch["token_mask"], 40) if spec.same_vocab

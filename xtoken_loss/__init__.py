@@ -9,6 +9,8 @@ an options config and a thin `nn.Module` with the same argument order; `registry
 them by kind. Formulas: docs/losses.md.
 """
 
+# ruff: noqa: F401  (the imports are the public surface; `__all__` is computed from the registry below)
+
 from xtoken_core import __version__  # one place: the installed metadata
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError, XTokenLossError
 from xtoken_loss.losses.alm import ALMLoss, ALMOptions, alm_loss

@@ -34,6 +34,26 @@ def rows_per_chunk(position_chunk_size: int | None, width: int) -> int:
     return position_chunk_size
 
 
+_CHECKED: dict = {}
+_PLAIN = (bool, int, float, str)
+
+
+def check_options(options_type, **values):
+    """`options_type(**values)` (a loss's options config: validated when built, raising
+    `LossOptionError`), remembered for plain values so a training loop's repeated calls skip the
+    validation (a dict lookup instead of building the config)."""
+    if not all(v is None or type(v) in _PLAIN for v in values.values()):
+        return options_type(**values)  # an object (a tensor of boundary ids): build it every time
+    key = (options_type, tuple((k, type(v), v) for k, v in values.items()))
+    hit = _CHECKED.get(key)
+    if hit is None:
+        hit = options_type(**values)
+        if len(_CHECKED) >= 1024:
+            _CHECKED.clear()
+        _CHECKED[key] = hit
+    return hit
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise LossOptionError(f"{name}={value!r}: valid values are {', '.join(map(repr, choices))}")

@@ -32,6 +32,7 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_loss.chunked import (
+    check_options,
     attach_grad,
     compute_dtype,
     needs_grad,
@@ -58,8 +59,10 @@ class ALMOptions(Config):
     divergence: Literal["bce", "kl"] = option("bce", help="binary divergence: 'bce' (tokenkit) or 'kl'")
     debias_gamma: float | None = option(None, help="keep a chunk only when its end is a likely token boundary "
                                         "(paper: 0.1; None: off)", min=0, max=1)
-    teacher_boundary_tokens: Any | None = option(None, help="teacher ids (or a bool mask) that start a new piece", cli=False)
-    student_boundary_tokens: Any | None = option(None, help="student ids (or a bool mask) that start a new piece", cli=False)
+    teacher_boundary_tokens: Any | None = option(None, help="teacher ids (or a bool mask) that start a new piece",
+                                                 cli=False)
+    student_boundary_tokens: Any | None = option(None, help="student ids (or a bool mask) that start a new piece",
+                                                 cli=False)
     correct_only: bool = option(True, help="count only chunks whose pair is correct (pair_is_correct)")
     eps: float = option(1e-6, help="keeps l / tau - eps < 0")
     position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
@@ -148,9 +151,10 @@ def alm_loss(
     """ALM of teacher `teacher_index` (module doc). Returns `(loss, metrics)`; metrics (means per kept
     chunk): `alm`, `student_chunk_logprob`, `teacher_chunk_logprob`, and `kept_fraction` (kept / valid
     chunks, debiasing)."""
-    ALMOptions(teacher_index=teacher_index, tau=tau, divergence=divergence, debias_gamma=debias_gamma,
-               teacher_boundary_tokens=teacher_boundary_tokens, student_boundary_tokens=student_boundary_tokens,
-               correct_only=correct_only, eps=eps, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+    check_options(ALMOptions, teacher_index=teacher_index, tau=tau, divergence=divergence, debias_gamma=debias_gamma,
+                  teacher_boundary_tokens=teacher_boundary_tokens, student_boundary_tokens=student_boundary_tokens,
+                  correct_only=correct_only, eps=eps, position_chunk_size=position_chunk_size,
+                  check_inputs=check_inputs)
     tau = float(tau)
     form, t_main = _teacher_form(teacher_outputs)
     if student_logits.dim() != 3:

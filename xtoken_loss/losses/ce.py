@@ -12,6 +12,7 @@ import torch
 from xtoken_core.config import Config, config, option
 
 from xtoken_loss.chunked import (
+    check_options,
     attach_grad,
     compute_dtype,
     needs_grad,
@@ -49,7 +50,7 @@ def ce_loss(
 
     Returns `(loss, metrics)`; metrics: `ce` (mean nats per valid position).
     """
-    CEOptions(position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+    check_options(CEOptions, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     if batch is None:
         raise LossInputError("ce_loss needs the batch (input_ids, token_mask, sample_mask)")
     if student_logits.dim() != 3:

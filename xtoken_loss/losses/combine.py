@@ -24,7 +24,7 @@ import torch
 from xtoken_core.config import Config, config, fields_of, option
 from xtoken_core.errors import LossOptionError
 from xtoken_loss import registry
-from xtoken_loss.chunked import check_choice
+from xtoken_loss.chunked import check_choice, check_options
 from xtoken_loss.losses.ce import ce_loss
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import as_projection
@@ -90,8 +90,8 @@ def kd_ce_loss(
 
     With `public=True` a KD loss with a public form (P-KL) runs in it unless `kd_options` says otherwise.
     """
-    KDCEOptions(kd=kd, scaling=scaling, kd_weight=kd_weight, ce_weight=ce_weight, public=public,
-                position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+    check_options(KDCEOptions, kd=kd, scaling=scaling, kd_weight=kd_weight, ce_weight=ce_weight, public=public,
+                  position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     spec = registry.REGISTRY[kd]
     opts = dict(kd_options or {})
     common = {"check_inputs": check_inputs, "position_chunk_size": position_chunk_size}

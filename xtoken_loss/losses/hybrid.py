@@ -36,6 +36,7 @@ from xtoken_core.config import config, option
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.losses.uld import ChunkLossOptions
+from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection
 from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
@@ -192,9 +193,10 @@ def hybrid_loss(
     """KL on the common set `common` (a `CommonSet` or a `[V_s]` map) + sorted L1 on the rest
     (module doc). Returns `(loss, metrics)`; metrics (means per valid chunk): `common_kl` (without
     T^2), `uncommon_l1`, `teacher_common_mass`, `student_common_mass`."""
-    o = HybridOptions(teacher_index=teacher_index, temperature=temperature, public=public, common_weight=common_weight,
-                      uncommon_weight=uncommon_weight, chunk_form=chunk_form, tail_cut=tail_cut,
-                      correct_only=correct_only, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+    o = check_options(HybridOptions, teacher_index=teacher_index, temperature=temperature, public=public,
+                      common_weight=common_weight, uncommon_weight=uncommon_weight, chunk_form=chunk_form,
+                      tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                      check_inputs=check_inputs)
     T, form, tail_cut = float(temperature), o.form, o.cut
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)

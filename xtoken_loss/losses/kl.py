@@ -22,6 +22,7 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_loss.chunked import (
+    check_options,
     attach_grad,
     coarse_divergence,
     compute_dtype,
@@ -84,8 +85,8 @@ def kl_loss(
     positions are next-token positions (see `units.next_token_mask`). Returns `(loss, metrics)`;
     metrics: `kl` (mean KL per valid position, without the T^2 factor).
     """
-    KLOptions(temperature=temperature, direction=direction, tail=tail, position_chunk_size=position_chunk_size,
-              check_inputs=check_inputs)
+    check_options(KLOptions, temperature=temperature, direction=direction, tail=tail,
+                  position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T = float(temperature)
     if student_logits.dim() != 3:
         raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from xtoken_core.config import config
-from xtoken_loss.chunked import compute_dtype, resolve_normalizer, rows_per_chunk
+from xtoken_loss.chunked import check_options, compute_dtype, resolve_normalizer, rows_per_chunk
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import (
     ARTIFACT_KIND,
@@ -225,9 +225,9 @@ def learned_pkl_loss(
 
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
-    LearnedPKLOptions(teacher_index=teacher_index, temperature=temperature, direction=direction,
-                      top_k_columns=top_k_columns, correct_only=correct_only, position_chunk_size=position_chunk_size,
-                      check_inputs=check_inputs)
+    check_options(LearnedPKLOptions, teacher_index=teacher_index, temperature=temperature, direction=direction,
+                  top_k_columns=top_k_columns, correct_only=correct_only, position_chunk_size=position_chunk_size,
+                  check_inputs=check_inputs)
     T = float(temperature)
     zt = teacher_logits_of(teacher_outputs, "learned_pkl")
     B, Ls, Vs = student_logits.shape

@@ -33,6 +33,7 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_loss.chunked import (
+    check_options,
     attach_grad,
     coarse_divergence,
     compute_dtype,
@@ -136,9 +137,9 @@ def pkl_loss(
     T^2), `teacher_mass_in_columns`; principled form also `teacher_reachable_mass` and
     `student_mapped_mass`.
     """
-    PKLOptions(teacher_index=teacher_index, temperature=temperature, direction=direction, top_k_columns=top_k_columns,
-               public=public, correct_only=correct_only, position_chunk_size=position_chunk_size,
-               public_eps=public_eps, check_inputs=check_inputs)
+    check_options(PKLOptions, teacher_index=teacher_index, temperature=temperature, direction=direction,
+                  top_k_columns=top_k_columns, public=public, correct_only=correct_only,
+                  position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
     T = float(temperature)
     zt = _teacher_logits(teacher_outputs)
     if student_logits.dim() != 3 or zt.dim() != 3:

@@ -26,6 +26,7 @@ import torch
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossOptionError
 from xtoken_loss.chunk_runner import prepare, run_units, teacher_logits_of  # noqa: F401  (teacher_logits_of: old home)
+from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
 from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
 
@@ -92,9 +93,9 @@ def uld_loss(
     only the largest entries of each sorted vector (None: all). No T^2 factor (the L1 is not a KL).
     Returns `(loss, metrics)`; metrics: `uld` (mean L1 per valid chunk).
     """
-    o = ULDOptions(teacher_index=teacher_index, temperature=temperature, public=public, chunk_form=chunk_form,
-                   tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
-                   check_inputs=check_inputs)
+    o = check_options(ULDOptions, teacher_index=teacher_index, temperature=temperature, public=public,
+                      chunk_form=chunk_form, tail_cut=tail_cut, correct_only=correct_only,
+                      position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T, form = float(temperature), o.form
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)

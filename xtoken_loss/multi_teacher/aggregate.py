@@ -42,7 +42,7 @@ from xtoken_loss.multi_teacher.scores import (
     teacher_score_sums,
 )
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
-from xtoken_loss.units import count_units, next_token_mask
+from xtoken_loss.units import next_token_mask
 
 Mode = Literal["sum", "averaged_logits", "select_teacher"]
 Weighting = Literal["static", "dynamic"]
@@ -252,8 +252,8 @@ class MultiTeacherLoss(nn.Module):
                 t.vocab_size != self.student_vocab_size
             ):
                 raise LossOptionError(
-                    f"teacher {t.name!r} uses loss {t.loss!r} (same-vocab) but its vocab_size {t.vocab_size} differs from "
-                    f"the student's {self.student_vocab_size}; use a cross-tokenizer loss for it"
+                    f"teacher {t.name!r} uses loss {t.loss!r} (same-vocab) but its vocab_size {t.vocab_size} differs "
+                    f"from the student's {self.student_vocab_size}; use a cross-tokenizer loss for it"
                 )
 
     def _check_mode(self) -> None:
