@@ -82,8 +82,19 @@ class LossModule(nn.Module):
 
     # the call ---------------------------------------------------------------------------------------
 
+    def artifacts_on(self, device) -> dict:
+        """Every artifact, its buffers first moved to `device` if they live elsewhere (a module never
+        moved with `.to()` follows its logits on first use, as `Projection`s passed to functions do)."""
+        device = torch.device(device)
+        for name, (_value, keys) in self._artifacts.items():
+            for k in keys:
+                b = f"{name}_{k}"
+                if self._buffers[b].device != device:
+                    self._buffers[b] = self._buffers[b].to(device)
+        return {name: self.artifact(name) for name in self._artifacts}
+
     def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
-        artifacts = {name: self.artifact(name) for name in self._artifacts}
+        artifacts = self.artifacts_on(student_logits.device)
         return type(self).function(student_logits, teacher_outputs, batch, normalizer=normalizer, **artifacts,
                                    **self.options)
 

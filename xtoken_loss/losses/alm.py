@@ -45,7 +45,7 @@ from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask
 
 DEFAULT_TAU = 100.0
-TEACHER_FORMS = ("logits", "target_logprob")
+TEACHER_FORMS = ("logits", "topk")  # top-k: `target_logprob` (+ the top-k pair when debiasing the teacher)
 
 
 @config

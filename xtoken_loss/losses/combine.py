@@ -130,7 +130,7 @@ class KDCELoss(LossModule):
 
     def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
         options = dict(self.options)
-        proj = self.artifact("projection")
+        proj = self.artifacts_on(student_logits.device)["projection"]
         if proj is not None:
             options["kd_options"] = {**options["kd_options"], "projection": proj}
         return kd_ce_loss(student_logits, teacher_outputs, batch, normalizer=normalizer, **options)
