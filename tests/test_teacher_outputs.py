@@ -317,7 +317,8 @@ def test_parser_reads_no_values():
     meta = dict(device="meta")
     z = torch.empty(2, 5, 7, **meta)
     assert as_teacher_outputs(z, loss="pkl", accepts=pkl.TEACHER_FORMS).logits is z
-    top = {"topk_logprobs": torch.empty(2, 5, 3, **meta), "topk_indices": torch.empty(2, 5, 3, dtype=torch.int64, **meta),
+    top = {"topk_logprobs": torch.empty(2, 5, 3, **meta),
+           "topk_indices": torch.empty(2, 5, 3, dtype=torch.int64, **meta),
            "target_logprob": torch.empty(2, 5, **meta)}
     t = as_teacher_outputs(top, loss="alm", accepts=alm.TEACHER_FORMS, needs=("target_logprob",))
     assert t.form == "topk" and t.device.type == "meta"
