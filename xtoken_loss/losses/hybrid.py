@@ -34,10 +34,12 @@ from xtoken_loss.chunked import check_choice, check_temperature
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.projection import Projection, as_projection
 from xtoken_loss.losses.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
 ROW_KIND_EXACT = 1  # `row_kind` value of exact rows in a projection artifact (CONTRACTS §4 extra tensor)
+TEACHER_FORMS = ("logits",)  # hkl and gold (and hybrid_loss)
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,6 +163,7 @@ def hybrid_loss(
     form = chunk_form if chunk_form is not None else ("mean_log" if public else "start")
     check_choice("chunk_form", form, CHUNK_FORMS)
     tail_cut = check_tail_cut(tail_cut if tail_cut is not None else (PUBLIC_TAIL_CUT if public else None))
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]
@@ -258,7 +261,8 @@ def hkl_loss(
         if projection is None:
             raise LossOptionError("hkl: pass projection=... (or a precomputed common=common_by_threshold(...))")
         proj = as_projection(projection, "cpu") if not isinstance(projection, Projection) else projection
-        proj.check_widths(student_logits.shape[-1], teacher_logits_width(teacher_outputs))
+        teacher_outputs = as_teacher_outputs(teacher_outputs, loss="hkl", accepts=TEACHER_FORMS)
+        proj.check_widths(student_logits.shape[-1], teacher_outputs.width)
         common = common_by_threshold(proj, threshold)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="hkl", **options)
@@ -287,9 +291,3 @@ def gold_loss(
         common = common_exact(projection)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="gold", **options)
-
-
-def teacher_logits_width(teacher_outputs) -> int:
-    from xtoken_loss.losses.uld import teacher_logits_of
-
-    return teacher_logits_of(teacher_outputs, "hkl").shape[-1]

@@ -43,9 +43,11 @@ from xtoken_loss.projection import (
     reduce_column_scores,
     top_columns,
 )
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
 LEARNED_METHOD = "learned"
+TEACHER_FORMS = ("logits",)
 
 
 class LearnedProjection(nn.Module):
@@ -212,13 +214,12 @@ def learned_pkl_loss(
     """Principled P-KL (as `pkl_loss(public=False)`) with gradients for the logits *and* the learned W.
     Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2)."""
     from xtoken_loss.chunked import coarse_divergence
-    from xtoken_loss.losses.uld import teacher_logits_of
 
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
     check_choice("direction", direction, ("forward", "reverse"))
     T = check_temperature(temperature)
-    zt = teacher_logits_of(teacher_outputs, "learned_pkl")
+    zt = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS).logits
     B, Ls, Vs = student_logits.shape
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device
