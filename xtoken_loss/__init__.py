@@ -25,6 +25,7 @@ from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacher
 from xtoken_loss.multi_teacher.teachers import TeacherSpec, build_teachers
 from xtoken_loss.projection import Projection, load_projection
 from xtoken_loss.registry import REGISTRY, LossSpec
+from xtoken_loss.teacher_outputs import TeacherOutputs
 from xtoken_loss.units import count_units
 
 # Loss kind (CONTRACTS §5 name) -> function.
@@ -41,8 +42,8 @@ def _public_names() -> list[str]:
         "LOSSES", "REGISTRY", "LossSpec", "count_units",
         # multi-teacher
         "MultiTeacherConfig", "MultiTeacherLoss", "TeacherSpec", "build_teachers", "multi_teacher_loss",
-        # projection artifacts
-        "Projection", "load_projection",
+        # teacher outputs and projection artifacts
+        "TeacherOutputs", "Projection", "load_projection",
         # errors
         "LossInputError", "LossOptionError", "ProjectionArtifactError", "XTokenLossError",
         "__version__",

@@ -26,21 +26,8 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
-
-
-def teacher_logits_of(teacher_outputs, loss_name: str) -> torch.Tensor:
-    """The teacher's full logits `[B, T_t, V_t]` from a tensor or `{'logits': ...}`."""
-    if isinstance(teacher_outputs, torch.Tensor):
-        return teacher_outputs
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is not None:
-        return teacher_outputs["logits"]
-    raise LossInputError(
-        f"{loss_name}: teacher_outputs must be the teacher's full logits [B, T_t, V_t] (a tensor or "
-        "{'logits': ...}): the sorted-probability comparison needs the teacher's whole distribution. With "
-        "per-position top-k teacher outputs use 'alm' (needs target_logprob) or 'kl'"
-    )
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +181,7 @@ def run_units(
 def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index, correct_only, check_inputs,
             form):
     """Shared input checks; returns `(teacher_logits, units)`."""
-    zt = teacher_logits_of(teacher_outputs, loss_name)
+    zt = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=("logits",)).logits  # the runner needs logits
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"{loss_name}: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must "

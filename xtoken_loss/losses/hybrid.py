@@ -40,6 +40,7 @@ from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection
 from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
@@ -198,6 +199,7 @@ def hybrid_loss(
                       tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
                       check_inputs=check_inputs)
     T, form, tail_cut = float(temperature), o.form, o.cut
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]
@@ -295,7 +297,8 @@ def hkl_loss(
         if projection is None:
             raise LossOptionError("hkl: pass projection=... (or a precomputed common=common_by_threshold(...))")
         proj = as_projection(projection, "cpu") if not isinstance(projection, Projection) else projection
-        proj.check_widths(student_logits.shape[-1], teacher_logits_width(teacher_outputs))
+        teacher_outputs = as_teacher_outputs(teacher_outputs, loss="hkl", accepts=TEACHER_FORMS)
+        proj.check_widths(student_logits.shape[-1], teacher_outputs.width)
         common = common_by_threshold(proj, threshold)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="hkl", **options)
@@ -324,12 +327,6 @@ def gold_loss(
         common = common_exact(projection)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="gold", **options)
-
-
-def teacher_logits_width(teacher_outputs) -> int:
-    from xtoken_loss.losses.uld import teacher_logits_of
-
-    return teacher_logits_of(teacher_outputs, "hkl").shape[-1]
 
 
 # --------------------------------------------------------------------------------------------------

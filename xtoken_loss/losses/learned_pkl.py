@@ -46,6 +46,7 @@ from xtoken_loss.projection import (
 )
 from xtoken_loss.losses.pkl import PrincipledPKLOptions
 from xtoken_loss.modules import LossModule
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
 LEARNED_METHOD = "learned"
@@ -221,7 +222,6 @@ def learned_pkl_loss(
     """Principled P-KL (as `pkl_loss(public=False)`) with gradients for the logits *and* the learned W.
     Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2)."""
     from xtoken_loss.chunked import coarse_divergence
-    from xtoken_loss.losses.uld import teacher_logits_of
 
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
@@ -229,7 +229,7 @@ def learned_pkl_loss(
                   top_k_columns=top_k_columns, correct_only=correct_only, position_chunk_size=position_chunk_size,
                   check_inputs=check_inputs)
     T = float(temperature)
-    zt = teacher_logits_of(teacher_outputs, "learned_pkl")
+    zt = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS).logits
     B, Ls, Vs = student_logits.shape
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device

@@ -53,6 +53,7 @@ from xtoken_loss.projection import (
     top_columns,
 )
 from xtoken_loss.modules import LossModule
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
 DEFAULT_TOP_K_COLUMNS = 8192
@@ -98,17 +99,6 @@ class PKLOptions(PrincipledPKLOptions):
         return "mean" if self.public else "start"
 
 
-def _teacher_logits(teacher_outputs) -> torch.Tensor:
-    if isinstance(teacher_outputs, torch.Tensor):
-        return teacher_outputs
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is not None:
-        return teacher_outputs["logits"]
-    raise LossInputError(
-        "pkl: teacher_outputs must be the teacher's full logits [B, T_t, V_t] (a tensor or {'logits': ...}); "
-        "per-position top-k teacher outputs are supported by the same-vocab loss 'kl'"
-    )
-
-
 def pkl_loss(
     student_logits: torch.Tensor,
     teacher_outputs,
@@ -141,7 +131,7 @@ def pkl_loss(
                   top_k_columns=top_k_columns, public=public, correct_only=correct_only,
                   position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
     T = float(temperature)
-    zt = _teacher_logits(teacher_outputs)
+    zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"pkl: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must be [B, T, V]"

@@ -25,10 +25,11 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossOptionError
-from xtoken_loss.chunk_runner import prepare, run_units, teacher_logits_of  # noqa: F401  (teacher_logits_of: old home)
+from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
 from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 TEACHER_FORMS = ("logits",)
 ChunkForm = Literal["start", "chain", "mean_log"]
@@ -97,6 +98,7 @@ def uld_loss(
                       chunk_form=chunk_form, tail_cut=tail_cut, correct_only=correct_only,
                       position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T, form = float(temperature), o.form
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS)
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
 
