@@ -111,4 +111,8 @@ def __getattr__(name: str):
             return spec.module
     if name in registry.EXTRA_MODULES:
         return registry.EXTRA_MODULES[name]
+    if name == "KDCELoss":
+        from xtoken_loss.losses.combine import KDCELoss
+
+        return KDCELoss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
