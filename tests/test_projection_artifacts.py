@@ -14,6 +14,7 @@ from xtoken_cli.main import align_cli
 from xtoken_align import ArtifactError, load_tokenizer
 from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.builder import ProjectionConfig, build_projection
+from xtoken_core import artifact_format as fmt
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, build, monkeypatch):
         calls.append(path)
         if len(calls) == 2:  # the teacher_to_student part fails after the forward part is written
             raise OSError("disk full")
-        art.json.dump(meta, open(path, "w"))
+        json.dump(meta, open(path, "w"))
 
-    monkeypatch.setattr(art, "write_meta", failing_meta)
+    monkeypatch.setattr(fmt, "write_meta", failing_meta)
     with pytest.raises(OSError, match="disk full"):
         build.save(out)
     assert not out.exists()
@@ -100,7 +101,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, build, monkeypatch):
     build.save(out)
     before = (out / "projection.safetensors").read_bytes()
     calls.clear()
-    monkeypatch.setattr(art, "write_meta", failing_meta)
+    monkeypatch.setattr(fmt, "write_meta", failing_meta)
     with pytest.raises(OSError):
         build.save(out)
     assert (out / "projection.safetensors").read_bytes() == before
