@@ -249,7 +249,7 @@ class MultiTeacherLoss(nn.Module):
                 th = spec.loss_options.get("threshold", hybrid.DEFAULT_THRESHOLD)
                 opts["common"] = hybrid.common_by_threshold(proj, th)
             else:
-                opts["common"] = hybrid.common_exact(spec.projection)
+                opts["common"] = hybrid.common_exact(proj)
         return opts
 
     def extra_repr(self) -> str:
