@@ -44,8 +44,6 @@ class LossSpec:
     unit: `"position"` or `"chunk"` (module doc).
     same_vocab: the teacher shares the student's tokenizer (per-position path, no alignment).
     kd_ce: usable as the KD term of `kd_ce_loss`.
-    artifact_dir_only: the loss reads a tensor a loaded `Projection` lacks from the artifact
-        directory (GOLD's `row_kind`), so a teacher must give the directory (or the option `common`).
     prepare_teacher: `(teacher_spec, loaded_projection) -> {option: value}`, the options the
         multi-teacher loss computes once per teacher of this kind (e.g. a common set); None: none.
     """
@@ -59,7 +57,6 @@ class LossSpec:
     unit: Literal["position", "chunk"]
     same_vocab: bool = False
     kd_ce: bool = False
-    artifact_dir_only: bool = False
     prepare_teacher: Callable | None = None
 
     @property
@@ -136,8 +133,7 @@ REGISTRY: dict[str, LossSpec] = {
         _spec("hkl", hybrid, hybrid.hkl_loss, hybrid.HKLLoss, hybrid.HKLOptions, projection="projection_or_common",
               unit="chunk", prepare_teacher=hybrid.prepare_hkl_teacher),
         _spec("gold", hybrid, hybrid.gold_loss, hybrid.GOLDLoss, hybrid.GOLDOptions,
-              projection="projection_or_common", unit="chunk", artifact_dir_only=True,
-              prepare_teacher=hybrid.prepare_gold_teacher),
+              projection="projection_or_common", unit="chunk", prepare_teacher=hybrid.prepare_gold_teacher),
         _spec("uld", uld, uld.uld_loss, uld.ULDLoss, uld.ULDOptions, projection="none", unit="chunk"),
         _spec("alm", alm, alm.alm_loss, alm.ALMLoss, alm.ALMOptions, projection="none", unit="chunk"),
         _spec("kl", kl, kl.kl_loss, kl.KLLoss, kl.KLOptions, projection="none", unit="position", same_vocab=True,

@@ -40,9 +40,9 @@ class TeacherSpec:
     fingerprint: the teacher tokenizer's fingerprint (`TokenizerInfo.fingerprint`), compared with
         the projection artifact and, for a same-vocab teacher, with the student's.
     vocab_size: the teacher tokenizer's vocab size (needed for vocab-size normalisation).
-    projection: for the kinds that need one: an artifact directory, or a loaded `Projection` (a kind
-        with `LossSpec.artifact_dir_only` needs the directory); kinds that take a common set may get
-        `loss_options={"common": ...}` instead. None for the other kinds.
+    projection: for the kinds that need one (`LossSpec.needs_projection`): an artifact directory, or a
+        loaded `Projection`; kinds that take a common set (`LossSpec.takes_common`) may instead get
+        `loss_options={"common": ...}`. None for the other kinds.
     loss_options: keyword options passed to the loss function (temperature, direction, ...).
     loss_fn: a callable with the CONTRACTS §5 signature used instead of the kind's library
         function (for experiments and tests); the kind still decides the teacher's path.
@@ -89,12 +89,6 @@ class TeacherSpec:
                 f"{who}: TeacherSpec.projection is required for loss {self.loss!r} (a cross-tokenizer teacher); "
                 "pass the artifact directory from `xtoken-align build-projection` or a loaded Projection"
                 + (" (or loss_options={'common': ...})" if spec.takes_common else "")
-            )
-        if spec.artifact_dir_only and isinstance(self.projection, Projection) and not has_common:
-            raise LossOptionError(
-                f"{who}: loss {self.loss!r} reads its exact-match common set from the artifact's `row_kind` tensor, "
-                "which a loaded Projection lacks; pass TeacherSpec.projection as the artifact directory, or "
-                "loss_options={'common': ...}"
             )
         if not spec.needs_projection and self.projection is not None:
             why = "a same-vocab teacher needs no projection" if spec.same_vocab else (
