@@ -50,12 +50,12 @@ def _read_jsonl(path: Path, field: str) -> list:
         value = record[field]
         if not isinstance(value, (str, list)):
             raise DataFileError(f"{path}: line {n}: {field!r} must be a string or a list of messages, "
-                              f"got {type(value).__name__}")
+                                f"got {type(value).__name__}")
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise DataFileError(f"{path}: line {n}: {field!r} holds a lone surrogate (\\ud800-\\udfff), "
-                              f"not valid Unicode text") from None
+                                f"not valid Unicode text") from None
         samples.append(value)
     return samples
 
