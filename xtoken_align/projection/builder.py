@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xtoken_align.projection import artifacts as art
+from xtoken_core.artifact_format import STUDENT_TO_TEACHER, TEACHER_TO_STUDENT
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import ConfigError
 from xtoken_align.projection.rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
@@ -129,13 +130,13 @@ def build_projection(student: TokenizerInfo, teacher: TokenizerInfo, config: Pro
 
     say("assembling student -> teacher")
     forward = _one_direction(student, teacher, rows_s, rows_t, exact_st, dec_st, dec_ts if cfg.reverse else None,
-                             counts, corpus_info, cfg, "student_to_teacher")
+                             counts, corpus_info, cfg, STUDENT_TO_TEACHER)
     reverse = None
     if cfg.both_directions:
         say("assembling teacher -> student")
         reverse = _one_direction(teacher, student, rows_t, rows_s, exact_ts, dec_ts, dec_st if cfg.reverse else None,
                                  counts.T.tocsr() if counts is not None else None, corpus_info, cfg,
-                                 "teacher_to_student")
+                                 TEACHER_TO_STUDENT)
     return ProjectionBuild(forward=forward, reverse=reverse)
 
 
@@ -264,7 +265,7 @@ def _one_direction(src: TokenizerInfo, dst: TokenizerInfo, n_rows: int, dst_mode
         "unmatched_specials": int(len(src.special_tokens) - len(specials)),
         "unmatched_special_roles": unmatched_named,
     }
-    rows_side, cols_side = ("student", "teacher") if direction == "student_to_teacher" else ("teacher", "student")
+    rows_side, cols_side = ("student", "teacher") if direction == STUDENT_TO_TEACHER else ("teacher", "student")
     side_meta = {rows_side: art.tokenizer_meta(src, n_rows), cols_side: art.tokenizer_meta(dst, dst_model_vocab)}
     params = cfg.to_dict()
     if corpus_info is not None:
