@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignment_helpers import (EXACT, EXACT_NFC, check_invariants, exact_on, mirrored, random_text,
+from tests.alignment_helpers import (EXACT, EXACT_NFC, check_invariants, exact_on, mirrored, random_text,
                                tok, token_bytes_of)
 from xtoken_align.alignment.aligner import align_text, align_texts
 from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, align_batch, collate

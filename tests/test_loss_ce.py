@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_losses import (
+from tests.reference_losses import (
     dense_projection,
     is_close,
     random_logits,

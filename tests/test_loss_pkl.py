@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_losses import (
+from tests.reference_losses import (
     dense_projection,
     is_close,
     random_logits,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from reference_losses import dense_projection, random_projection, real_tokenizers
+from tests.reference_losses import dense_projection, random_projection, real_tokenizers
 from xtoken_loss import LossInputError, Projection, ProjectionArtifactError, load_projection
 from xtoken_loss.projection import project_probs, reduce_column_scores, restrict_projection, top_columns
 
