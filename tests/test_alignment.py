@@ -22,8 +22,11 @@ CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 PAIRS = list(itertools.combinations(EXACT + EXACT_NFC, 2))
 
 
-@settings(max_examples=400, deadline=None)
-@given(pair=st.sampled_from(PAIRS), text=random_text)
+# Every pair (parametrized) on a few random texts each: 36 x 10 examples, where 400 examples drawn
+# over the pairs at random took the longest of any test (20 s on two cores).
+@pytest.mark.parametrize("pair", PAIRS, ids="-".join)
+@settings(max_examples=10, deadline=None)
+@given(text=random_text)
 def test_random_text_every_pair_tiles_and_mirrors(pair, text):
     a, b = tok(pair[0]), tok(pair[1])
     al = align_text(a, b, text)
