@@ -77,7 +77,7 @@ def build_problem(positions: int, path: Path) -> None:
 def common_sets(path: Path, proj):
     """(H-KL common set: top W weight >= 0.6, GOLD common set: exact byte matches from the
     artifact's `row_kind`) for the problem saved at `path`."""
-    from xtoken_align.projection.artifacts import ROW_EXACT
+    from xtoken_core.artifact_format import ROW_EXACT
 
     data = torch.load(path)
     exact = torch.where(data["row_kind"] == ROW_EXACT, data["indices"][:, 0], -1)

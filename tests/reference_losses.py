@@ -623,7 +623,7 @@ def real_problem_with_exact_map(num_texts=3, max_chars=160, extra_ids=120, seed=
     if key in _REAL:
         return _REAL[key]
     from xtoken_align.batch.collate import collate
-    from xtoken_align.projection.artifacts import ROW_EXACT
+    from xtoken_core.artifact_format import ROW_EXACT
 
     s_tok, t_tok, proj = real_tokenizers()
     texts = [t + " 12345 tokens." for t in heldout_texts(num_texts, max_chars)]  # Qwen splits digits

@@ -152,3 +152,30 @@ def test_save_round_trip_with_provenance(tmp_path):
         lp.save(out)
     lp.save(out, overwrite=True)
     assert isinstance(load_projection(out), Projection)
+
+
+def test_save_writes_the_shared_format(tmp_path):
+    """`save` goes through the artifact format's writer: the same tensors, dtypes and JSON keys as the
+    builder's artifacts, readable by both readers (`load_projection` and `read_projection`)."""
+    from safetensors.numpy import load_file
+
+    from xtoken_align.projection.artifacts import read_projection
+
+    idx, w = random_projection(8, 30, 35)
+    row_kind = torch.randint(0, 4, (30,), dtype=torch.uint8)
+    lp = LearnedProjection(Projection.from_tensors(idx, w, teacher_width=35, row_kind=row_kind))
+    assert torch.equal(lp.row_kind, row_kind)  # picked up from the Projection
+    out = lp.save(tmp_path / "learned", params={"steps": 0})
+    tensors = load_file(str(out / "projection.safetensors"))
+    assert {k: str(v.dtype) for k, v in tensors.items()} == {"indices": "int64", "weights": "float32",
+                                                             "row_kind": "uint8"}
+    assert tensors["row_kind"].tolist() == row_kind.tolist()
+    meta = json.loads((out / "projection.json").read_text())
+    assert set(meta) == {"schema_version", "kind", "direction", "top_k", "student", "teacher", "method", "parent",
+                         "stats", "created_with"}
+    assert (meta["schema_version"], meta["kind"], meta["direction"]) == (1, "projection", "student_to_teacher")
+    assert meta["method"]["name"] == "learned" and meta["top_k"] == 4
+    art = read_projection(out)
+    assert art.row_kind.tolist() == row_kind.tolist()
+    torch.testing.assert_close(torch.as_tensor(art.weights), load_projection(out).weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learned"]

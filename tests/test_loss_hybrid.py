@@ -134,10 +134,16 @@ def test_public_partial_kl_can_be_negative():
 
 
 def test_gold_from_artifact_row_kind(tmp_path):
+    import json
+
     from safetensors.torch import save_file
 
     idx = torch.tensor([[2, -1], [0, 1], [1, -1]])
     w = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
+    side = {"name": None, "fingerprint": None, "vocab_size": 3, "model_vocab_size": 3}
+    (tmp_path / "projection.json").write_text(json.dumps({
+        "schema_version": 1, "kind": "projection", "direction": "student_to_teacher", "top_k": 2,
+        "student": side, "teacher": side}))
     save_file({"indices": idx, "weights": w, "row_kind": torch.tensor([1, 3, 2], dtype=torch.uint8)},
               str(tmp_path / "projection.safetensors"))
     cs = common_exact(tmp_path)

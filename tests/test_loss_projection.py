@@ -7,16 +7,20 @@ import json
 import pytest
 import torch
 
-from tests.reference_losses import dense_projection, random_projection, real_tokenizers
-from xtoken_loss import LossInputError, Projection, ProjectionArtifactError, load_projection
+from tests.reference_losses import (dense_projection, is_close, random_logits, random_projection, real_tokenizers,
+                                    reference_common_by_threshold, reference_hybrid, reference_pkl, synthetic_batch)
+from xtoken_core.artifact_format import ROW_DECOMPOSED, ROW_EXACT, ROW_UNMAPPED
+from xtoken_core.errors import ArtifactError
+from xtoken_loss import LossInputError, LossOptionError, Projection, ProjectionArtifactError, load_projection
 from xtoken_loss.projection import project_probs, reduce_column_scores, restrict_projection, top_columns
 
 
-def _write(dir_, idx, w, **meta_over):
+def _write(dir_, idx, w, row_kind=None, **meta_over):
     from safetensors.torch import save_file
 
     dir_.mkdir(parents=True, exist_ok=True)
-    save_file({"indices": idx, "weights": w}, str(dir_ / "projection.safetensors"))
+    tensors = {"indices": idx, "weights": w} if row_kind is None else {"indices": idx, "weights": w, "row_kind": row_kind}
+    save_file(tensors, str(dir_ / "projection.safetensors"))
     meta = {
         "schema_version": 1, "kind": "projection", "direction": "student_to_teacher",
         "student": {"name": "s", "fingerprint": "sha256:aa", "vocab_size": idx.shape[0], "model_vocab_size": idx.shape[0]},
@@ -131,3 +135,103 @@ def test_top_columns_break_ties_towards_lower_ids_and_skip_minus_inf():
     assert top_columns(s, 100).tolist() == [0, 1, 3, 4, 5]
     assert top_columns(s, None).tolist() == [0, 1, 3, 4, 5]
     assert torch.equal(reduce_column_scores(s.clone()), s)  # no group: unchanged
+
+
+# --- a loaded Projection carries row_kind; every loss takes a Projection or a directory -------------
+
+EXACT_ROWS, EXACT_TEACHER = [0, 3, 5, 8, 12, 20], [4, 9, 1, 30, 22, 41]
+
+
+class _FsPath:
+    """An `os.PathLike` that is neither `str` nor `pathlib.Path`."""
+
+    def __init__(self, path):
+        self._path = str(path)
+
+    def __fspath__(self):
+        return self._path
+
+
+def _gold_artifact(dir_):
+    """A 40 x 50 artifact: a random W whose rows EXACT_ROWS are one-hot on EXACT_TEACHER (row kind exact)."""
+    idx, w = random_projection(7, 40, 50)
+    kind = torch.full((40,), ROW_DECOMPOSED, dtype=torch.uint8)
+    kind[(idx < 0).all(dim=1)] = ROW_UNMAPPED
+    for r, t in zip(EXACT_ROWS, EXACT_TEACHER):
+        idx[r], w[r], kind[r] = torch.tensor([t, -1, -1, -1]), torch.tensor([1.0, 0, 0, 0]), ROW_EXACT
+    side = {"name": "t", "fingerprint": "sha256:bb", "vocab_size": 50, "model_vocab_size": 50}
+    return _write(dir_, idx, w, kind, teacher=side), idx, w, kind
+
+
+def test_projection_round_trip_keeps_row_kind(tmp_path):
+    from xtoken_loss import LearnedProjection
+    from xtoken_loss.losses.hybrid import common_exact
+
+    path, idx, w, kind = _gold_artifact(tmp_path / "p")
+    proj = load_projection(path)
+    assert proj.row_kind.dtype == torch.uint8 and proj.row_kind.tolist() == kind.tolist()
+    assert proj.to("cpu").row_kind.tolist() == kind.tolist()
+    assert proj.to("meta").row_kind.device.type == "meta"  # moves with the other tensors
+    again = Projection.from_tensors(proj.indices, proj.weights, teacher_width=50, row_kind=proj.row_kind)
+    assert again.row_kind.tolist() == kind.tolist()
+    with pytest.raises(ArtifactError, match="row_kind holds code 9"):
+        Projection.from_tensors(idx, w, row_kind=torch.full((40,), 9, dtype=torch.uint8))
+    with pytest.raises(ArtifactError, match="row_kind must be"):
+        Projection.from_tensors(idx, w, row_kind=kind[:-1])
+    lp = LearnedProjection(proj)
+    assert lp.row_kind.tolist() == kind.tolist() and lp.to_projection().row_kind.tolist() == kind.tolist()
+    back = load_projection(lp.save(tmp_path / "learned"))
+    assert back.row_kind.tolist() == kind.tolist()
+    cs = common_exact(back)
+    assert cs.student_ids.tolist() == EXACT_ROWS and cs.teacher_ids.tolist() == EXACT_TEACHER
+
+
+def test_gold_needs_row_kind(tmp_path):
+    from xtoken_loss.losses.hybrid import common_exact
+
+    idx, w = random_projection(0, 10, 20)
+    with pytest.raises(LossOptionError, match="has no `row_kind`"):
+        common_exact(Projection.from_tensors(idx, w))
+    with pytest.raises(ArtifactError, match="has no `row_kind`"):
+        common_exact(_write(tmp_path / "p", idx, w))
+
+
+@pytest.mark.parametrize("kind", ["pkl", "hkl", "gold", "learned"])
+def test_losses_take_a_loaded_projection_or_a_directory(tmp_path, kind):
+    from xtoken_loss import GOLDLoss, HKLLoss, LearnedPKLLoss, PKLLoss, gold_loss, hkl_loss, pkl_loss
+
+    path, idx, w, _ = _gold_artifact(tmp_path / "p")
+    batch = synthetic_batch(5)
+    Ls, Lt = batch["input_ids"].shape[1], batch["teacher_0_input_ids"].shape[1]
+    zs, zt = random_logits(6, (3, Ls, 40)), random_logits(7, (3, Lt, 50))
+    W = dense_projection(idx, w, 40, 50)
+    tol = 1e-6
+    if kind == "pkl":
+        ref = reference_pkl(zs, zt, batch, W)[0]
+        fn, module = (lambda p: pkl_loss(zs, zt, batch, projection=p)), PKLLoss
+    elif kind == "hkl":
+        ref = reference_hybrid(zs, zt, batch, reference_common_by_threshold(W, 0.6))[0]
+        fn, module = (lambda p: hkl_loss(zs, zt, batch, projection=p)), HKLLoss
+    elif kind == "gold":
+        ref = reference_hybrid(zs, zt, batch, (EXACT_ROWS, EXACT_TEACHER))[0]
+        fn, module = (lambda p: gold_loss(zs, zt, batch, projection=p)), GOLDLoss
+    else:
+        ref, tol = reference_pkl(zs, zt, batch, W)[0], 1e-5  # the learned W starts at the float32 artifact
+        fn, module = (lambda p: LearnedPKLLoss(p)(zs, zt, batch)), LearnedPKLLoss
+    for source in (load_projection(path), str(path), path, _FsPath(path)):
+        assert is_close(fn(source)[0].detach(), ref, tol), (kind, type(source).__name__)
+        assert is_close(module(source)(zs, zt, batch)[0].detach(), ref, tol), (kind, type(source).__name__)
+
+
+def test_multi_teacher_gold_from_a_loaded_projection(tmp_path):
+    from xtoken_loss import MultiTeacherLoss, TeacherSpec, gold_loss
+
+    path, _, _, _ = _gold_artifact(tmp_path / "p")
+    batch = synthetic_batch(6)
+    Ls, Lt = batch["input_ids"].shape[1], batch["teacher_0_input_ids"].shape[1]
+    zs, zt = random_logits(8, (3, Ls, 40)), random_logits(9, (3, Lt, 50))
+    ref = reference_hybrid(zs, zt, batch, (EXACT_ROWS, EXACT_TEACHER))[0]
+    for source in (load_projection(path), path):
+        mt = MultiTeacherLoss([TeacherSpec(name="t", loss="gold", projection=source)], process_group=None)
+        assert is_close(mt(zs, [zt], batch)[0], ref), type(source).__name__
+    assert is_close(gold_loss(zs, zt, batch, projection=path)[0], ref)

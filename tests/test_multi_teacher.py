@@ -665,8 +665,7 @@ def test_construction_errors():
         TeacherSpec(name="q", loss="kl", projection=proj)
     with pytest.raises(LossOptionError, match="TeacherSpec.weight must be a finite number >= 0"):
         TeacherSpec(name="q", loss="kl", weight=-1.0)
-    with pytest.raises(LossOptionError, match="loss 'gold' reads its exact-match common set"):
-        TeacherSpec(name="q", loss="gold", projection=proj)
+    assert TeacherSpec(name="q", loss="gold", projection=proj).projection is proj  # GOLD reads a Projection's row_kind
     with pytest.raises(LossOptionError, match="TeacherSpec.loss='ce' uses no teacher"):
         TeacherSpec(name="q", loss="ce")
     with pytest.raises(LossOptionError, match="must not set 'normalizer'"):

@@ -21,6 +21,7 @@ from xtoken_loss.losses.pkl import pkl_loss
 from xtoken_loss.projection import Projection, load_projection
 from xtoken_loss.multi_teacher.teachers import TeacherSpec, build_teachers
 from xtoken_loss.losses.uld import uld_loss
+from xtoken_loss.teacher_outputs import TeacherOutputs
 from xtoken_loss.units import count_units
 
 from xtoken_core import __version__  # noqa: E402  (one place: the installed metadata)
@@ -37,6 +38,7 @@ __all__ = [
     "LearnedProjection",
     "MultiTeacherConfig",
     "MultiTeacherLoss",
+    "TeacherOutputs",
     "TeacherSpec",
     "ULDLoss",
     "alm_loss",

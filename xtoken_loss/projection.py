@@ -14,27 +14,24 @@ outside S. Nothing scales with V_s x V_t.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import numpy as np
 import torch
 
-from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
-
-SCHEMA_VERSION = 1
-ARTIFACT_KIND = "projection"
-DIRECTION = "student_to_teacher"
-TENSORS_FILE = "projection.safetensors"
-META_FILE = "projection.json"
+from xtoken_core import artifact_format as fmt
+from xtoken_core.errors import LossOptionError, LossInputError
 
 
 @dataclass(frozen=True, eq=False)
 class Projection:
     """A sparse student -> teacher projection, validated once when built.
 
-    `teacher_width` is the number of teacher columns the indices may address (the teacher's model
-    vocab size when the artifact records one, else its vocab size); teacher logits may be wider.
+    `teacher_width` is the number of teacher columns the logits may have at least (the teacher's
+    model vocab size when the artifact records one, else its vocab size); teacher logits may be
+    wider. `row_kind [R]` uint8 says how each row was made (`xtoken_core.artifact_format.ROW_*`:
+    exact, decomposed, ...; None when unknown); GOLD's exact-match common set comes from it.
     """
 
     indices: torch.Tensor  # [R, K] int64, -1 = empty
@@ -44,41 +41,40 @@ class Projection:
     # Python ints computed at build time, so calls never sync with the device to check shapes.
     max_index: int = -1  # largest teacher id used (-1: W is empty)
     min_student_width: int = 0  # 1 + the last non-empty row
+    row_kind: torch.Tensor | None = field(default=None, repr=False)  # [R] uint8
 
     @classmethod
-    def from_tensors(cls, indices, weights, *, teacher_width: int | None = None, metadata: dict | None = None):
-        """Build from `indices [R, K]` and `weights [R, K]` (checked: shapes, dtypes, -1 only as an
-        empty slot, weights finite and >= 0 and 0 in empty slots)."""
+    def from_tensors(cls, indices, weights, *, teacher_width: int | None = None, metadata: dict | None = None,
+                     row_kind=None):
+        """Build from `indices [R, K]`, `weights [R, K]` and optionally `row_kind [R]`, checked by the
+        artifact format's validator (`xtoken_core.artifact_format.validate_projection`: shapes,
+        dtypes, -1 only as an empty slot with weight 0, weights finite and >= 0, indices below
+        `teacher_width` when given, known row kinds)."""
         indices = torch.as_tensor(indices)
         weights = torch.as_tensor(weights)
-        if indices.dim() != 2 or weights.shape != indices.shape:
-            raise ProjectionArtifactError(
-                f"projection: indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be "
-                "[R, K]; rebuild the artifact with `xtoken-align build-projection`"
-            )
-        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ProjectionArtifactError(f"projection: indices must be integers, got {indices.dtype}")
-        if not weights.dtype.is_floating_point:
-            raise ProjectionArtifactError(f"projection: weights must be floating point, got {weights.dtype}")
+        if weights.dtype in (torch.float16, torch.bfloat16):
+            weights = weights.to(torch.float32)
+        rk = None if row_kind is None else torch.as_tensor(row_kind)
+        fmt.validate_projection(
+            _numpy(indices), _numpy(weights), None if rk is None else _numpy(rk),
+            num_columns=teacher_width, columns="teacher", where="projection",
+        )
+        return cls._build(indices, weights, teacher_width, metadata, rk)
+
+    @classmethod
+    def _build(cls, indices, weights, teacher_width, metadata, row_kind) -> Projection:
+        """Construct from tensors the format validator has accepted."""
         indices = indices.to(torch.int64)
         weights = weights.to(torch.float32) if weights.dtype != torch.float64 else weights
+        if row_kind is not None:
+            row_kind = row_kind.to(torch.uint8)
         icpu, wcpu = indices.cpu(), weights.cpu()
-        if bool((icpu < -1).any()):
-            raise ProjectionArtifactError("projection: indices below -1 (only -1 marks an empty slot)")
-        if not bool(torch.isfinite(wcpu).all()) or bool((wcpu < 0).any()):
-            raise ProjectionArtifactError("projection: weights must be finite and >= 0")
-        if bool(((icpu < 0) & (wcpu != 0)).any()):
-            raise ProjectionArtifactError("projection: empty slots (index -1) must have weight 0")
         max_index = int(icpu.max()) if icpu.numel() else -1
         if teacher_width is None:
             teacher_width = max_index + 1
-        if max_index >= teacher_width:
-            raise ProjectionArtifactError(
-                f"projection: teacher index {max_index} >= teacher width {teacher_width} recorded in the artifact"
-            )
         nonempty = ((icpu >= 0) & (wcpu > 0)).any(dim=1).nonzero()
         min_width = int(nonempty[-1]) + 1 if nonempty.numel() else 0
-        return cls(indices, weights, int(teacher_width), dict(metadata or {}), max_index, min_width)
+        return cls(indices, weights, int(teacher_width), dict(metadata or {}), max_index, min_width, row_kind)
 
     @property
     def num_rows(self) -> int:
@@ -93,10 +89,10 @@ class Projection:
         return self.indices.device
 
     def to(self, device) -> Projection:
-        """The same projection with its tensors on `device`."""
+        """The same projection with its tensors (`row_kind` included) on `device`."""
         return Projection(
             self.indices.to(device), self.weights.to(device), self.teacher_width, self.metadata,
-            self.max_index, self.min_student_width,
+            self.max_index, self.min_student_width, None if self.row_kind is None else self.row_kind.to(device),
         )
 
     def dense(self, student_width: int | None = None, teacher_width: int | None = None, dtype=torch.float64):
@@ -132,16 +128,12 @@ class Projection:
         return reach
 
 
-def _check_meta_side(meta: dict, side: str, fingerprint: str | None, path: Path) -> None:
-    info = meta.get(side)
-    if not isinstance(info, dict):
-        raise ProjectionArtifactError(f"{path}: `{side}` is missing from {META_FILE}; rebuild the artifact")
-    if fingerprint is not None and str(info.get("fingerprint")) != str(fingerprint):
-        raise ProjectionArtifactError(
-            f"{path}: built for {side} tokenizer {info.get('name')!r} with fingerprint {info.get('fingerprint')!r}, "
-            f"but the {side} tokenizer in use has fingerprint {fingerprint!r}; rebuild the projection for these "
-            "tokenizers (`xtoken-align build-projection`)"
-        )
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _torch(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def load_projection(
@@ -151,67 +143,28 @@ def load_projection(
     teacher_fingerprint: str | None = None,
     device=None,
 ) -> Projection:
-    """Load a projection artifact directory (CONTRACTS §4) and check it.
+    """Load a projection artifact directory (CONTRACTS §4), `row_kind` included, and check it.
 
-    Checks the schema version, kind and direction, and, when given, the student and teacher
-    fingerprints (compared as strings). Raises `ProjectionArtifactError` with what to do.
+    Reads through the artifact format's one reader (`xtoken_core.artifact_format.
+    read_projection_files`, shared with `xtoken_align`'s `read_projection`): schema version, kind,
+    direction `student_to_teacher`, the student and teacher fingerprints when given (compared as
+    strings), the tensors against the recorded sizes (teacher ids below the teacher tokenizer's
+    vocab size). Raises `ProjectionArtifactError` (= `ArtifactError`) with what to do.
     """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_file() and path.name in (META_FILE, TENSORS_FILE):
-        path = path.parent
-    meta_path, tensors_path = path / META_FILE, path / TENSORS_FILE
-    if not meta_path.is_file() or not tensors_path.is_file():
-        raise ProjectionArtifactError(
-            f"{path}: not a projection artifact (needs {META_FILE} and {TENSORS_FILE}); build one with "
-            "`xtoken-align build-projection`"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ProjectionArtifactError(f"{meta_path}: cannot read it as JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ProjectionArtifactError(f"{meta_path}: expected a JSON object")
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ProjectionArtifactError(
-            f"{path}: schema_version {meta.get('schema_version')!r}, this xtoken_loss reads version "
-            f"{SCHEMA_VERSION}; rebuild the artifact with a matching xtoken version"
-        )
-    if meta.get("kind") != ARTIFACT_KIND:
-        raise ProjectionArtifactError(f"{path}: kind {meta.get('kind')!r}, expected {ARTIFACT_KIND!r}")
-    if meta.get("direction") != DIRECTION:
-        raise ProjectionArtifactError(
-            f"{path}: direction {meta.get('direction')!r}, expected {DIRECTION!r} (the P-KL projects student "
-            "probabilities into the teacher vocabulary; a teacher_to_student/ subdirectory is the other way)"
-        )
-    _check_meta_side(meta, "student", student_fingerprint, path)
-    _check_meta_side(meta, "teacher", teacher_fingerprint, path)
-    try:
-        tensors = load_file(str(tensors_path))
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise ProjectionArtifactError(f"{tensors_path}: cannot read it: {exc}") from None
-    if "indices" not in tensors or "weights" not in tensors:
-        raise ProjectionArtifactError(f"{tensors_path}: needs tensors `indices` and `weights`, has {sorted(tensors)}")
-    teacher = meta["teacher"]
-    width = teacher.get("model_vocab_size") or teacher.get("vocab_size")
-    proj = Projection.from_tensors(
-        tensors["indices"], tensors["weights"], teacher_width=int(width) if width else None, metadata=meta
-    )
-    student = meta["student"]
-    rows = student.get("model_vocab_size") or student.get("vocab_size")
-    if rows and int(rows) != proj.num_rows:
-        raise ProjectionArtifactError(
-            f"{path}: {proj.num_rows} rows but the student's recorded (model) vocab size is {rows}"
-        )
+    f = fmt.read_projection_files(path, student=student_fingerprint, teacher=teacher_fingerprint,
+                                  direction=fmt.STUDENT_TO_TEACHER)
+    width = fmt.model_vocab_size(f.meta["teacher"])
+    proj = Projection._build(_torch(f.indices), _torch(f.weights), width, f.meta,
+                             None if f.row_kind is None else _torch(f.row_kind))
     return proj.to(device) if device is not None else proj
 
 
 def as_projection(projection, device) -> Projection:
-    """Accept a `Projection`, an artifact path, or an `(indices, weights)` pair."""
+    """Accept a `Projection`, an artifact directory (`str` or any `os.PathLike`), or an
+    `(indices, weights)` pair."""
     if isinstance(projection, Projection):
         return projection if projection.device == torch.device(device) else projection.to(device)
-    if isinstance(projection, (str, Path)):
+    if isinstance(projection, (str, os.PathLike)):
         return load_projection(projection, device=device)
     if isinstance(projection, (tuple, list)) and len(projection) == 2:
         return Projection.from_tensors(*projection).to(device)

@@ -1,6 +1,8 @@
 """Precomputed alignments on disk (`xtoken-align align --out DIR`), read back by a data pipeline.
 
-A directory, written atomically (temporary sibling directory + rename, `artifacts.atomic_dir`):
+A directory in the shared artifact format (`xtoken_core.artifact_format`: schema version, file
+names, metadata and fingerprint checks), written atomically (temporary sibling directory + rename,
+`artifact_format.atomic_dir`):
 - `alignment.json`: `schema_version` (1), `kind` ("alignment"), `student` and `teacher`
   (`{name, fingerprint, vocab_size, model_vocab_size}`), `num_samples`, `shards` (`[{file,
   num_samples}]`), `options` (how the batch was made: max_length, add_special_tokens, ...),
@@ -26,15 +28,14 @@ import numpy as np
 import torch
 
 from xtoken_align.alignment.aligner import PairBatch, SideBatch
-from xtoken_align.projection.artifacts import (SCHEMA_VERSION, atomic_dir, check_tokenizers, created_with,
-                                    read_meta, read_tensors, tokenizer_meta, write_meta, write_tensors)
 from xtoken_align.batch.collate import AlignedBatch, pad_id, to_tensors, truncate
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
-from xtoken_core.errors import ArtifactError
 from xtoken_align.tokenizer.loader import TokenizerInfo
+from xtoken_core.artifact_format import (ALIGNMENT_JSON, ALIGNMENT_KIND, SCHEMA_VERSION, alignment_shard_name,
+                                         atomic_dir, check_tokenizers, created_with, read_meta, read_tensors,
+                                         tokenizer_meta, write_meta, write_tensors)
+from xtoken_core.errors import ArtifactError
 
-ALIGNMENT_KIND = "alignment"
-ALIGNMENT_JSON = "alignment.json"
 _REQUIRED = {
     "student_input_ids": np.int64, "student_token_bytes": np.int32, "student_offsets": np.int64,
     "teacher_input_ids": np.int64, "teacher_token_bytes": np.int32, "teacher_offsets": np.int64,
@@ -83,7 +84,7 @@ def write_alignment_artifact(out: str | Path, student: TokenizerInfo, teacher: T
             if not pending_n:
                 return
             arrays = _shard_arrays(pending, teacher_index)
-            name = f"alignment-{len(shards):05d}.safetensors"
+            name = alignment_shard_name(len(shards))
             write_tensors(tmp / name, arrays, kind=ALIGNMENT_KIND)
             shards.append({"file": name, "num_samples": pending_n})
             pending, pending_n = [], 0

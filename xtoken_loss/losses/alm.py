@@ -39,10 +39,12 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.teacher_outputs import TOPK_KEYS, as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask
 
 DIVERGENCES = ("bce", "kl")
 DEFAULT_TAU = 100.0
+TEACHER_FORMS = ("logits", "topk")  # top-k: `target_logprob` (+ the top-k pair when debiasing the teacher)
 PAPER_GAMMA = 0.1
 
 
@@ -63,20 +65,6 @@ def binary_divergence(l_t: torch.Tensor, l_s: torch.Tensor, tau: float, divergen
     if divergence == "bce":
         return -(p_t * a_s + (1.0 - p_t) * log1mexp(a_s))
     return p_t * (a_t - a_s) + (1.0 - p_t) * (log1mexp(a_t) - log1mexp(a_s))
-
-
-def _teacher_form(teacher_outputs):
-    if isinstance(teacher_outputs, torch.Tensor):
-        return "logits", teacher_outputs
-    if isinstance(teacher_outputs, dict):
-        if teacher_outputs.get("logits") is not None:
-            return "logits", teacher_outputs["logits"]
-        if teacher_outputs.get("target_logprob") is not None:
-            return "topk", teacher_outputs["target_logprob"]
-    raise LossInputError(
-        "alm: teacher_outputs must be full logits [B, T_t, V_t] (a tensor or {'logits': ...}) or a dict with "
-        "'target_logprob' [B, T_t] (the log-probability of the token that follows each position; CONTRACTS §3)"
-    )
 
 
 def _boundary_mask(tokens, width: int, device, name: str) -> torch.Tensor:
@@ -126,7 +114,11 @@ def alm_loss(
                 "alm: debias_gamma needs teacher_boundary_tokens and/or student_boundary_tokens (ids or a bool mask "
                 "of the tokens that start a new piece, e.g. those whose bytes begin with whitespace, and EOS)"
             )
-    form, t_main = _teacher_form(teacher_outputs)
+    debias_teacher = debias_gamma is not None and teacher_boundary_tokens is not None
+    teacher = as_teacher_outputs(teacher_outputs, loss="alm", accepts=TEACHER_FORMS,
+                                 needs=("target_logprob",) + (TOPK_KEYS if debias_teacher else ()))
+    form = teacher.form
+    t_main = teacher.logits if form == "logits" else teacher.target_logprob
     if student_logits.dim() != 3:
         raise LossInputError(f"alm: student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
     B, Ls, Vs = student_logits.shape
@@ -169,7 +161,7 @@ def alm_loss(
     if debias_gamma is not None:
         gamma = float(debias_gamma)
         if teacher_boundary_tokens is not None:
-            keep &= _teacher_boundary_ok(teacher_outputs, form, t_main, batch, units, teacher_boundary_tokens,
+            keep &= _teacher_boundary_ok(teacher, form, t_main, batch, units, teacher_boundary_tokens,
                                          gamma, i, B, Lt, n, cdt)
         if student_boundary_tokens is not None:
             mask = _boundary_mask(student_boundary_tokens, Vs, dev, "student_boundary_tokens")
@@ -244,7 +236,7 @@ def _mass_at(z_flat: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, n: in
     return out
 
 
-def _teacher_boundary_ok(teacher_outputs, form, t_main, batch, units, tokens, gamma, i, B, Lt, n, cdt):
+def _teacher_boundary_ok(teacher, form, t_main, batch, units, tokens, gamma, i, B, Lt, n, cdt):
     dev = t_main.device
     U = units.student_count.shape[0]
     q, has_next = _last_rows(units.teacher_rows, units.teacher_unit, U,
@@ -254,13 +246,7 @@ def _teacher_boundary_ok(teacher_outputs, form, t_main, batch, units, tokens, ga
         mask = _boundary_mask(tokens, Vt, dev, "teacher_boundary_tokens")
         mass = _mass_at(t_main.reshape(B * Lt, Vt), q, mask, n, cdt)
     else:
-        lp = teacher_outputs.get("topk_logprobs")
-        idx = teacher_outputs.get("topk_indices")
-        if lp is None or idx is None:
-            raise LossInputError(
-                "alm: debiasing with top-k teacher outputs needs 'topk_logprobs' and 'topk_indices' beside "
-                "'target_logprob' (the boundary mass is summed over the listed tokens)"
-            )
+        lp, idx = teacher.topk_logprobs, teacher.topk_indices  # the parser made sure both are there
         k = lp.shape[-1]
         idx = idx.reshape(B * Lt, k)[q].to(torch.int64)
         lpq = lp.reshape(B * Lt, k)[q].to(cdt)

@@ -5,7 +5,8 @@ Common set C: pairs (student id s_j, teacher id t_j), each student id and each t
 - H-KL (`hkl_loss`): from the projection W, a student row s is common when its largest weight is
   >= `threshold` (default 0.6); its partner is that weight's teacher column.
 - GOLD (`gold_loss`): student and teacher tokens with identical canonical bytes (exact matches), read
-  from the artifact's `row_kind` tensor, or given as a `[V_s]` map.
+  from a projection's `row_kind` (a loaded `Projection` or an artifact directory), or given as a
+  `[V_s]` map.
 Collision rule (one partner per teacher token): when several student rows choose the same teacher
 column, the pair with the largest weight wins; ties go to the lowest student id. The losers become
 uncommon. The rule depends on W only, never on the batch.
@@ -25,19 +26,21 @@ Sum over valid chunks / `normalizer` (default: the number of valid chunks).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from xtoken_loss.chunked import check_choice, check_temperature
-from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
-from xtoken_loss.projection import Projection, as_projection
+from xtoken_core.artifact_format import ROW_EXACT
+from xtoken_core.errors import ArtifactError, LossInputError, LossOptionError
+from xtoken_loss.projection import Projection, as_projection, load_projection
 from xtoken_loss.losses.uld import CHUNK_FORMS, check_tail_cut, prepare, run_units, sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
-ROW_KIND_EXACT = 1  # `row_kind` value of exact rows in a projection artifact (CONTRACTS §4 extra tensor)
+TEACHER_FORMS = ("logits",)  # hkl and gold (and hybrid_loss)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,29 +106,25 @@ def common_by_threshold(projection, threshold: float = DEFAULT_THRESHOLD) -> Com
 def common_exact(source) -> CommonSet:
     """GOLD's common set: exact byte matches.
 
-    `source`: a `[V_s]` map (tensor / list; teacher id or -1); or a projection artifact directory whose
-    `projection.safetensors` holds `row_kind` (exact rows are one-hot on the matching teacher token).
+    `source`: a `Projection` with `row_kind` (as `load_projection` returns it; exact rows are one-hot
+    on the matching teacher token), a projection artifact directory (`str` or `os.PathLike`, loaded
+    with `load_projection`), a `CommonSet`, or a `[V_s]` map (tensor / list; teacher id or -1).
     """
-    if isinstance(source, (str, Path)):
-        from safetensors.torch import load_file
-
-        path = Path(source)
-        if path.is_file():
-            path = path.parent
-        try:
-            tensors = load_file(str(path / "projection.safetensors"))
-        except Exception as exc:  # safetensors raises several types
-            raise ProjectionArtifactError(f"{path}: cannot read projection.safetensors: {exc}") from None
-        if "row_kind" not in tensors:
-            raise ProjectionArtifactError(
-                f"{path}: no `row_kind` tensor, so exact rows are unknown; rebuild the artifact with "
-                "`xtoken-align build-projection`, or pass gold_loss(common=...) a [V_s] exact map"
-            )
-        exact = tensors["row_kind"].to(torch.int64) == ROW_KIND_EXACT
-        rows = exact.nonzero().squeeze(1)
-        return CommonSet.from_pairs(rows, tensors["indices"][rows, 0], method="exact")
     if isinstance(source, CommonSet):
         return source
+    if isinstance(source, (str, os.PathLike)):
+        source = load_projection(source)
+    if isinstance(source, Projection):
+        if source.row_kind is None:
+            where = "the artifact" if source.metadata else "this Projection"
+            error = ArtifactError if source.metadata else LossOptionError
+            raise error(
+                f"gold: {where} has no `row_kind`, so its exact rows are unknown; rebuild the artifact with "
+                "`xtoken-align build-projection`, build the Projection with from_tensors(..., row_kind=...), or "
+                "pass gold_loss(common=...) a [V_s] exact map"
+            )
+        rows = (source.row_kind.cpu().to(torch.int64) == ROW_EXACT).nonzero().squeeze(1)
+        return CommonSet.from_pairs(rows, source.indices.cpu()[rows, 0], method="exact")
     return CommonSet.from_map(source, method="exact")
 
 
@@ -161,6 +160,7 @@ def hybrid_loss(
     form = chunk_form if chunk_form is not None else ("mean_log" if public else "start")
     check_choice("chunk_form", form, CHUNK_FORMS)
     tail_cut = check_tail_cut(tail_cut if tail_cut is not None else (PUBLIC_TAIL_CUT if public else None))
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]
@@ -258,7 +258,8 @@ def hkl_loss(
         if projection is None:
             raise LossOptionError("hkl: pass projection=... (or a precomputed common=common_by_threshold(...))")
         proj = as_projection(projection, "cpu") if not isinstance(projection, Projection) else projection
-        proj.check_widths(student_logits.shape[-1], teacher_logits_width(teacher_outputs))
+        teacher_outputs = as_teacher_outputs(teacher_outputs, loss="hkl", accepts=TEACHER_FORMS)
+        proj.check_widths(student_logits.shape[-1], teacher_outputs.width)
         common = common_by_threshold(proj, threshold)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="hkl", **options)
@@ -276,20 +277,15 @@ def gold_loss(
 ):
     """GOLD hybrid: `hybrid_loss` with the exact-match common set.
 
-    Pass `common` (a `CommonSet` or a `[V_s]` map of teacher ids, -1 = none) or `projection`, an
-    artifact directory whose `row_kind` marks the exact rows. Other options as `hybrid_loss`."""
+    Pass `common` (a `CommonSet` or a `[V_s]` map of teacher ids, -1 = none) or `projection` (a
+    loaded `Projection` or an artifact directory; its `row_kind` marks the exact rows). Other options
+    as `hybrid_loss`."""
     if common is None:
-        if projection is None or not isinstance(projection, (str, Path)):
+        if projection is None or not isinstance(projection, (str, os.PathLike, Projection)):
             raise LossOptionError(
-                "gold: pass common=... (a [V_s] map of exactly matching teacher ids) or projection=<artifact "
-                "directory> (its row_kind marks exact rows)"
+                "gold: pass common=... (a [V_s] map of exactly matching teacher ids) or projection=... (a loaded "
+                "Projection or an artifact directory; its row_kind marks exact rows)"
             )
         common = common_exact(projection)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="gold", **options)
-
-
-def teacher_logits_width(teacher_outputs) -> int:
-    from xtoken_loss.losses.uld import teacher_logits_of
-
-    return teacher_logits_of(teacher_outputs, "hkl").shape[-1]

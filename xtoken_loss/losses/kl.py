@@ -30,24 +30,12 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_finite, next_token_mask
 
 DIRECTIONS = ("forward", "reverse")
 TAILS = ("bucket", "renormalize")
-
-
-def _teacher_form(teacher_outputs):
-    if isinstance(teacher_outputs, torch.Tensor):
-        return "logits", teacher_outputs, None
-    if isinstance(teacher_outputs, dict):
-        if teacher_outputs.get("logits") is not None:
-            return "logits", teacher_outputs["logits"], None
-        if teacher_outputs.get("topk_logprobs") is not None and teacher_outputs.get("topk_indices") is not None:
-            return "topk", teacher_outputs["topk_logprobs"], teacher_outputs["topk_indices"]
-    raise LossInputError(
-        "teacher_outputs: pass full logits [B, T, V] (a tensor or {'logits': ...}) or "
-        "{'topk_logprobs': [B, T, k], 'topk_indices': [B, T, k]} (CONTRACTS §3)"
-    )
+TEACHER_FORMS = ("logits", "topk")
 
 
 def kl_loss(
@@ -74,7 +62,9 @@ def kl_loss(
     if student_logits.dim() != 3:
         raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
     B, L, V = student_logits.shape
-    form, t_main, t_idx = _teacher_form(teacher_outputs)
+    teacher = as_teacher_outputs(teacher_outputs, loss="kl", accepts=TEACHER_FORMS)
+    form = teacher.form
+    t_main, t_idx = (teacher.logits, None) if form == "logits" else (teacher.topk_logprobs, teacher.topk_indices)
     if t_main.shape[:2] != (B, L):
         raise LossInputError(
             f"teacher outputs have shape {tuple(t_main.shape)}, expected [B={B}, T={L}, ...] like the student logits"
@@ -84,14 +74,11 @@ def kl_loss(
             f"teacher logits are {t_main.shape[2]} wide, the student's {V}; a same-vocab teacher must not be wider "
             "(slice its logits to the shared vocabulary)"
         )
-    if form == "topk":
-        if t_idx.shape != t_main.shape:
-            raise LossInputError(f"topk_indices {tuple(t_idx.shape)} and topk_logprobs {tuple(t_main.shape)} differ")
-        if tail == "bucket" and T != 1.0:
-            raise LossOptionError(
-                "temperature != 1 with top-k teacher log-probs needs tail='renormalize': the teacher's mass outside "
-                "its top-k at another temperature is unknown"
-            )
+    if form == "topk" and tail == "bucket" and T != 1.0:
+        raise LossOptionError(
+            "temperature != 1 with top-k teacher log-probs needs tail='renormalize': the teacher's mass outside "
+            "its top-k at another temperature is unknown"
+        )
     if check_inputs:
         check_finite("student_logits", student_logits)
         check_finite("teacher logits" if form == "logits" else "topk_logprobs", t_main)

@@ -12,18 +12,16 @@ columns and the student's projected distribution, on the chosen teacher columns 
 outcome, times T^2. It runs in groups of units with autograd on each group's slice (memory bounded)
 and hands the gradients to autograd through one custom function.
 
-`LearnedProjection.save(path)` writes a CONTRACTS §4 artifact (safetensors + JSON, atomically: a
-temporary directory renamed into place) with provenance: method name `"learned"`, the parent
+`LearnedProjection.save(path)` writes a CONTRACTS §4 artifact through the artifact format's writer
+(`xtoken_core.artifact_format`: safetensors + JSON, atomically, a temporary directory renamed into
+place) with provenance: method name `"learned"`, the parent
 artifact's metadata under `parent`, and the training parameters the caller passes.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,21 +29,19 @@ from torch import nn
 
 from xtoken_loss.chunked import check_choice, check_temperature, compute_dtype, resolve_normalizer, rows_per_chunk
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_core import artifact_format as fmt
 from xtoken_loss.projection import (
-    ARTIFACT_KIND,
-    DIRECTION,
-    META_FILE,
-    SCHEMA_VERSION,
-    TENSORS_FILE,
     Projection,
     as_projection,
     load_projection,
     reduce_column_scores,
     top_columns,
 )
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
 LEARNED_METHOD = "learned"
+TEACHER_FORMS = ("logits",)
 
 
 class LearnedProjection(nn.Module):
@@ -67,23 +63,16 @@ class LearnedProjection(nn.Module):
                                               torch.zeros_like(w)))
         self.teacher_width = int(proj.teacher_width)
         self.metadata = copy.deepcopy(dict(proj.metadata))
+        if row_kind is None:
+            row_kind = proj.row_kind
         self.row_kind = None if row_kind is None else torch.as_tensor(row_kind).to(torch.uint8).cpu()
 
     @classmethod
     def from_artifact(cls, path, *, student_fingerprint: str | None = None,
                       teacher_fingerprint: str | None = None) -> LearnedProjection:
-        """Load an artifact directory (checked as `load_projection` does), keeping its `row_kind`."""
-        proj = load_projection(path, student_fingerprint=student_fingerprint, teacher_fingerprint=teacher_fingerprint)
-        from safetensors import safe_open
-
-        path = Path(path)
-        if path.is_file():
-            path = path.parent
-        row_kind = None
-        with safe_open(str(path / TENSORS_FILE), framework="pt") as f:
-            if "row_kind" in f.keys():
-                row_kind = f.get_tensor("row_kind")
-        return cls(proj, row_kind=row_kind)
+        """Load an artifact directory with `load_projection` (same checks), keeping its `row_kind`."""
+        return cls(load_projection(path, student_fingerprint=student_fingerprint,
+                                   teacher_fingerprint=teacher_fingerprint))
 
     @property
     def num_rows(self) -> int:
@@ -100,18 +89,15 @@ class LearnedProjection(nn.Module):
         """The current W as a frozen `Projection` (for `pkl_loss`, `hkl_loss`, ...)."""
         with torch.no_grad():
             return Projection.from_tensors(self.indices, self.weights().float(), teacher_width=self.teacher_width,
-                                           metadata=self.metadata)
+                                           metadata=self.metadata, row_kind=self.row_kind)
 
     def save(self, path, *, params: dict | None = None, overwrite: bool = False) -> Path:
-        """Write the current W as a projection artifact directory at `path` (module doc).
+        """Write the current W as a projection artifact directory at `path` (module doc), through the
+        artifact format's atomic writer (`xtoken_core.artifact_format`).
 
         Slots are re-ordered by descending weight in each row. `params` (JSON-serialisable: steps,
         learning rate, data, ...) is recorded under `method.params`. Refuses to replace an existing
         directory unless `overwrite`."""
-        from safetensors.torch import save_file
-
-        from xtoken_core import __version__
-
         out = Path(path)
         if out.exists() and not overwrite:
             raise ProjectionArtifactError(f"{out} exists; pass overwrite=True to replace it")
@@ -123,34 +109,17 @@ class LearnedProjection(nn.Module):
             idx = idx.gather(1, order)
             idx = torch.where(w > 0, idx, torch.full_like(idx, -1))
             w = torch.where(idx >= 0, w, torch.zeros_like(w))
-        meta = self._metadata(w, idx, params, __version__)
-        tensors = {"indices": idx.contiguous(), "weights": w.contiguous()}
-        if self.row_kind is not None:
-            tensors["row_kind"] = self.row_kind.contiguous()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            save_file(tensors, str(tmp / TENSORS_FILE))
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            for f in (TENSORS_FILE, META_FILE):
-                with open(tmp / f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        meta = self._metadata(w, idx, params)
+        with fmt.atomic_dir(out, marker=fmt.PROJECTION_JSON) as tmp:
+            fmt.write_projection_files(tmp, idx.numpy(), w.numpy(),
+                                       None if self.row_kind is None else self.row_kind.numpy(), meta)
         return out
 
-    def _metadata(self, w, idx, params, version) -> dict:
+    def _metadata(self, w, idx, params) -> dict:
         parent = copy.deepcopy(self.metadata)
         meta = {k: v for k, v in parent.items() if k not in ("method", "stats", "created_with", "parent")}
-        meta.update(schema_version=SCHEMA_VERSION, kind=ARTIFACT_KIND, direction=DIRECTION, top_k=int(idx.shape[1]))
+        meta.update(schema_version=fmt.SCHEMA_VERSION, kind=fmt.PROJECTION_KIND, direction=fmt.STUDENT_TO_TEACHER,
+                    top_k=int(idx.shape[1]))
         meta.setdefault("student", {"name": None, "fingerprint": None, "vocab_size": self.num_rows,
                                     "model_vocab_size": self.num_rows})
         meta.setdefault("teacher", {"name": None, "fingerprint": None, "vocab_size": self.teacher_width,
@@ -169,7 +138,7 @@ class LearnedProjection(nn.Module):
             "top_weight_below_0.6_rows": int((mapped & (top < 0.6)).sum()),
             "mean_row_entropy": float(ent[mapped].mean()) if bool(mapped.any()) else 0.0,
         }
-        meta["created_with"] = f"xtoken_loss {version}"
+        meta["created_with"] = fmt.created_with()
         return meta
 
 
@@ -212,13 +181,12 @@ def learned_pkl_loss(
     """Principled P-KL (as `pkl_loss(public=False)`) with gradients for the logits *and* the learned W.
     Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2)."""
     from xtoken_loss.chunked import coarse_divergence
-    from xtoken_loss.losses.uld import teacher_logits_of
 
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
     check_choice("direction", direction, ("forward", "reverse"))
     T = check_temperature(temperature)
-    zt = teacher_logits_of(teacher_outputs, "learned_pkl")
+    zt = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS).logits
     B, Ls, Vs = student_logits.shape
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device
@@ -330,7 +298,7 @@ class LearnedPKLLoss(nn.Module):
         check_temperature(temperature)
         check_choice("direction", direction, ("forward", "reverse"))
         self.projection = projection if isinstance(projection, LearnedProjection) else (
-            LearnedProjection.from_artifact(projection) if isinstance(projection, (str, Path))
+            LearnedProjection.from_artifact(projection) if isinstance(projection, (str, os.PathLike))
             else LearnedProjection(projection))
         self.options = dict(teacher_index=teacher_index, temperature=temperature, direction=direction,
                             top_k_columns=top_k_columns, correct_only=correct_only, process_group=process_group,

@@ -50,21 +50,12 @@ from xtoken_loss.projection import (
     restrict_projection,
     top_columns,
 )
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 
 DIRECTIONS = ("forward", "reverse")
 DEFAULT_TOP_K_COLUMNS = 8192
-
-
-def _teacher_logits(teacher_outputs) -> torch.Tensor:
-    if isinstance(teacher_outputs, torch.Tensor):
-        return teacher_outputs
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is not None:
-        return teacher_outputs["logits"]
-    raise LossInputError(
-        "pkl: teacher_outputs must be the teacher's full logits [B, T_t, V_t] (a tensor or {'logits': ...}); "
-        "per-position top-k teacher outputs are supported by the same-vocab loss 'kl'"
-    )
+TEACHER_FORMS = ("logits",)
 
 
 def pkl_loss(
@@ -101,7 +92,7 @@ def pkl_loss(
         raise LossOptionError("pkl: public=True reproduces the published forward P-KL only; use direction='forward'")
     if top_k_columns is not None and (not isinstance(top_k_columns, int) or top_k_columns < 1):
         raise LossOptionError(f"top_k_columns must be a positive integer or None, got {top_k_columns!r}")
-    zt = _teacher_logits(teacher_outputs)
+    zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"pkl: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must be [B, T, V]"

@@ -36,22 +36,11 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
 
 CHUNK_FORMS = ("start", "chain", "mean_log")
-
-
-def teacher_logits_of(teacher_outputs, loss_name: str) -> torch.Tensor:
-    """The teacher's full logits `[B, T_t, V_t]` from a tensor or `{'logits': ...}`."""
-    if isinstance(teacher_outputs, torch.Tensor):
-        return teacher_outputs
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is not None:
-        return teacher_outputs["logits"]
-    raise LossInputError(
-        f"{loss_name}: teacher_outputs must be the teacher's full logits [B, T_t, V_t] (a tensor or "
-        "{'logits': ...}): the sorted-probability comparison needs the teacher's whole distribution. With "
-        "per-position top-k teacher outputs use 'alm' (needs target_logprob) or 'kl'"
-    )
+TEACHER_FORMS = ("logits",)
 
 
 def check_tail_cut(tail_cut) -> int | None:
@@ -211,7 +200,7 @@ def run_units(
 def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index, correct_only, check_inputs,
             form):
     """Shared input checks; returns `(teacher_logits, units)`."""
-    zt = teacher_logits_of(teacher_outputs, loss_name)
+    zt = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=("logits",)).logits  # the runner needs logits
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"{loss_name}: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must "
@@ -335,6 +324,7 @@ def uld_loss(
     form = chunk_form if chunk_form is not None else ("chain" if public else "start")
     check_choice("chunk_form", form, CHUNK_FORMS)
     tail_cut = check_tail_cut(tail_cut)
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS)
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
 

@@ -41,6 +41,7 @@ from xtoken_loss.multi_teacher.scores import (
     teacher_score_sums,
 )
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
+from xtoken_loss.teacher_outputs import TeacherOutputs, as_teacher_outputs
 from xtoken_loss.units import count_units, next_token_mask
 
 MODES = ("sum", "averaged_logits", "select_teacher")
@@ -248,7 +249,7 @@ class MultiTeacherLoss(nn.Module):
                 th = spec.loss_options.get("threshold", hybrid.DEFAULT_THRESHOLD)
                 opts["common"] = hybrid.common_by_threshold(proj, th)
             else:
-                opts["common"] = hybrid.common_exact(spec.projection)
+                opts["common"] = hybrid.common_exact(proj)
         return opts
 
     def extra_repr(self) -> str:
@@ -594,19 +595,12 @@ def _average_outputs(outputs, w: torch.Tensor, batch: dict, dev, spec: TeacherSp
     """The averaged teacher of mode `averaged_logits`. `w`: `[n]` normalised weights, or `[n, B]` per
     sequence. Full logits: `sum_i w_i z_i` over the common width. Top-k: the teachers must list the same
     token set at every counted position; the average of their log-probabilities on it is returned as a
-    top-k teacher (compared by the KL conditioned on the set, `tail='renormalize'`)."""
+    top-k teacher (compared by the KL conditioned on the set, `tail='renormalize'`). Returns a
+    `TeacherOutputs`."""
     forms = []
     for o in outputs:
-        if isinstance(o, torch.Tensor):
-            forms.append(("logits", o, None))
-        elif isinstance(o, dict) and o.get("logits") is not None:
-            forms.append(("logits", o["logits"], None))
-        elif isinstance(o, dict) and o.get("topk_logprobs") is not None and o.get("topk_indices") is not None:
-            forms.append(("topk", o["topk_logprobs"], o["topk_indices"]))
-        else:
-            raise LossInputError(
-                "averaged_logits: each teacher output must be full logits or a top-k dict (CONTRACTS §3)"
-            )
+        t = as_teacher_outputs(o, loss="averaged_logits", accepts=("logits", "topk"))
+        forms.append(("logits", t.logits, None) if t.form == "logits" else ("topk", t.topk_logprobs, t.topk_indices))
     shapes = {tuple(f[1].shape[:2]) for f in forms}
     if len(shapes) != 1:
         raise LossInputError(f"averaged_logits: teacher outputs cover different [B, T] shapes {sorted(shapes)}")
@@ -627,7 +621,7 @@ def _average_outputs(outputs, w: torch.Tensor, batch: dict, dev, spec: TeacherSp
         acc = None
         for i, f in enumerate(forms):
             acc = add(acc, i, f[1][..., :width].to(device=dev, dtype=cdt))  # [B, T, V]
-        return acc
+        return TeacherOutputs(logits=acc)
 
     if spec.loss_options.get("tail", "bucket") != "renormalize":
         raise LossInputError(
@@ -655,4 +649,4 @@ def _average_outputs(outputs, w: torch.Tensor, batch: dict, dev, spec: TeacherSp
         x = torch.where(support >= 0, x, torch.full_like(x, float("-inf")))
         acc = add(acc, i, x)
     acc = torch.where(support >= 0, acc, torch.full_like(acc, float("-inf")))
-    return {"topk_logprobs": acc, "topk_indices": support}
+    return TeacherOutputs(topk_logprobs=acc, topk_indices=support)

@@ -33,10 +33,12 @@ import torch
 from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
 from xtoken_core.errors import LossInputError
 from xtoken_loss.projection import Projection, restrict_projection
+from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import chunk_units, get_key, next_token_mask
 
 SCORES = ("ce", "entropy", "max_prob", "bpb")
 LOWER_IS_BETTER = ("ce", "entropy", "bpb")
+TEACHER_FORMS = ("logits", "topk")  # scores and projection accuracy
 
 
 def teacher_inputs(batch: dict, teacher_index: int | None, batch_size: int, length: int):
@@ -48,21 +50,6 @@ def teacher_inputs(batch: dict, teacher_index: int | None, batch_size: int, leng
         prefix = f"teacher_{teacher_index}_"
     ids = get_key(batch, f"{prefix}input_ids", (batch_size, length))
     return prefix, ids, f"{prefix}token_bytes"
-
-
-def _split_outputs(teacher_outputs):
-    if isinstance(teacher_outputs, torch.Tensor):
-        return teacher_outputs, None, None, None
-    if isinstance(teacher_outputs, dict):
-        if teacher_outputs.get("logits") is not None:
-            return teacher_outputs["logits"], None, None, None
-        if teacher_outputs.get("topk_logprobs") is not None and teacher_outputs.get("topk_indices") is not None:
-            return (None, teacher_outputs["topk_logprobs"], teacher_outputs["topk_indices"],
-                    teacher_outputs.get("target_logprob"))
-    raise LossInputError(
-        "teacher_outputs: pass full logits [B, T, V] (a tensor or {'logits': ...}) or "
-        "{'topk_logprobs', 'topk_indices'[, 'target_logprob']} (CONTRACTS §3)"
-    )
 
 
 def teacher_score_sums(
@@ -79,12 +66,10 @@ def teacher_score_sums(
     No gradient flows (scores only steer weights and selection).
     """
     check_choice("score", score, SCORES)
-    logits, lp, idx, target_lp = _split_outputs(teacher_outputs)
-    main = logits if logits is not None else lp
-    if main.dim() != 3:
-        raise LossInputError(f"teacher outputs must be [B, T, ...], got shape {tuple(main.shape)}")
-    B, L = main.shape[0], main.shape[1]
-    dev = main.device
+    teacher = as_teacher_outputs(teacher_outputs, loss=f"score {score!r}", accepts=TEACHER_FORMS)
+    logits, lp, idx, target_lp = teacher.logits, teacher.topk_logprobs, teacher.topk_indices, teacher.target_logprob
+    B, L = teacher.batch_size, teacher.length
+    dev = teacher.device
     prefix, ids, bytes_key = teacher_inputs(batch, teacher_index, B, L)
     ids = ids.to(dev)
     valid = next_token_mask(batch, B, L, prefix, dev)  # [B, T]
@@ -209,13 +194,9 @@ def projection_accuracy_counts(
     """
     dev = student_logits.device
     B, Ls, Vs = student_logits.shape
-    if isinstance(teacher_outputs, dict) and teacher_outputs.get("logits") is None:
-        lp, idx = teacher_outputs["topk_logprobs"], teacher_outputs["topk_indices"]
-        Lt = lp.shape[1]
-        zt = None
-    else:
-        zt = teacher_outputs if isinstance(teacher_outputs, torch.Tensor) else teacher_outputs["logits"]
-        Lt = zt.shape[1]
+    teacher = as_teacher_outputs(teacher_outputs, loss="projection_accuracy", accepts=TEACHER_FORMS)
+    zt, lp, idx = teacher.logits, teacher.topk_logprobs, teacher.topk_indices
+    Lt = teacher.length
     units = chunk_units(batch, teacher_index, B, Ls, Lt, mode="start", correct_only=correct_only, device=dev)
     srows, trows = units.student_rows, units.teacher_rows
     U = srows.shape[0]

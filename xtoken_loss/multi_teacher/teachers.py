@@ -44,8 +44,8 @@ class TeacherSpec:
         the projection artifact and, for a same-vocab teacher, with the student's.
     vocab_size: the teacher tokenizer's vocab size (needed for vocab-size normalisation).
     projection: for `"pkl"`/`"hkl"`/`"gold"`: an artifact directory, or a loaded `Projection`
-        (`"gold"` needs the directory: its `row_kind` tensor marks the exact rows); `"hkl"`/`"gold"`
-        may instead get `loss_options={"common": ...}`. None for the other kinds.
+        (`"gold"` reads the exact rows from its `row_kind`); `"hkl"`/`"gold"` may instead get
+        `loss_options={"common": ...}`. None for the other kinds.
     loss_options: keyword options passed to the loss function (temperature, direction, ...).
     loss_fn: a callable with the CONTRACTS §5 signature used instead of the kind's library
         function (for experiments and tests); the kind still decides the teacher's path.
@@ -91,12 +91,6 @@ class TeacherSpec:
                 f"{who}: TeacherSpec.projection is required for loss {self.loss!r} (a cross-tokenizer teacher); "
                 "pass the artifact directory from `xtoken-align build-projection` or a loaded Projection"
                 + (" (or loss_options={'common': ...})" if self.loss in COMMON_SET_KINDS else "")
-            )
-        if self.loss == "gold" and isinstance(self.projection, Projection) and "common" not in self.loss_options:
-            raise LossOptionError(
-                f"{who}: loss 'gold' reads its exact-match common set from the artifact's `row_kind` tensor, which a "
-                "loaded Projection lacks; pass TeacherSpec.projection as the artifact directory, or "
-                "loss_options={'common': ...}"
             )
         if self.loss not in PROJECTION_KINDS and self.projection is not None:
             why = "a same-vocab teacher needs no projection" if self.loss in SAME_VOCAB_KINDS else (
