@@ -18,8 +18,13 @@ import numpy as np
 from xtoken_align import load_tokenizer
 from xtoken_align.batch.alignment_artifacts import write_alignment_artifact
 from xtoken_align.batch.collate import AlignedBatch, AlignmentCollator, CollateConfig
-from xtoken_core.errors import XTokenError
 from xtoken_align.textio import read_utf8
+from xtoken_cli.config_options import config_from, config_options
+from xtoken_core.errors import ConfigError, DataFileError
+
+# The collator options `align` exposes, and their names where they differ from the field's.
+COLLATE_FIELDS = ("max_length", "add_special_tokens")
+COLLATE_OPTION_NAMES = {"add_special_tokens": "special-tokens"}
 
 
 def _read_text_lines(path: Path) -> list[str]:
@@ -35,22 +40,22 @@ def _read_jsonl(path: Path, field: str) -> list:
     samples = []
     for n, line in enumerate(_read_text_lines(path), start=1):
         if not line.strip():
-            raise XTokenError(f"{path}: line {n} is empty; every line must be a JSON object")
+            raise DataFileError(f"{path}: line {n} is empty; every line must be a JSON object")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise XTokenError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+            raise DataFileError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or field not in record:
-            raise XTokenError(f"{path}: line {n} has no {field!r} field; choose one with --field")
+            raise DataFileError(f"{path}: line {n} has no {field!r} field; choose one with --field")
         value = record[field]
         if not isinstance(value, (str, list)):
-            raise XTokenError(f"{path}: line {n}: {field!r} must be a string or a list of messages, "
-                              f"got {type(value).__name__}")
+            raise DataFileError(f"{path}: line {n}: {field!r} must be a string or a list of messages, "
+                                f"got {type(value).__name__}")
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise XTokenError(f"{path}: line {n}: {field!r} holds a lone surrogate (\\ud800-\\udfff), "
-                              f"not valid Unicode text") from None
+            raise DataFileError(f"{path}: line {n}: {field!r} holds a lone surrogate (\\ud800-\\udfff), "
+                                f"not valid Unicode text") from None
         samples.append(value)
     return samples
 
@@ -131,29 +136,28 @@ def _sample_html(k: int, batch: AlignedBatch, b: int, student, teacher) -> str:
 @click.option("--jsonl", type=click.Path(path_type=Path), help="JSON Lines file, one sample per line.")
 @click.option("--field", default="text", show_default=True,
               help="JSONL field: a string (text) or a list of {role, content} messages (conversation).")
-@click.option("--max-length", type=int, help="Token budget per side; both sides are cut at one shared chunk boundary.")
-@click.option("--no-special-tokens", is_flag=True, help="Do not add BOS/EOS to plain texts.")
+@config_options(CollateConfig, only=COLLATE_FIELDS, names=COLLATE_OPTION_NAMES,
+                help={"max_length": "Token budget per side; both sides are cut at one shared chunk boundary."})
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write one JSON record per sample.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write an HTML page of the alignments.")
 @click.option("--html-samples", default=50, show_default=True, help="Samples shown in the HTML page.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write a precomputed alignment artifact directory.")
 @click.option("--batch-size", default=256, show_default=True, help="Samples aligned per call.")
 @click.option("--shard-size", default=4096, show_default=True, help="Samples per artifact shard.")
-def align_cmd(student, teacher, text_file, jsonl, field, max_length, no_special_tokens, json_out,
-              html_out, html_samples, out_dir, batch_size, shard_size):
+def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, html_samples, out_dir, batch_size,
+              shard_size, **options):
     """Align a dataset between a student and a teacher tokenizer and report the chunks."""
     if (text_file is None) == (jsonl is None):
-        raise XTokenError("give exactly one input: --text-file F or --jsonl F")
-    for name, value in (("--max-length", max_length), ("--batch-size", batch_size),
-                        ("--shard-size", shard_size)):
-        if value is not None and value < 1:
-            raise XTokenError(f"{name} must be a positive integer, got {value}")
+        raise ConfigError("give exactly one input: --text-file F or --jsonl F")
+    for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    config = config_from(CollateConfig, options, COLLATE_FIELDS)
     samples = _read_text_lines(text_file) if text_file is not None else _read_jsonl(jsonl, field)
     s_info = load_tokenizer(student)
     t_info = load_tokenizer(teacher)
     if s_info.fingerprint == t_info.fingerprint:
-        raise XTokenError(f"{student} and {teacher} are the same tokenizer: nothing to align")
-    config = CollateConfig(max_length=max_length, add_special_tokens=not no_special_tokens)
+        raise ConfigError(f"--student {student} and --teacher {teacher} are the same tokenizer: nothing to align")
     collator = AlignmentCollator(s_info, [t_info], config)
     stats = _Stats()
     html_parts: list[str] = []
@@ -176,9 +180,9 @@ def align_cmd(student, teacher, text_file, jsonl, field, max_length, no_special_
 
     try:
         if out_dir is not None:
-            options = {"max_length": max_length, "add_special_tokens": not no_special_tokens,
-                       "input": str(text_file or jsonl), "field": field if jsonl else None}
-            write_alignment_artifact(out_dir, s_info, t_info, batches(), shard_size=shard_size, options=options)
+            recorded = {"max_length": config.max_length, "add_special_tokens": config.add_special_tokens,
+                        "input": str(text_file or jsonl), "field": field if jsonl else None}
+            write_alignment_artifact(out_dir, s_info, t_info, batches(), shard_size=shard_size, options=recorded)
         else:
             for _ in batches():
                 pass

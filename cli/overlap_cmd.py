@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from xtoken_align import __version__, load_tokenizer
-from xtoken_core.errors import XTokenError
+from xtoken_core.errors import ConfigError, DataFileError
 from xtoken_align.tokenizer.overlap import CATEGORIES, OverlapReport, overlap_report
 
 
@@ -48,7 +48,7 @@ def _plot(report: OverlapReport, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise XTokenError("--plot needs matplotlib: pip install 'xtoken[plot]'") from None
+        raise ConfigError("--plot needs matplotlib: pip install 'xtoken[plot]'") from None
     n = len(report.names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n, 0.8 + 0.7 * n))
     im = ax.imshow(report.overlap, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -87,11 +87,11 @@ def overlap_report_cmd(tokenizers: tuple[str, ...], json_path: Path | None, plot
         try:
             json_path.write_text(json.dumps(report.to_json(loaded, __version__), indent=2) + "\n")
         except OSError as exc:
-            raise XTokenError(f"cannot write {json_path}: {exc.strerror}") from None
+            raise DataFileError(f"cannot write {json_path}: {exc.strerror}") from None
         click.echo(f"wrote {json_path}")
     if plot_path is not None:
         try:
             _plot(report, plot_path)
         except OSError as exc:
-            raise XTokenError(f"cannot write {plot_path}: {exc.strerror}") from None
+            raise DataFileError(f"cannot write {plot_path}: {exc.strerror}") from None
         click.echo(f"wrote {plot_path}")

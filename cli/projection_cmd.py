@@ -11,6 +11,8 @@ import numpy as np
 
 from xtoken_align import load_tokenizer
 from xtoken_align.projection import artifacts as art
+from xtoken_align.projection.builder import ProjectionConfig
+from xtoken_cli.config_options import config_from, config_options
 from xtoken_core.errors import XTokenError
 
 
@@ -52,36 +54,29 @@ class _StepProgress:
             self._progress.update(self._task, completed=completed, total=total)
 
 
+# Option names that differ from the ProjectionConfig field names (the rest: `top_k` -> `--top-k`).
+PROJECTION_OPTION_NAMES = {"student_model_vocab_size": "student-vocab-size",
+                           "teacher_model_vocab_size": "teacher-vocab-size"}
+
+
 @click.command("build-projection")
 @click.option("--student", required=True, help="Student tokenizer: fixture name, local path or Hub name.")
 @click.option("--teacher", required=True, help="Teacher tokenizer: fixture name, local path or Hub name.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to write (new, empty, or an earlier projection artifact).")
-@click.option("--top-k", default=4, show_default=True, type=int, help="Entries kept per row.")
 @click.option("--corpus", type=click.Path(path_type=Path),
               help="UTF-8 corpus (JSON lines with a \"text\" field, or plain text lines) whose co-occurrence "
                    "counts refine the rule-based rows.")
-@click.option("--both-directions", is_flag=True, help="Also write the teacher-to-student projection "
-                                                      "under OUT/teacher_to_student/.")
-@click.option("--student-vocab-size", type=int, help="Student model output width (rows), if wider than the "
-                                                     "tokenizer; padded rows are empty.")
-@click.option("--teacher-vocab-size", type=int, help="Teacher model output width, if wider than the tokenizer "
-                                                     "(e.g. 151936 for Qwen3); padded teacher ids get no weight.")
-@click.option("--no-reverse", is_flag=True, help="Skip the reverse pass (teacher tokens split by the student).")
-@click.option("--prior-strength", default=4.0, show_default=True, type=float,
-              help="Corpus blend: pseudo-count of the rule-based prior per row.")
-def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corpus: Path | None,
-                         both_directions: bool, student_vocab_size: int | None, teacher_vocab_size: int | None,
-                         no_reverse: bool, prior_strength: float) -> None:
+@config_options(ProjectionConfig, names=PROJECTION_OPTION_NAMES,
+                help={"both_directions": "Also write the teacher-to-student projection under "
+                                         "OUT/teacher_to_student/."})
+def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | None, **options) -> None:
     """Build a sparse student-to-teacher projection (CONTRACTS §4 artifact) into OUT."""
-    from xtoken_align.projection.builder import ProjectionConfig, build_projection, model_vocab_sizes
+    from xtoken_align.projection.builder import build_projection, model_vocab_sizes
     from xtoken_align.projection.refine import read_corpus
 
     start = time.perf_counter()
-    cfg = ProjectionConfig(top_k=top_k, reverse=not no_reverse, prior_strength=prior_strength,
-                           student_model_vocab_size=student_vocab_size,
-                           teacher_model_vocab_size=teacher_vocab_size, both_directions=both_directions)
-    cfg.validate()
+    cfg = config_from(ProjectionConfig, options)
     art.check_writable(out, marker=art.PROJECTION_JSON)  # fail before the work, not after
     texts = read_corpus(corpus) if corpus is not None else None
     s_tok = load_tokenizer(student)  # ~0.5 s each: no progress display, so errors stay one line
@@ -98,7 +93,7 @@ def build_projection_cmd(student: str, teacher: str, out: Path, top_k: int, corp
         extra += f"; teacher_to_student {build.reverse.meta['stats']['mapped_rows']} mapped rows"
     if st["unmatched_special_roles"]:
         extra += f"; unmatched specials: {', '.join(st['unmatched_special_roles'])}"
-    click.echo(f"wrote {out}: {s_tok.name} -> {t_tok.name}, {st['rows']} rows x top-{top_k}: "
+    click.echo(f"wrote {out}: {s_tok.name} -> {t_tok.name}, {st['rows']} rows x top-{cfg.top_k}: "
                f"{st['exact_rows']} exact, {st['decomposed_rows']} decomposed, {st['special_rows']} special, "
                f"{st['unmapped_rows']} unmapped{extra}; {time.perf_counter() - start:.1f} s")
 

@@ -240,6 +240,20 @@ def test_config_validation_names_the_field():
         collate([{"body": "x"}], tok("llama3"), [tok("qwen3")])
 
 
+def test_collate_config_is_a_config():
+    from xtoken_core.errors import ConfigError
+
+    cfg = CollateConfig(max_length=64, teacher_max_length=80, add_special_tokens=False, text_field="body")
+    assert CollateConfig.from_dict(cfg.to_dict()) == cfg and cfg.teacher_budget == 80
+    assert CollateConfig(max_length=64).teacher_budget == 64
+    for bad, field in [({"teacher_max_length": 0}, "teacher_max_length"), ({"max_length": 2.5}, "max_length"),
+                       ({"add_special_tokens": "yes"}, "add_special_tokens"), ({"text_field": 3}, "text_field")]:
+        with pytest.raises(ConfigError, match=f"CollateConfig.{field}"):
+            CollateConfig(**bad)
+    with pytest.raises(TypeError):
+        CollateConfig(64)  # keyword-only
+
+
 @settings(max_examples=30, deadline=None)
 @given(text=random_text, budget=st.integers(1, 16))
 def test_truncation_with_two_teachers_shares_one_cut(text, budget):

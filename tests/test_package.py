@@ -30,3 +30,21 @@ def test_cli_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("overlap-report", "align", "build-projection", "inspect"):
         assert command in result.output
+
+
+def test_xtoken_align_exports_what_the_readme_uses():
+    from pathlib import Path
+
+    import xtoken_align
+
+    assert xtoken_align.__all__ == sorted(xtoken_align.__all__)
+    for name in ("load_tokenizer", "TokenizerInfo", "AlignmentCollator", "collate", "CollateConfig",
+                 "build_projection", "ProjectionConfig", "AlignmentError", "ArtifactError", "TokenizerLoadError",
+                 "XTokenError", "__version__"):
+        assert name in xtoken_align.__all__ and getattr(xtoken_align, name) is not None
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    imported = [line for line in readme.splitlines() if line.startswith("from xtoken_align import ")]
+    assert imported
+    for line in imported:
+        for name in line.removeprefix("from xtoken_align import ").split(", "):
+            assert name in xtoken_align.__all__, name

@@ -233,7 +233,7 @@ def test_top_k_one_and_config_errors():
     check_invariants(proj, M, L)
     for bad, field in [({"top_k": 0}, "top_k"), ({"decay": 0.0}, "decay"), ({"max_pieces": 0}, "max_pieces")]:
         with pytest.raises(XTokenError, match=field):
-            ProjectionConfig(**bad).validate()
+            ProjectionConfig(**bad)
 
 
 def test_top_k_rows_ties_duplicates_zeros():
@@ -270,21 +270,57 @@ def test_corpus_refinement_changes_only_rows_with_evidence():
     check_invariants(refined.forward, L, Q)
 
 
-def test_exact_offset_fallback_matches_the_aligner(monkeypatch):
-    from xtoken_align.projection import refine as projection_refine
+def _offset_boundaries(tok, text: str) -> dict[int, int]:
+    """Independent reference on byte-exact text: start byte -> id of each non-empty token, from the
+    canonical token byte lengths (a SentencePiece phantom space not counted)."""
+    ids = tok.backend.encode(text, add_special_tokens=False).ids
+    out, pos = {}, 0
+    for n, i in enumerate(ids):
+        length = int(tok.token_lengths[i])
+        if n == 0 and tok.adds_phantom_space(text) and tok.token_bytes[i].startswith(b" "):
+            length -= 1
+        if length > 0:
+            out[pos] = i
+        pos += length
+    assert pos == len(text.encode("utf-8"))
+    return out
+
+
+def test_cooccurrence_counts_match_exact_offsets_and_cover_normalised_text():
     L, Q = tok("llama3"), tok("qwen3")
-    texts = corpus_texts(60) + ["Cafe\u0301 2024", "naïve 12:45"]
-    via_aligner, info_a = cooccurrence_counts(L, Q, texts)
-    monkeypatch.setattr(projection_refine, "_chunk_aligner", lambda: None)
-    via_offsets, info_o = cooccurrence_counts(L, Q, texts)
-    assert info_o["aligner"] == "exact_offsets" and info_o["nfc"] and info_o["texts_skipped"] == 0
-    # same boundaries on NFC text; the decomposed "e\u0301" is the only place they may differ
-    assert abs(via_aligner - via_offsets).sum() <= 4
-    assert via_offsets.sum() > 1000
-    # a lossy side (BERT lowercases, drops spaces) cannot be reproduced: those texts are skipped
-    counts, info = cooccurrence_counts(L, tok("bert-uncased"), ["Hello World", "plain words"])
-    assert info["texts_skipped"] >= 1
-    assert counts.shape == (L.vocab_size, tok("bert-uncased").vocab_size)
+    texts = [unicodedata.normalize("NFC", t) for t in corpus_texts(60)]
+    counts, info = cooccurrence_counts(L, Q, texts)
+    assert info == {"aligner": "chunk_aligner", "texts": 60, "texts_used": 60, "texts_skipped": 0,
+                    "boundaries": int(counts.sum()), "nfc": False}
+    want = sp.dok_matrix(counts.shape)
+    for t in texts:
+        bl, bq = _offset_boundaries(L, t), _offset_boundaries(Q, t)
+        for start in bl.keys() & bq.keys():
+            want[bl[start], bq[start]] += 1
+    assert abs(counts - want.tocsr()).sum() == 0 and counts.sum() > 1000
+    # text a normalizer changes (BERT lowercases and drops spaces; a decomposed accent) is aligned by
+    # the aligner's placement fallbacks, not skipped
+    B = tok("bert-uncased")
+    counts, info = cooccurrence_counts(L, B, ["Hello World", "plain words", "Cafe\u0301 2024"])
+    assert info["texts_skipped"] == 0 and counts.sum() >= 5
+    assert counts.shape == (L.vocab_size, B.vocab_size)
+    assert counts[L.bytes_to_id[b"Hello"], B.bytes_to_id[b"hello"]] == 1
+
+
+def test_recorded_params_rebuild_the_config():
+    M, B = tok("mistral-v1"), tok("bert-uncased")
+    cfg = ProjectionConfig(top_k=3, first_weight=0.7, decay=0.5, max_pieces=2, reverse_weight=0.25,
+                           prior_strength=2.0, teacher_model_vocab_size=30600, both_directions=True)
+    assert ProjectionConfig.from_dict(cfg.to_dict()) == cfg
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+    for build in (build_projection(M, B, cfg), build_projection(M, B, cfg, corpus=["Hello world 123."])):
+        for p in (build.forward, build.reverse):
+            params = json.loads(json.dumps(p.meta))["method"]["params"]
+            assert ProjectionConfig.from_params(params) == cfg
+        assert ("corpus" in params) == p.meta["method"]["name"].endswith("+corpus")
+    assert ProjectionConfig.from_dict(build_projection(M, B).forward.meta["method"]["params"]) == ProjectionConfig()
+    with pytest.raises(XTokenError, match="unknown field.*'topk'"):
+        ProjectionConfig.from_dict({"topk": 3})
 
 
 def test_top_k_rows_matches_a_dense_reference():

@@ -207,3 +207,13 @@ def test_bert_is_lossy_for_a_reason():
     text = "Hello World"
     joined = b"".join(tok.token_bytes[i] for i in tok.encode(text))
     assert joined == b"helloworld" != text.encode()
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent/dir/", "./no/such/tokenizer"])
+def test_missing_tokenizer_is_not_found(bad, tmp_path):
+    from xtoken_core.errors import TokenizerNotFoundError
+
+    for name in (bad, str(tmp_path)):  # no such path; a directory without tokenizer.json
+        with pytest.raises(TokenizerNotFoundError) as info:
+            load_tokenizer(name)
+        assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, TokenizerLoadError)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xtoken_core.errors import XTokenError
+from xtoken_core.errors import DataFileError, DataFileNotFoundError
 
 
 def read_utf8(path: Path, what: str = "file") -> str:
-    """The whole file decoded as UTF-8; `XTokenError` if it cannot be read or is not UTF-8."""
+    """The whole file decoded as UTF-8; `DataFileNotFoundError` if it does not exist,
+    `DataFileError` if it cannot be read or is not UTF-8."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise XTokenError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        error = DataFileNotFoundError if isinstance(exc, FileNotFoundError) else DataFileError
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise XTokenError(f"{what} {path}: invalid UTF-8 at line {line} (byte {exc.start}: "
-                          f"{data[exc.start:exc.start + 1]!r}); the file is not UTF-8: re-encode it") from None
+        raise DataFileError(f"{what} {path}: invalid UTF-8 at line {line} (byte {exc.start}: "
+                            f"{data[exc.start:exc.start + 1]!r}); the file is not UTF-8: re-encode it") from None

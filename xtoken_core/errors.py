@@ -15,6 +15,8 @@ code 2, without a traceback; anything else is a bug and keeps its traceback.
     ├── ArtifactError (ValueError)          an artifact is malformed, of another schema/pair
     │   └── ArtifactNotFoundError (FileNotFoundError)
     ├── AlignmentError (ValueError)         two tokenizations cannot be aligned
+    ├── DataFileError (ValueError)          a user's text/JSONL/corpus file cannot be read or parsed
+    │   └── DataFileNotFoundError (FileNotFoundError)
     └── XTokenLossError                     the loss library's own area
         ├── LossInputError (ValueError)     tensors or a batch a loss cannot use
         └── LossOptionError (also ConfigError)
@@ -49,6 +51,15 @@ class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
 
 class AlignmentError(XTokenError, ValueError):
     """Two tokenizations could not be aligned (and no documented fallback applies)."""
+
+
+class DataFileError(XTokenError, ValueError):
+    """A user's data file (text, JSON lines, corpus) cannot be read, decoded or parsed, or an output
+    file cannot be written; the message names the file (and line)."""
+
+
+class DataFileNotFoundError(DataFileError, FileNotFoundError):
+    """A user's data file does not exist."""
 
 
 class XTokenLossError(XTokenError):

@@ -301,10 +301,6 @@ class Alignment:
     b_token_bytes: np.ndarray
     chunks: np.ndarray  # [C, 7] rows of CHUNK_FIELDS
 
-    @property
-    def num_correct(self) -> int:
-        return int(self.chunks[:, 6].sum())
-
     def as_json(self) -> dict:
         """The `xtoken-align align --json` record of this text."""
         return {"bytes": len(self.text_bytes), "student_tokens": len(self.a_ids),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,33 +23,33 @@ from xtoken_align.alignment import kernels as K
 from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
 from xtoken_align.alignment.chat import common_segments, render_conversation
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
-from xtoken_core.errors import AlignmentError
+from xtoken_core.config import Config, config, option
+from xtoken_core.errors import AlignmentError, ConfigError
 from xtoken_align.tokenizer.loader import TokenizerInfo
 
 
-@dataclass(frozen=True, kw_only=True)
-class CollateConfig:
-    """Options of the collator.
+class CollateConfigError(ConfigError, AlignmentError):
+    """An invalid `CollateConfig` field (a `ConfigError`; also an `AlignmentError`, which it was
+    before the configs shared one design)."""
 
-    max_length: student token budget per sample (None: no truncation).
-    teacher_max_length: each teacher's token budget (None: same as max_length).
-    add_special_tokens: add each tokenizer's post-processor tokens (BOS/EOS) to plain texts, as
-        `tokenizer(text)` does; conversations take theirs from the chat template.
-    text_field / messages_field: keys read when samples are dicts.
+
+@config
+class CollateConfig(Config):
+    """Options of the collator, validated when built (`xtoken_core.config`).
+
+    add_special_tokens applies to plain texts; conversations take theirs from the chat template.
     """
 
-    max_length: int | None = None
-    teacher_max_length: int | None = None
-    add_special_tokens: bool = True
-    text_field: str = "text"
-    messages_field: str = "messages"
+    error_type: ClassVar[type[ConfigError]] = CollateConfigError
 
-    def __post_init__(self):
-        for name in ("max_length", "teacher_max_length"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise AlignmentError(f"CollateConfig.{name} must be a positive integer or None, "
-                                     f"got {value!r}")
+    max_length: int | None = option(None, min=1, help="Student token budget per sample (None: no truncation); "
+                                                       "every side is cut at one shared chunk boundary.")
+    teacher_max_length: int | None = option(None, min=1, help="Each teacher's token budget (None: same as "
+                                                               "max_length).")
+    add_special_tokens: bool = option(True, help="Add each tokenizer's post-processor tokens (BOS/EOS) to plain "
+                                                 "texts, as tokenizer(text) does.")
+    text_field: str = option("text", help="Key read for a text when samples are dicts.")
+    messages_field: str = option("messages", help="Key read for a conversation when samples are dicts.")
 
     @property
     def teacher_budget(self) -> int | None:

@@ -21,14 +21,16 @@ never point past the target tokenizer's vocab size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import numpy as np
 import scipy.sparse as sp
 
 from xtoken_align.projection import artifacts as art
-from xtoken_core.errors import XTokenError
+from xtoken_core.artifact_format import STUDENT_TO_TEACHER, TEACHER_TO_STUDENT
+from xtoken_core.config import Config, config, option
+from xtoken_core.errors import ConfigError
 from xtoken_align.projection.rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
 from xtoken_align.tokenizer.loader import TokenizerInfo
 
@@ -37,40 +39,34 @@ METHOD_NAME = "xtoken_rule_based"
 Progress = Callable[..., None]  # progress(step, completed=None, total=None)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ProjectionConfig:
-    """Options of the projection builder (validated by `validate()`, called by `build_projection`)."""
+@config
+class ProjectionConfig(Config):
+    """Options of the projection builder, validated when built (`xtoken_core.config`).
 
-    top_k: int = 4  # entries kept per row
-    first_weight: float = 0.9  # weight of a decomposition's first piece (before normalising)
-    decay: float = 0.1  # factor per further piece: piece i gets first_weight * decay**(i-1)
-    max_pieces: int = 4  # pieces of a decomposition that get weight
-    reverse: bool = True  # reverse pass: target tokens split into source tokens add weight
-    reverse_weight: float = 1.0  # scale of the reverse pass relative to a forward decomposition
-    prior_strength: float = 4.0  # corpus blend: pseudo-count of the rule-based prior per row
-    student_model_vocab_size: int | None = None  # student output width (rows), >= its vocab size
-    teacher_model_vocab_size: int | None = None  # teacher output width, >= its vocab size
-    both_directions: bool = False  # also build teacher -> student
+    `to_dict()` is what an artifact records as `method.params` (plus the corpus summary under
+    `corpus` when refined); `from_params` rebuilds the config from those recorded params.
+    """
 
-    def validate(self) -> None:
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise XTokenError(f"top_k must be an integer >= 1 (got {self.top_k!r}); set --top-k to 1 or more")
-        if not self.first_weight > 0:
-            raise XTokenError(f"first_weight must be > 0 (got {self.first_weight!r})")
-        if not 0 < self.decay <= 1:
-            raise XTokenError(f"decay must be in (0, 1] (got {self.decay!r})")
-        if not isinstance(self.max_pieces, int) or self.max_pieces < 1:
-            raise XTokenError(f"max_pieces must be an integer >= 1 (got {self.max_pieces!r})")
-        if not self.reverse_weight >= 0:
-            raise XTokenError(f"reverse_weight must be >= 0 (got {self.reverse_weight!r})")
-        if not self.prior_strength >= 0:
-            raise XTokenError(f"prior_strength must be >= 0 (got {self.prior_strength!r})")
+    top_k: int = option(4, min=1, help="Entries kept per row.")
+    first_weight: float = option(0.9, gt=0, help="Weight of a decomposition's first piece (before normalising).")
+    decay: float = option(0.1, gt=0, max=1, help="Factor per further piece: piece i gets "
+                                                 "first_weight * decay**(i-1).")
+    max_pieces: int = option(4, min=1, help="Pieces of a decomposition that get weight.")
+    reverse: bool = option(True, help="Reverse pass: teacher tokens split by the student tokenizer add weight.")
+    reverse_weight: float = option(1.0, min=0, help="Scale of the reverse pass relative to a forward "
+                                                    "decomposition.")
+    prior_strength: float = option(4.0, min=0, help="Corpus blend: pseudo-count of the rule-based prior per row.")
+    student_model_vocab_size: int | None = option(None, help="Student model output width (rows), if wider than "
+                                                             "the tokenizer; padded rows are empty.")
+    teacher_model_vocab_size: int | None = option(None, help="Teacher model output width, if wider than the "
+                                                             "tokenizer (e.g. 151936 for Qwen3); padded teacher "
+                                                             "ids get no weight.")
+    both_directions: bool = option(False, help="Also build the teacher-to-student projection.")
 
-    def rule_params(self) -> dict:
-        d = asdict(self)
-        for k in ("top_k", "student_model_vocab_size", "teacher_model_vocab_size", "both_directions"):
-            d.pop(k)
-        return d
+    @classmethod
+    def from_params(cls, params: Mapping) -> "ProjectionConfig":
+        """The config an artifact's recorded `method.params` describe (the corpus summary dropped)."""
+        return cls.from_dict({k: v for k, v in params.items() if k != "corpus"})
 
 
 @dataclass
@@ -89,7 +85,7 @@ def _model_vocab_size(tok: TokenizerInfo, size: int | None, option: str) -> int:
     if size is None:
         return tok.vocab_size
     if not isinstance(size, int) or size < tok.vocab_size:
-        raise XTokenError(f"{option} is {size}, smaller than the {tok.name} tokenizer's vocab size "
+        raise ConfigError(f"{option} is {size}, smaller than the {tok.name} tokenizer's vocab size "
                           f"{tok.vocab_size}; give the model's output width (>= {tok.vocab_size}) or leave it out")
     return size
 
@@ -109,7 +105,6 @@ def build_projection(student: TokenizerInfo, teacher: TokenizerInfo, config: Pro
                      progress: Progress | None = None) -> ProjectionBuild:
     """Build the projection(s) between two tokenizers (see the module docstring)."""
     cfg = config or ProjectionConfig()
-    cfg.validate()
     rows_s, rows_t = model_vocab_sizes(student, teacher, cfg)
     say = progress or (lambda *a, **k: None)
 
@@ -135,13 +130,13 @@ def build_projection(student: TokenizerInfo, teacher: TokenizerInfo, config: Pro
 
     say("assembling student -> teacher")
     forward = _one_direction(student, teacher, rows_s, rows_t, exact_st, dec_st, dec_ts if cfg.reverse else None,
-                             counts, corpus_info, cfg, "student_to_teacher")
+                             counts, corpus_info, cfg, STUDENT_TO_TEACHER)
     reverse = None
     if cfg.both_directions:
         say("assembling teacher -> student")
         reverse = _one_direction(teacher, student, rows_t, rows_s, exact_ts, dec_ts, dec_st if cfg.reverse else None,
                                  counts.T.tocsr() if counts is not None else None, corpus_info, cfg,
-                                 "teacher_to_student")
+                                 TEACHER_TO_STUDENT)
     return ProjectionBuild(forward=forward, reverse=reverse)
 
 
@@ -270,9 +265,9 @@ def _one_direction(src: TokenizerInfo, dst: TokenizerInfo, n_rows: int, dst_mode
         "unmatched_specials": int(len(src.special_tokens) - len(specials)),
         "unmatched_special_roles": unmatched_named,
     }
-    rows_side, cols_side = ("student", "teacher") if direction == "student_to_teacher" else ("teacher", "student")
+    rows_side, cols_side = ("student", "teacher") if direction == STUDENT_TO_TEACHER else ("teacher", "student")
     side_meta = {rows_side: art.tokenizer_meta(src, n_rows), cols_side: art.tokenizer_meta(dst, dst_model_vocab)}
-    params = cfg.rule_params()
+    params = cfg.to_dict()
     if corpus_info is not None:
         params["corpus"] = corpus_info
     meta = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xtoken_core.errors import TokenizerLoadError
+from xtoken_core.errors import TokenizerNotFoundError
 
 FIXTURE_NAMES = ("llama3", "qwen3", "qwen3.5", "cl100k", "o200k", "gpt-oss", "deepseek-v4",
                  "mistral-v1", "tekken", "bert-uncased")
@@ -26,12 +26,12 @@ def fixtures_dir() -> Path:
 def resolve_fixture(name: str) -> Path | None:
     """The directory of fixture `name`, None if `name` is no fixture name.
 
-    Raises `TokenizerLoadError` when `name` is a fixture that has not been built yet.
+    Raises `TokenizerNotFoundError` when `name` is a fixture that has not been built yet.
     """
     directory = fixtures_dir() / name
     if (directory / "tokenizer.json").exists():
         return directory
     if name in FIXTURE_NAMES:
-        raise TokenizerLoadError(f"fixture tokenizer {name!r} is not built in {fixtures_dir()}: "
+        raise TokenizerNotFoundError(f"fixture tokenizer {name!r} is not built in {fixtures_dir()}: "
                                  f"run `python data/build_tokenizers.py`")
     return None

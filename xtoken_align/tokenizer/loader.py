@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from xtoken_align.tokenizer import canonical_bytes as cb
-from xtoken_core.errors import TokenizerLoadError
+from xtoken_core.errors import TokenizerLoadError, TokenizerNotFoundError
 from xtoken_align.tokenizer.fixtures import resolve_fixture
 from xtoken_align.tokenizer.special_roles import special_roles
 
@@ -146,7 +146,7 @@ def _locate(name_or_path: str) -> tuple[Path, Path | None]:
     if path.is_dir():
         tj = path / "tokenizer.json"
         if not tj.exists():
-            raise TokenizerLoadError(
+            raise TokenizerNotFoundError(
                 f"{path} has no tokenizer.json (only Hugging Face fast tokenizers are read; convert "
                 f"a slow one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained())")
         cfg = path / "tokenizer_config.json"
@@ -154,8 +154,10 @@ def _locate(name_or_path: str) -> tuple[Path, Path | None]:
     if path.is_file():
         cfg = path.parent / "tokenizer_config.json"
         return path, cfg if cfg.exists() else None
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
+    if path.exists():
         raise TokenizerLoadError(f"cannot read tokenizer at {path}: not a file or directory")
+    if name_or_path.startswith((".", "/", "~")):
+        raise TokenizerNotFoundError(f"cannot read tokenizer at {path}: not a file or directory")
     fixture = resolve_fixture(name_or_path)
     if fixture is not None:
         return _locate(str(fixture))
@@ -176,20 +178,22 @@ def _from_hub(name: str) -> tuple[Path, Path | None]:
     """Fetch (or find in the HF cache) a Hub tokenizer's files."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - transformers brings huggingface_hub
         raise TokenizerLoadError(f"unknown tokenizer {name!r} and huggingface_hub is not installed") from None
     local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable()
     try:
         tj = Path(hf_hub_download(name, "tokenizer.json", local_files_only=local_only))
     except LocalEntryNotFoundError:
-        raise TokenizerLoadError(
+        raise TokenizerNotFoundError(
             f"unknown tokenizer {name!r}: not a local path, not a bundled fixture "
             f"(run `python data/build_tokenizers.py`), and not in the Hugging Face cache "
             f"(no network?)") from None
     except Exception as exc:
-        raise TokenizerLoadError(f"unknown tokenizer {name!r}: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        missing = isinstance(exc, (RepositoryNotFoundError, EntryNotFoundError))
+        raise (TokenizerNotFoundError if missing else TokenizerLoadError)(
+            f"unknown tokenizer {name!r}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     try:
         cfg = Path(hf_hub_download(name, "tokenizer_config.json", local_files_only=local_only))
     except Exception:
@@ -315,7 +319,8 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
     """Read a tokenizer (path, bundled fixture name or Hub name) into a `TokenizerInfo`.
 
     Raises `TokenizerLoadError` with a one-line message for anything that is not a readable
-    Hugging Face fast tokenizer.
+    Hugging Face fast tokenizer (its subclass `TokenizerNotFoundError` when there is none to read: no
+    such path, an unbuilt fixture, a Hub name neither cached nor reachable).
     """
     tj_path, cfg_path = _locate(str(name_or_path))
     try:
