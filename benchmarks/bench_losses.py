@@ -1,6 +1,6 @@
 """Forward + backward time and memory of the xtoken losses at a realistic shape, against peers.
 
-Shape (BRIEF / issue 5): 1024 student positions of real held-out text, llama3 student (V_s =
+Shape (issue 5): 1024 student positions of real held-out text, llama3 student (V_s =
 128,256) and qwen3 teacher (V_t = 151,936 model logits) aligned by the collator, the projection
 builder's real W (top_k 4), teacher top-k 8192. Logits are random (no model), with the teacher
 leaning towards the tokens that actually follow.
@@ -8,8 +8,9 @@ leaning towards the tokens that actually follow.
 Measured in one run (best of `--reps` after one warm-up; each forward + backward from fresh leaf
 logits):
 - xtoken P-KL (principled default, and `public=True`);
-- xtoken H-KL, GOLD hybrid, ULD and ALM (principled forms; `bench_losses_extra.py` adds the
-  public forms);
+- xtoken H-KL, GOLD hybrid, ULD and ALM (principled forms), and H-KL, GOLD and ULD in their public
+  forms too (`--principled-only` skips those three); the table gives each time against P-KL in the
+  same form;
 - xtoken same-vocab KL against per-position teacher top-k 8192 (same student logits shape);
 - `torch.nn.functional.cross_entropy` on the same student logits: the floor (any loss reads the
   logits and writes their gradient);
@@ -24,30 +25,35 @@ Memory: peak resident memory a loss adds during forward + backward beyond its in
 gradient, each loss in a fresh subprocess (Linux: VmHWM reset through /proc/self/clear_refs), divided
 by the student logits' size.
 
-    python benchmarks/bench_losses.py            # ends with the RESULT line
+    python -m benchmarks.bench_losses            # from the repository root; ends with the RESULT line
+
+It imports the float64 references' problem builders from the `tests` package, so it runs as a module
+of the `benchmarks` package (run by path, it stops with a message saying so).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and not __package__:
+    sys.exit("run it from the repository root as a module: python -m benchmarks.bench_losses [options]")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from xtoken_loss import Projection, alm_loss, ce_loss, gold_loss, hkl_loss, kl_loss, pkl_loss, uld_loss  # noqa: E402
 from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold  # noqa: E402
 from xtoken_loss.units import chunk_units  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: the memory child runs there
 VS, VT, TOPK = 128256, 151936, 8192
 
 
@@ -57,7 +63,7 @@ VS, VT, TOPK = 128256, 151936, 8192
 
 def build_problem(positions: int, path: Path) -> None:
     """Align real text (one sample cut at `positions` student tokens) and save batch + W."""
-    from reference_losses import heldout_texts, real_tokenizers
+    from tests.reference_losses import heldout_texts, real_tokenizers
     from xtoken_align.batch.collate import collate
 
     s_tok, t_tok, forward = real_tokenizers()
@@ -71,7 +77,7 @@ def build_problem(positions: int, path: Path) -> None:
 def common_sets(path: Path, proj):
     """(H-KL common set: top W weight >= 0.6, GOLD common set: exact byte matches from the
     artifact's `row_kind`) for the problem saved at `path`."""
-    from xtoken_align.projection.artifacts import ROW_EXACT
+    from xtoken_core.artifact_format import ROW_EXACT
 
     data = torch.load(path)
     exact = torch.where(data["row_kind"] == ROW_EXACT, data["indices"][:, 0], -1)
@@ -191,6 +197,11 @@ def timed(fn, x, reps, warmup=True):
     return best
 
 
+# The public forms of the hybrids and ULD (`public=True`), timed when not `--principled-only`;
+# each is compared with the public P-KL.
+PUBLIC_EXTRA = ("hkl_public", "gold_public", "uld_public")
+
+
 def losses(batch, proj, zs, zt, same, commons):
     ids = batch["input_ids"]
     tgt = torch.full_like(ids, -100)
@@ -206,6 +217,9 @@ def losses(batch, proj, zs, zt, same, commons):
         "gold": lambda x: gold_loss(x, zt, batch, common=commons[1])[0],
         "uld": lambda x: uld_loss(x, zt, batch)[0],
         "alm": lambda x: alm_loss(x, zt, batch)[0],
+        "hkl_public": lambda x: hkl_loss(x, zt, batch, common=commons[0], public=True)[0],
+        "gold_public": lambda x: gold_loss(x, zt, batch, common=commons[1], public=True)[0],
+        "uld_public": lambda x: uld_loss(x, zt, batch, public=True)[0],
     }
 
 
@@ -230,8 +244,8 @@ def memory_child(problem: Path, name: str) -> None:
 
 
 def memory(problem: Path, name: str):
-    out = subprocess.run([sys.executable, __file__, "--memory-child", name, "--problem", str(problem)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_losses", "--memory-child", name,
+                          "--problem", str(problem)], cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         print(f"  memory of {name} failed: {out.stderr.strip().splitlines()[-1:]}")
         return float("nan")
@@ -245,6 +259,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--trl-positions", type=int, default=192)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--principled-only", action="store_true",
+                    help="skip the public forms of H-KL, GOLD and ULD (the public P-KL is always timed)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--problem", default=None, help=argparse.SUPPRESS)
@@ -269,6 +285,8 @@ def main():
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (setup {time.perf_counter() - t0:.1f} s)")
 
     fns = losses(batch, proj, zs, zt, same, common_sets(problem, proj))
+    if args.principled_only:
+        fns = {name: fn for name, fn in fns.items() if name not in PUBLIC_EXTRA}
     times = {name: timed(fn, zs, args.reps) for name, fn in fns.items()}
 
     trl_note = ""
@@ -289,12 +307,13 @@ def main():
     mem = {name: memory(problem, name) for name in ("cross_entropy", "xtoken_ce", "pkl", "pkl_public",
                                                     "samevocab_topk_kl", "torch_sparse_pkl")}
     ce = times["cross_entropy"]
-    print(f"\n{'loss (forward + backward)':34s} {'time s':>9s} {'vs CE':>7s} {'extra mem / logits':>19s}")
+    pkl = times["pkl"]
+    print(f"\n{'loss (forward + backward)':34s} {'time s':>9s} {'vs CE':>7s} {'vs P-KL':>8s} {'extra mem / logits':>19s}")
     for name, t in times.items():
         m = mem.get(name, float("nan"))
+        base = times["pkl_public"] if name.endswith("_public") else pkl  # P-KL in the same form
         note = f"  {trl_note}" if name == "trl_uld" else ""
-        print(f"{name:34s} {t:9.3f} {t / ce:7.2f} {m:19.2f}{note}")
-    pkl = times["pkl"]
+        print(f"{name:34s} {t:9.3f} {t / ce:7.2f} {t / base:8.2f} {m:19.2f}{note}")
     print(f"\nlogits {zs.numel() * 4 / 2**20:.0f} MiB; times are the best of {args.reps} after a warm-up; "
           f"TRL's memory is not measured. Load average during the run: {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (other processes inflate and scatter the times).")

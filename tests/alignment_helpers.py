@@ -3,24 +3,17 @@ strategies."""
 
 from __future__ import annotations
 
-import functools
 import unicodedata
 
 import numpy as np
 from hypothesis import strategies as st
 
-from xtoken_align import load_tokenizer
+from tests.conftest import get_tokenizer as tok  # the session's tokenizers, loaded once for all tests
 from xtoken_align.alignment.aligner import Alignment
 
 # Fixture tokenizers whose canonical bytes always spell the text, and those exact on NFC text.
 EXACT = ("llama3", "cl100k", "o200k", "gpt-oss", "deepseek-v4", "mistral-v1", "tekken")
 EXACT_NFC = ("qwen3", "qwen3.5")
-
-
-@functools.lru_cache(maxsize=None)
-def tok(name: str):
-    """A fixture tokenizer, loaded once per session."""
-    return load_tokenizer(name, name=name)
 
 
 def spells_special(info, text: str) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignment_helpers import (EXACT, EXACT_NFC, check_invariants, exact_on, mirrored, random_text,
+from tests.alignment_helpers import (EXACT, EXACT_NFC, check_invariants, exact_on, mirrored, random_text,
                                tok, token_bytes_of)
 from xtoken_align.alignment.aligner import align_text, align_texts
 from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, align_batch, collate
@@ -22,8 +22,11 @@ CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 PAIRS = list(itertools.combinations(EXACT + EXACT_NFC, 2))
 
 
-@settings(max_examples=400, deadline=None)
-@given(pair=st.sampled_from(PAIRS), text=random_text)
+# Every pair (parametrized) on a few random texts each: 36 x 10 examples, where 400 examples drawn
+# over the pairs at random took the longest of any test (20 s on two cores).
+@pytest.mark.parametrize("pair", PAIRS, ids="-".join)
+@settings(max_examples=10, deadline=None)
+@given(text=random_text)
 def test_random_text_every_pair_tiles_and_mirrors(pair, text):
     a, b = tok(pair[0]), tok(pair[1])
     al = align_text(a, b, text)
@@ -262,3 +265,13 @@ def test_truncation_with_two_teachers_shares_one_cut(text, budget):
         assert batch[f"teacher_{i}_token_mask"].sum(1).max() <= budget
     assert (batch["token_bytes"].sum(1) == batch["num_bytes"]).all()
     assert batch["token_mask"].sum(1).max() <= budget
+
+
+def test_token_straddling_an_nfc_region_is_not_in_a_correct_chunk():
+    """Qwen spells NFC(" K" + U+0301) as " \\xe1" + "\\xb8" + "\\xb0": the first token ends inside the
+    region the NFC placement maps back, so no chunk holding it may be correct (found by the property
+    test above, pair qwen3 x qwen3.5)."""
+    for text in (" K\u0301", "a K\u0301 b"):
+        for x, y in (("qwen3", "qwen3.5"), ("qwen3", "llama3")):
+            a, b = tok(x), tok(y)
+            check_invariants(align_text(a, b, text), a, b)

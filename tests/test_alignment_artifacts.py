@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignment_helpers import tok
+from tests.alignment_helpers import tok
 from xtoken_cli.main import align_cli
 from xtoken_align.alignment.aligner import encode_side
 from xtoken_align.batch.alignment_artifacts import read_alignment_artifact, write_alignment_artifact

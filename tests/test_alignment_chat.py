@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignment_helpers import nfc_text, tok, token_bytes_of
+from tests.alignment_helpers import nfc_text, tok, token_bytes_of
 from xtoken_align.alignment.chat import common_segments, render_conversation
 from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, align_batch
 

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import unicodedata
 
 import pytest
-from conftest import REPO, corpus_records, get_tokenizer
 
-sys.path.insert(0, str(REPO / "data"))
-import build_tokenizers  # noqa: E402
+from tests.conftest import REPO, corpus_records, get_tokenizer
+
+
+def _load_build_script():
+    """`data/build_tokenizers.py` as a module (data/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("build_tokenizers", REPO / "data" / "build_tokenizers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+build_tokenizers = _load_build_script()
 
 CHECKED = [n for n, r in build_tokenizers.RECIPES.items() if r.reference_encoder is not None]
 

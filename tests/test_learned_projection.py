@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from reference_losses import dense_projection, random_logits, random_projection, reference_pkl, synthetic_batch
-from reference_losses_extra import is_close, real_problem
+from tests.reference_losses import (dense_projection, is_close, random_logits, random_projection,
+                                    real_problem_with_exact_map, reference_pkl, synthetic_batch)
 from xtoken_core.errors import ProjectionArtifactError
 from xtoken_loss.losses.learned_pkl import LearnedPKLLoss, LearnedProjection, learned_pkl_loss
 from xtoken_loss.losses.pkl import pkl_loss
@@ -58,7 +58,7 @@ def test_learned_pkl_matches_reference_and_pkl_loss(top_k):
 
 
 def test_learned_pkl_real_vocab_matches_reference():
-    batch, idx, w, _ex, Vs, Vt = real_problem()
+    batch, idx, w, _ex, Vs, Vt = real_problem_with_exact_map()
     Ls, Lt = _shapes(batch)
     lp = _perturbed(idx, w, 4).double()
     zs, zt = random_logits(5, (3, Ls, Vs)), random_logits(6, (3, Lt, Vt))

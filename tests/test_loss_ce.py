@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_losses import (
+from tests.reference_losses import (
     dense_projection,
     is_close,
     random_logits,
@@ -105,8 +105,8 @@ def _pkl_problem(seed=4):
 
 def test_principled_combination_divides_both_sums_by_one_count():
     batch, proj, W, zs, zt = _pkl_problem()
-    n_tok = int(count_units(batch, "ce"))
-    n_chunk = int(count_units(batch, "pkl"))
+    n_tok = reference_ce(zs, batch)[1]  # next-token positions
+    n_chunk = reference_pkl(zs, zt, batch, W, top_k_columns=9)[1]  # valid chunks
     assert n_tok != n_chunk
     loss, m = kd_ce_loss(zs, zt, batch, kd="pkl", kd_options={"projection": proj, "top_k_columns": 9},
                          kd_weight=0.7, ce_weight=1.3)
@@ -132,7 +132,7 @@ def test_dynamic_scaling_and_gradients():
     loss, m = kd_ce_loss(x, zt, batch, scaling="dynamic", kd_options={"projection": proj, "top_k_columns": 9})
     loss.backward()
     y = zs.clone().requires_grad_()
-    n = int(count_units(batch, "ce"))
+    n = reference_ce(zs, batch)[1]
     kd = reference_pkl(y, zt, batch, W, top_k_columns=9, normalizer=n)[0]
     ce = reference_ce(y, batch, normalizer=n)[0]
     ref = (ce.detach().abs() / kd.detach().abs()) * kd + ce
@@ -149,7 +149,7 @@ def test_same_vocab_kd_with_ce_and_module():
     batch, zs = _problem(5)
     zt = random_logits(9, zs.shape)
     loss, _ = kd_ce_loss(zs, zt, batch, kd="kl", kd_options={"temperature": 2.0})
-    n = int(count_units(batch, "kl"))
+    n = reference_kl(zs, zt, batch, temperature=2.0)[1]
     ref = reference_kl(zs, zt, batch, temperature=2.0, normalizer=n)[0] + reference_ce(zs, batch)[0]
     assert is_close(loss, ref)
     mod = KDCELoss(kd="kl", kd_options={"temperature": 2.0})
@@ -166,3 +166,10 @@ def test_second_derivatives_raise_instead_of_returning_zeros():
     (g,) = torch.autograd.grad(ce_loss(x, None, batch)[0], x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def test_count_units_agrees_with_the_reference_counts():
+    batch, proj, W, zs, zt = _pkl_problem()
+    assert int(count_units(batch, "ce")) == reference_ce(zs, batch)[1]
+    assert int(count_units(batch, "kl")) == reference_kl(zs, zs, batch)[1]
+    assert int(count_units(batch, "pkl")) == reference_pkl(zs, zt, batch, W, top_k_columns=9)[1]

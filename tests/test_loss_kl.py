@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_losses import is_close, random_logits, real_problem, reference_kl, synthetic_batch
+from tests.reference_losses import is_close, random_logits, real_problem, reference_kl, synthetic_batch
 from xtoken_loss import KLLoss, LossInputError, LossOptionError, kl_loss
 
 V = 37

@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from reference_losses import (dense_projection, is_close, random_logits, random_projection, real_tokenizers,
-                              reference_pkl, synthetic_batch)
-from reference_losses_extra import reference_common_by_threshold, reference_hybrid
+from tests.reference_losses import (dense_projection, is_close, random_logits, random_projection, real_tokenizers,
+                                    reference_common_by_threshold, reference_hybrid, reference_pkl, synthetic_batch)
 from xtoken_core.artifact_format import ROW_DECOMPOSED, ROW_EXACT, ROW_UNMAPPED
 from xtoken_core.errors import ArtifactError
 from xtoken_loss import LossInputError, LossOptionError, Projection, ProjectionArtifactError, load_projection

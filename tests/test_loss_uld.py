@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_losses import random_logits, synthetic_batch
-from reference_losses_extra import is_close, real_problem, reference_uld
+from tests.reference_losses import is_close, random_logits, real_problem_with_exact_map, reference_uld, synthetic_batch
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.losses.uld import uld_loss
 
@@ -46,7 +45,7 @@ def test_uld_matches_reference_synthetic(seed, public):
 
 @pytest.mark.parametrize("form", ["start", "chain", "mean_log"])
 def test_uld_matches_reference_real_vocab(form):
-    batch, _idx, _w, _ex, Vs, Vt = real_problem()
+    batch, _idx, _w, _ex, Vs, Vt = real_problem_with_exact_map()
     Ls, Lt = _shapes(batch)
     zs = random_logits(1, (3, Ls, Vs))
     zt = random_logits(2, (3, Lt, Vt))
@@ -60,7 +59,7 @@ def test_uld_zero_for_identical_sorted_distributions():
     # the teacher's logits: the student's at the aligned chunk start, permuted and padded with -inf
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     zt = torch.full((3, Lt, 50), float("-inf"), dtype=torch.float64)
-    from reference_losses_extra import chunk_units
+    from tests.reference_losses import chunk_units
 
     for b, _c, sp, tp in chunk_units(batch, 0, Ls, Lt):
         zt[b, tp[0], :40] = zs[b, sp[0], perm]

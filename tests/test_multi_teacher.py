@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from reference_losses import dense_projection, next_token_valid, reference_kl, reference_pkl
-from reference_losses_extra import reference_alm, reference_common_by_threshold, reference_hybrid
+from tests.reference_losses import (dense_projection, next_token_valid, reference_alm, reference_common_by_threshold,
+                                    reference_hybrid, reference_kl, reference_pkl)
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
 from xtoken_loss.projection import Projection

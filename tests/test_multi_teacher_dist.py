@@ -16,7 +16,7 @@ import math
 import torch
 import torch.multiprocessing as mp
 
-from test_multi_teacher import problem_logits, real_problem
+from tests.test_multi_teacher import problem_logits, real_problem
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss
 from xtoken_loss.projection import Projection
 from xtoken_loss.multi_teacher.teachers import TeacherSpec

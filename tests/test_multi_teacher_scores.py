@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from test_multi_teacher import problem_logits, real_problem, ref_scores
+from tests.test_multi_teacher import problem_logits, real_problem, ref_scores
 from xtoken_core.errors import LossInputError
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss
 from xtoken_loss.multi_teacher.scores import goodness, score_values, teacher_score_sums

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import get_tokenizer
+from tests.conftest import get_tokenizer
 
 from xtoken_cli.main import align_cli
 from xtoken_align.tokenizer.overlap import category, overlap_report, text_set

@@ -6,7 +6,7 @@ import unicodedata
 
 import numpy as np
 import pytest
-from conftest import corpus_records, get_tokenizer
+from tests.conftest import corpus_records, get_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -90,6 +90,12 @@ def place_nfc(ids, lo, hi, text: str, tables, prefix_space, starts, ends, faithf
     shift = np.concatenate([[0], np.cumsum(sizes - (t_e - t_s))])  # n - t before region k
     n_s = t_s + shift[:-1]
     n_e = n_s + sizes
+    # A token overlapping a changed region is unfaithful. Decided on the normalized spans, before
+    # mapping: a token that starts before a region and ends inside it maps to end at the region's
+    # start, so its mapped span no longer shows the overlap.
+    s, e = starts[lo:hi], ends[lo:hi]
+    k = np.searchsorted(n_s, e, side="left") - 1
+    overlaps = (k >= 0) & (n_e[np.maximum(k, 0)] > s)
     for arr in (starts, ends):
         x = arr[lo:hi]
         k = np.searchsorted(n_s, x, side="right") - 1
@@ -97,8 +103,5 @@ def place_nfc(ids, lo, hi, text: str, tables, prefix_space, starts, ends, faithf
         inside = (k >= 0) & (x < n_e[kk])
         after = x - shift[kk + 1]
         arr[lo:hi] = np.where(k < 0, x, np.where(inside, t_s[kk], after))
-    s, e = starts[lo:hi], ends[lo:hi]
-    k = np.searchsorted(t_s, e, side="left") - 1
-    overlaps = (k >= 0) & (t_e[np.maximum(k, 0)] > s)
-    faithful[lo:hi] &= ~overlaps & (e > s)
+    faithful[lo:hi] &= ~overlaps & (ends[lo:hi] > starts[lo:hi])
     return True
