@@ -12,7 +12,10 @@ import inspect
 import pytest
 import torch
 
-from reference_losses import (
+from tests.reference_losses import (
+    reference_alm,
+    reference_hybrid,
+    reference_uld,
     dense_projection,
     random_logits,
     random_projection,
@@ -21,12 +24,11 @@ from reference_losses import (
     reference_pkl,
     synthetic_batch,
 )
-from reference_losses_extra import reference_alm, reference_hybrid, reference_uld
 from xtoken_core.errors import LossOptionError
 from xtoken_loss import count_units
 from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold, hybrid_loss
 from xtoken_loss.projection import Projection
-from xtoken_loss.registry import EXTRA_MODULES, REGISTRY
+from xtoken_loss.registry import VARIANT_MODULES, REGISTRY
 
 VS, VT = 40, 50
 
@@ -149,7 +151,7 @@ def _module_options(cls) -> dict:
 
 
 PAIRS = [(s.function, s.module) for s in REGISTRY.values()] + [
-    (m.function, m) for m in EXTRA_MODULES.values()
+    (m.function, m) for m in VARIANT_MODULES.values()
 ]
 
 

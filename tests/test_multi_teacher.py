@@ -747,7 +747,7 @@ def _kind_problem(kind, seed=0):
     """A synthetic batch with teachers 0 and 1 on the same alignment, the student logits, two teachers'
     logits (teacher 1 sharpened towards the actual next tokens on sequences 0 and 2, blunted elsewhere,
     so per-sequence CE selects it exactly there) and the two `TeacherSpec`s of loss `kind`."""
-    from reference_losses import random_logits, random_projection, synthetic_batch
+    from tests.reference_losses import random_logits, random_projection, synthetic_batch
     from xtoken_loss.registry import REGISTRY
 
     batch = synthetic_batch(seed)
@@ -788,7 +788,7 @@ def _kind_problem(kind, seed=0):
 
 
 def _units(kind, batch, zs, zt, idx, w):
-    from test_loss_registry import _reference_count  # what the float64 reference sums over
+    from tests.test_loss_registry import _reference_count  # what the float64 reference sums over
 
     return max(_reference_count(kind, batch, zs, zt, idx, w, {}), 1)
 

@@ -109,8 +109,8 @@ def __getattr__(name: str):
     for spec in registry.REGISTRY.values():
         if spec.module.__name__ == name:
             return spec.module
-    if name in registry.EXTRA_MODULES:
-        return registry.EXTRA_MODULES[name]
+    if name in registry.VARIANT_MODULES:
+        return registry.VARIANT_MODULES[name]
     if name == "KDCELoss":
         from xtoken_loss.losses.combine import KDCELoss
 

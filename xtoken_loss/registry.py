@@ -144,8 +144,8 @@ REGISTRY: dict[str, LossSpec] = {
 
 # Loss modules and configs that are no kind of their own: the learned-W P-KL (trains the projection)
 # and KD + CE (combines two kinds); exported beside the registry's.
-EXTRA_MODULES = {"LearnedPKLLoss": learned_pkl.LearnedPKLLoss}
-EXTRA_OPTIONS = {"LearnedPKLOptions": learned_pkl.LearnedPKLOptions}
+VARIANT_MODULES = {"LearnedPKLLoss": learned_pkl.LearnedPKLLoss}
+VARIANT_OPTIONS = {"LearnedPKLOptions": learned_pkl.LearnedPKLOptions}
 
 
 def get(kind: str, *, what: str = "loss") -> LossSpec:
