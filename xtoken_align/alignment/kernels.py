@@ -1,4 +1,4 @@
-"""Numba kernels of the chunk aligner. They see only integer arrays; `alignment.py` prepares them.
+"""Numba kernels of the chunk aligner. They see only integer arrays; `aligner.py` prepares them.
 
 Vocabulary of the arrays:
 - *surface bytes* of an id: its canonical bytes for a text token, its content string's UTF-8 for a
