@@ -308,7 +308,8 @@ def main():
                                                     "samevocab_topk_kl", "torch_sparse_pkl")}
     ce = times["cross_entropy"]
     pkl = times["pkl"]
-    print(f"\n{'loss (forward + backward)':34s} {'time s':>9s} {'vs CE':>7s} {'vs P-KL':>8s} {'extra mem / logits':>19s}")
+    print(f"\n{'loss (forward + backward)':34s} {'time s':>9s} {'vs CE':>7s} {'vs P-KL':>8s} "
+          f"{'extra mem / logits':>19s}")
     for name, t in times.items():
         m = mem.get(name, float("nan"))
         base = times["pkl_public"] if name.endswith("_public") else pkl  # P-KL in the same form

@@ -141,7 +141,8 @@ def _sample_html(k: int, batch: AlignedBatch, b: int, student, teacher) -> str:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write one JSON record per sample.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write an HTML page of the alignments.")
 @click.option("--html-samples", default=50, show_default=True, help="Samples shown in the HTML page.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write a precomputed alignment artifact directory.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Write a precomputed alignment artifact directory.")
 @click.option("--batch-size", default=256, show_default=True, help="Samples aligned per call.")
 @click.option("--shard-size", default=4096, show_default=True, help="Samples per artifact shard.")
 def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, html_samples, out_dir, batch_size,

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from xtoken_align import __version__, load_tokenizer
-from xtoken_core.errors import ConfigError, DataFileError
 from xtoken_align.tokenizer.overlap import CATEGORIES, OverlapReport, overlap_report
+from xtoken_core.errors import ConfigError, DataFileError
 
 
 def _print_matrix(title: str, names: list[str], matrix: list[list[float]]) -> None:

@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+echo "== ruff (lint)"
+ruff check .
+echo "== pytest"
 python -m pytest -q "$@"

@@ -8,7 +8,7 @@ import unicodedata
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.conftest import get_tokenizer as tok  # the session's tokenizers, loaded once for all tests
+from tests.conftest import get_tokenizer as tok  # noqa: F401  (re-exported: the session's tokenizers, loaded once)
 from xtoken_align.alignment.aligner import Alignment
 
 # Fixture tokenizers whose canonical bytes always spell the text, and those exact on NFC text.

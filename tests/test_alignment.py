@@ -12,8 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.alignment_helpers import (EXACT, EXACT_NFC, check_invariants, exact_on, mirrored, random_text,
-                               tok, token_bytes_of)
+from tests.alignment_helpers import (
+    EXACT,
+    EXACT_NFC,
+    check_invariants,
+    exact_on,
+    mirrored,
+    random_text,
+    tok,
+    token_bytes_of,
+)
 from xtoken_align.alignment.aligner import align_text, align_texts
 from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, align_batch, collate
 from xtoken_core.errors import AlignmentError

@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from tests.alignment_helpers import tok
-from xtoken_cli.main import align_cli
 from xtoken_align.alignment.aligner import encode_side
 from xtoken_align.batch.alignment_artifacts import read_alignment_artifact, write_alignment_artifact
 from xtoken_align.batch.collate import AlignmentCollator, CollateConfig
+from xtoken_cli.main import align_cli
 from xtoken_core.errors import ArtifactError
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"

@@ -10,8 +10,15 @@ import json
 import pytest
 import torch
 
-from tests.reference_losses import (dense_projection, is_close, random_logits, random_projection,
-                                    real_problem_with_exact_map, reference_pkl, synthetic_batch)
+from tests.reference_losses import (
+    dense_projection,
+    is_close,
+    random_logits,
+    random_projection,
+    real_problem_with_exact_map,
+    reference_pkl,
+    synthetic_batch,
+)
 from xtoken_core.errors import ProjectionArtifactError
 from xtoken_loss.losses.learned_pkl import LearnedPKLLoss, LearnedProjection, learned_pkl_loss
 from xtoken_loss.losses.pkl import pkl_loss

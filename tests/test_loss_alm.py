@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.reference_losses import is_close, random_logits, real_problem_with_exact_map, reference_alm, synthetic_batch
-from xtoken_loss.losses.alm import alm_loss, binary_divergence
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.losses.alm import alm_loss, binary_divergence
 
 
 def _shapes(batch):

@@ -8,9 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference_losses import (chunk_units, dense_projection, is_close, random_logits, random_projection,
-                                    real_problem_with_exact_map, reference_common_by_threshold, reference_hybrid,
-                                    synthetic_batch)
+from tests.reference_losses import (
+    chunk_units,
+    dense_projection,
+    is_close,
+    random_logits,
+    random_projection,
+    real_problem_with_exact_map,
+    reference_common_by_threshold,
+    reference_hybrid,
+    synthetic_batch,
+)
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold, common_exact, gold_loss, hkl_loss, hybrid_loss
 
@@ -175,8 +183,8 @@ def test_hybrid_gradcheck_errors_and_masking():
 
 
 def test_modules_match_functions():
-    from xtoken_loss.losses.alm import alm_loss
     from xtoken_loss import LOSSES, ALMLoss, GOLDLoss, HKLLoss, ULDLoss
+    from xtoken_loss.losses.alm import alm_loss
     from xtoken_loss.losses.uld import uld_loss
 
     assert {"hkl", "gold", "uld", "alm"} <= set(LOSSES)  # modules_extra.EXTRA_LOSSES went into the registry

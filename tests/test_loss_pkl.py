@@ -27,7 +27,8 @@ def _problem(seed=0, *, batch_size=3, dtype=torch.float64, vs=VS, vt=VT, **kw):
     Lt = batch["teacher_0_input_ids"].shape[1]
     zs = random_logits(seed + 2, (B, Ls, vs), dtype=dtype)
     zt = random_logits(seed + 3, (B, Lt, vt), dtype=dtype)
-    return batch, Projection.from_tensors(idx, w, teacher_width=vt - 5), dense_projection(idx, w, vs - 3, vt - 5), zs, zt
+    proj = Projection.from_tensors(idx, w, teacher_width=vt - 5)
+    return batch, proj, dense_projection(idx, w, vs - 3, vt - 5), zs, zt
 
 
 def _lib(zs, zt, batch, proj, **kw):
@@ -116,7 +117,8 @@ def test_gradcheck_small():
             def f(x):
                 return pkl_loss(x, zt, batch, projection=proj, public=public, direction=direction,
                                 top_k_columns=8, temperature=1.7, position_chunk_size=2)[0]
-            assert torch.autograd.gradcheck(f, (zs.detach().clone().requires_grad_(),), eps=1e-6, atol=1e-5, fast_mode=True)
+            x0 = zs.detach().clone().requires_grad_()
+            assert torch.autograd.gradcheck(f, (x0,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_upstream_gradient_other_than_one():
@@ -214,7 +216,8 @@ def test_public_form_depends_on_padding_through_its_column_choice():
     zt2[0, -1, 40] = 100.0  # a padded position's huge logit claims a column
     pub = [float(pkl_loss(z, t, b, projection=proj, top_k_columns=6, public=True)[0])
            for b, z, t in ((batch, zs, zt), (b2, zs2, zt2))]
-    pri = [float(pkl_loss(z, t, b, projection=proj, top_k_columns=6)[0]) for b, z, t in ((batch, zs, zt), (b2, zs2, zt2))]
+    pri = [float(pkl_loss(z, t, b, projection=proj, top_k_columns=6)[0])
+           for b, z, t in ((batch, zs, zt), (b2, zs2, zt2))]
     assert not is_close(pub[0], pub[1])
     assert is_close(pri[0], pri[1], 1e-12)
 

@@ -7,8 +7,17 @@ import json
 import pytest
 import torch
 
-from tests.reference_losses import (dense_projection, is_close, random_logits, random_projection, real_tokenizers,
-                                    reference_common_by_threshold, reference_hybrid, reference_pkl, synthetic_batch)
+from tests.reference_losses import (
+    dense_projection,
+    is_close,
+    random_logits,
+    random_projection,
+    real_tokenizers,
+    reference_common_by_threshold,
+    reference_hybrid,
+    reference_pkl,
+    synthetic_batch,
+)
 from xtoken_core.artifact_format import ROW_DECOMPOSED, ROW_EXACT, ROW_UNMAPPED
 from xtoken_core.errors import ArtifactError
 from xtoken_loss import LossInputError, LossOptionError, Projection, ProjectionArtifactError, load_projection
@@ -19,11 +28,14 @@ def _write(dir_, idx, w, row_kind=None, **meta_over):
     from safetensors.torch import save_file
 
     dir_.mkdir(parents=True, exist_ok=True)
-    tensors = {"indices": idx, "weights": w} if row_kind is None else {"indices": idx, "weights": w, "row_kind": row_kind}
+    tensors = {"indices": idx, "weights": w}
+    if row_kind is not None:
+        tensors["row_kind"] = row_kind
     save_file(tensors, str(dir_ / "projection.safetensors"))
     meta = {
         "schema_version": 1, "kind": "projection", "direction": "student_to_teacher",
-        "student": {"name": "s", "fingerprint": "sha256:aa", "vocab_size": idx.shape[0], "model_vocab_size": idx.shape[0]},
+        "student": {"name": "s", "fingerprint": "sha256:aa", "vocab_size": idx.shape[0],
+                    "model_vocab_size": idx.shape[0]},
         "teacher": {"name": "t", "fingerprint": "sha256:bb", "vocab_size": 20, "model_vocab_size": 24},
         "top_k": idx.shape[1], "method": {"name": "test"}, "stats": {}, "created_with": "test",
     }

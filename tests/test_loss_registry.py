@@ -13,22 +13,22 @@ import pytest
 import torch
 
 from tests.reference_losses import (
-    reference_alm,
-    reference_hybrid,
-    reference_uld,
     dense_projection,
     random_logits,
     random_projection,
+    reference_alm,
     reference_ce,
+    reference_hybrid,
     reference_kl,
     reference_pkl,
+    reference_uld,
     synthetic_batch,
 )
 from xtoken_core.errors import LossOptionError
 from xtoken_loss import count_units
 from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold, hybrid_loss
 from xtoken_loss.projection import Projection
-from xtoken_loss.registry import VARIANT_MODULES, REGISTRY
+from xtoken_loss.registry import REGISTRY, VARIANT_MODULES
 
 VS, VT = 40, 50
 

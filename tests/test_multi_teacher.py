@@ -17,12 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reference_losses import (dense_projection, next_token_valid, reference_alm, reference_common_by_threshold,
-                                    reference_hybrid, reference_kl, reference_pkl)
+from tests.reference_losses import (
+    dense_projection,
+    next_token_valid,
+    reference_alm,
+    reference_common_by_threshold,
+    reference_hybrid,
+    reference_kl,
+    reference_pkl,
+)
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss, multi_teacher_loss
-from xtoken_loss.projection import Projection
 from xtoken_loss.multi_teacher.teachers import TeacherSpec, build_teachers
+from xtoken_loss.projection import Projection
 
 TEXTS = [
     "The year 2024 had 366 days; 1,234,567 people counted them twice.",

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 from tests.test_multi_teacher import problem_logits, real_problem
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherConfig, MultiTeacherLoss
-from xtoken_loss.projection import Projection
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
+from xtoken_loss.projection import Projection
 
 WORLD = 2
 BONUS_QWEN = (6.0, 6.0, 0.0, 0.5)

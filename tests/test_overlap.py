@@ -6,10 +6,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import get_tokenizer
 
-from xtoken_cli.main import align_cli
+from tests.conftest import get_tokenizer
 from xtoken_align.tokenizer.overlap import category, overlap_report, text_set
+from xtoken_cli.main import align_cli
 
 
 def _quicktok_set(encoding: str) -> set[bytes]:

@@ -16,8 +16,17 @@ from xtoken_align import XTokenError, load_tokenizer
 from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.builder import ProjectionConfig, build_projection, top_k_rows
 from xtoken_align.projection.refine import cooccurrence_counts
-from xtoken_align.projection.rules import (SPLIT_BYTE_DP, SPLIT_NONE, SPLIT_NORMALIZED, SPLIT_PARTIAL,
-                                           SPLIT_TOKENIZER, ByteSplitter, decompose, exact_map, special_map)
+from xtoken_align.projection.rules import (
+    SPLIT_BYTE_DP,
+    SPLIT_NONE,
+    SPLIT_NORMALIZED,
+    SPLIT_PARTIAL,
+    SPLIT_TOKENIZER,
+    ByteSplitter,
+    decompose,
+    exact_map,
+    special_map,
+)
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "train.jsonl"
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from xtoken_cli.main import align_cli
 from xtoken_align import ArtifactError, load_tokenizer
 from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.builder import ProjectionConfig, build_projection
+from xtoken_cli.main import align_cli
 from xtoken_core import artifact_format as fmt
 
 

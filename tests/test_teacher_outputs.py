@@ -12,9 +12,20 @@ import pytest
 import torch
 
 import xtoken_loss
-from tests.reference_losses import (dense_projection, is_close, next_token_valid, random_logits, random_projection,
-                                    reference_alm, reference_common_by_threshold, reference_hybrid, reference_kl,
-                                    reference_pkl, reference_uld, synthetic_batch)
+from tests.reference_losses import (
+    dense_projection,
+    is_close,
+    next_token_valid,
+    random_logits,
+    random_projection,
+    reference_alm,
+    reference_common_by_threshold,
+    reference_hybrid,
+    reference_kl,
+    reference_pkl,
+    reference_uld,
+    synthetic_batch,
+)
 from xtoken_core.errors import LossInputError
 from xtoken_loss import TeacherOutputs
 from xtoken_loss.losses import alm, hybrid, kl, learned_pkl, pkl, uld

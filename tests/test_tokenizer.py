@@ -6,10 +6,10 @@ import unicodedata
 
 import numpy as np
 import pytest
-from tests.conftest import corpus_records, get_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import corpus_records, get_tokenizer
 from xtoken_align import TokenizerLoadError, load_tokenizer
 from xtoken_align.tokenizer.fixtures import FIXTURE_NAMES
 

@@ -9,11 +9,11 @@ The names the README uses are importable from here:
     from xtoken_align import CollateConfig, ProjectionConfig, build_projection, collate, load_tokenizer
 """
 
-from xtoken_core import __version__
-from xtoken_core.errors import AlignmentError, ArtifactError, TokenizerLoadError, XTokenError
-from xtoken_align.tokenizer.loader import TokenizerInfo, load_tokenizer
 from xtoken_align.batch.collate import AlignmentCollator, CollateConfig, collate
 from xtoken_align.projection.builder import ProjectionConfig, build_projection
+from xtoken_align.tokenizer.loader import TokenizerInfo, load_tokenizer
+from xtoken_core import __version__
+from xtoken_core.errors import AlignmentError, ArtifactError, TokenizerLoadError, XTokenError
 
 __all__ = [
     "AlignmentCollator",

@@ -29,7 +29,6 @@ from xtoken_loss.chunked import (
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
 
-
 # --------------------------------------------------------------------------------------------------
 # Units and chunk distributions
 

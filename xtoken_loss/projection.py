@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from xtoken_core import artifact_format as fmt
-from xtoken_core.errors import LossOptionError, LossInputError
+from xtoken_core.errors import LossInputError, LossOptionError
 
 
 @dataclass(frozen=True, eq=False)

@@ -93,7 +93,9 @@ def chunk_units(
     cid_t = get_key(batch, f"alignment_{i}_teacher_chunk_id", (B, teacher_len)).to(device)
     pair_valid = get_key(batch, f"alignment_{i}_pair_valid").to(device=device, dtype=torch.bool)
     if pair_valid.dim() != 2 or pair_valid.shape[0] != B:
-        raise LossInputError(f"batch['alignment_{i}_pair_valid'] has shape {tuple(pair_valid.shape)}, expected [B={B}, P]")
+        raise LossInputError(
+            f"batch['alignment_{i}_pair_valid'] has shape {tuple(pair_valid.shape)}, expected [B={B}, P]"
+        )
     P = pair_valid.shape[1]
     ok = pair_valid.clone()
     if correct_only:

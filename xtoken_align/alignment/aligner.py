@@ -23,10 +23,10 @@ from itertools import chain
 import numpy as np
 
 from xtoken_align.alignment import kernels as K
-from xtoken_align.tokenizer import canonical_bytes as cb
 from xtoken_align.alignment.nfc import place_nfc
-from xtoken_core.errors import AlignmentError
+from xtoken_align.tokenizer import canonical_bytes as cb
 from xtoken_align.tokenizer.loader import TokenizerInfo
+from xtoken_core.errors import AlignmentError
 
 # Roles zero-width special tokens are paired by, in priority order (a token with several roles,
 # e.g. Llama-3's <|eot_id|> = eos and turn_end, is keyed by the first). Codes are index + 1.

@@ -13,8 +13,8 @@ import re
 
 import numpy as np
 
-from xtoken_core.errors import AlignmentError
 from xtoken_align.tokenizer.loader import TokenizerInfo
+from xtoken_core.errors import AlignmentError
 
 _MARK = re.compile("\ue000(\\d+)\ue001")
 

@@ -17,6 +17,7 @@ import unicodedata
 import numpy as np
 
 from xtoken_align.alignment import kernels as K
+
 _SCAN_LIMIT = 0x30000  # every canonical decomposition and combining mark lies below (planes 0-2)
 
 

@@ -31,9 +31,20 @@ from xtoken_align.alignment.aligner import PairBatch, SideBatch
 from xtoken_align.batch.collate import AlignedBatch, pad_id, to_tensors, truncate
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
 from xtoken_align.tokenizer.loader import TokenizerInfo
-from xtoken_core.artifact_format import (ALIGNMENT_JSON, ALIGNMENT_KIND, SCHEMA_VERSION, alignment_shard_name,
-                                         atomic_dir, check_tokenizers, created_with, read_meta, read_tensors,
-                                         tokenizer_meta, write_meta, write_tensors)
+from xtoken_core.artifact_format import (
+    ALIGNMENT_JSON,
+    ALIGNMENT_KIND,
+    SCHEMA_VERSION,
+    alignment_shard_name,
+    atomic_dir,
+    check_tokenizers,
+    created_with,
+    read_meta,
+    read_tensors,
+    tokenizer_meta,
+    write_meta,
+    write_tensors,
+)
 from xtoken_core.errors import ArtifactError
 
 _REQUIRED = {

@@ -23,9 +23,9 @@ from xtoken_align.alignment import kernels as K
 from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
 from xtoken_align.alignment.chat import common_segments, render_conversation
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
+from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import AlignmentError, ConfigError
-from xtoken_align.tokenizer.loader import TokenizerInfo
 
 
 class CollateConfigError(ConfigError, AlignmentError):

@@ -28,11 +28,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from xtoken_align.projection import artifacts as art
+from xtoken_align.projection.rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
+from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core.artifact_format import STUDENT_TO_TEACHER, TEACHER_TO_STUDENT
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import ConfigError
-from xtoken_align.projection.rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
-from xtoken_align.tokenizer.loader import TokenizerInfo
 
 METHOD_NAME = "xtoken_rule_based"
 

@@ -24,8 +24,8 @@ import scipy.sparse as sp
 
 from xtoken_align.alignment.aligner import align_sides, encode_side
 from xtoken_align.textio import read_utf8
-from xtoken_core.errors import DataFileError
 from xtoken_align.tokenizer.loader import TokenizerInfo
+from xtoken_core.errors import DataFileError
 
 BATCH = 256
 

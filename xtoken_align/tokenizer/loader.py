@@ -19,9 +19,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from xtoken_align.tokenizer import canonical_bytes as cb
-from xtoken_core.errors import TokenizerLoadError, TokenizerNotFoundError
 from xtoken_align.tokenizer.fixtures import resolve_fixture
 from xtoken_align.tokenizer.special_roles import special_roles
+from xtoken_core.errors import TokenizerLoadError, TokenizerNotFoundError
 
 KINDS = ("byte_level", "tiktoken", "sentencepiece", "sentencepiece_byte_fallback", "wordpiece")
 EXACTNESS = ("exact", "exact_nfc", "lossy")

@@ -31,16 +31,16 @@ from typing import Any, Literal
 import torch
 
 from xtoken_core.config import Config, config, option
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.chunked import (
-    check_options,
     attach_grad,
+    check_options,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.modules import LossModule
 from xtoken_loss.teacher_outputs import TOPK_KEYS, as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask

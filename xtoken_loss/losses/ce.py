@@ -10,17 +10,16 @@ from __future__ import annotations
 import torch
 
 from xtoken_core.config import Config, config, option
-
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.chunked import (
-    check_options,
     attach_grad,
+    check_options,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.modules import LossModule
 from xtoken_loss.units import check_finite, get_key, next_token_mask
 

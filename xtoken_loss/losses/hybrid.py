@@ -33,12 +33,12 @@ from typing import ClassVar
 
 import torch
 
-from xtoken_core.config import config, option
 from xtoken_core.artifact_format import ROW_EXACT
+from xtoken_core.config import config, option
 from xtoken_core.errors import ArtifactError, LossInputError, LossOptionError
 from xtoken_loss.chunk_runner import prepare, run_units
-from xtoken_loss.losses.uld import ChunkLossOptions
 from xtoken_loss.chunked import check_options
+from xtoken_loss.losses.uld import ChunkLossOptions
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection, load_projection
 from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts

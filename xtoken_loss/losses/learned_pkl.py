@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xtoken_core.config import config
-from xtoken_loss.chunked import check_options, compute_dtype, resolve_normalizer, rows_per_chunk
-from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
 from xtoken_core import artifact_format as fmt
+from xtoken_core.config import config
+from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_loss.chunked import check_options, compute_dtype, resolve_normalizer, rows_per_chunk
+from xtoken_loss.losses.pkl import PrincipledPKLOptions
+from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import (
     Projection,
     as_projection,
@@ -38,8 +40,6 @@ from xtoken_loss.projection import (
     reduce_column_scores,
     top_columns,
 )
-from xtoken_loss.losses.pkl import PrincipledPKLOptions
-from xtoken_loss.modules import LossModule
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 

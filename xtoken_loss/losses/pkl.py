@@ -32,9 +32,10 @@ from typing import Literal
 import torch
 
 from xtoken_core.config import Config, config, option
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.chunked import (
-    check_options,
     attach_grad,
+    check_options,
     coarse_divergence,
     compute_dtype,
     exp_rows,
@@ -44,7 +45,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
-from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import (
     as_projection,
     project_probs,
@@ -52,7 +53,6 @@ from xtoken_loss.projection import (
     restrict_projection,
     top_columns,
 )
-from xtoken_loss.modules import LossModule
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
 

@@ -32,7 +32,6 @@ from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss import registry
 from xtoken_loss.chunked import compute_dtype
-from xtoken_loss.projection import Projection
 from xtoken_loss.multi_teacher.scores import (
     SCORES,
     goodness,
@@ -42,6 +41,7 @@ from xtoken_loss.multi_teacher.scores import (
     teacher_score_sums,
 )
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
+from xtoken_loss.projection import Projection
 from xtoken_loss.teacher_outputs import TeacherOutputs, as_teacher_outputs
 from xtoken_loss.units import next_token_mask
 

@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
 from xtoken_core.errors import LossInputError
+from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
 from xtoken_loss.projection import Projection, restrict_projection
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import chunk_units, get_key, next_token_mask
