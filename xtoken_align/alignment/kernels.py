@@ -263,21 +263,17 @@ def pair_batch(a_start, a_end, a_faith, a_key, a_off, b_start, b_end, b_faith, b
                 i = i2
                 j = j2
                 continue
-            if i >= iend and j < jend and b_start[j] == p:  # a tokenized none of the rest
-                _emit(chunks, c, p, b_end[j], i, i, j, j + 1, False, a_base, b_base, k, a_chunk,
-                      b_chunk, a_exact, b_exact)
+            b_only = i >= iend and j < jend and b_start[j] == p  # a tokenized none of the rest
+            a_only = j >= jend and i < iend and a_start[i] == p  # b tokenized none of the rest
+            if a_only or b_only:  # the side that has a token here gets a chunk of its own
+                i1, j1 = (i, j + 1) if b_only else (i + 1, j)
+                end = b_end[j] if b_only else a_end[i]
+                _emit(chunks, c, p, end, i, i1, j, j1, False, a_base, b_base, k, a_chunk, b_chunk, a_exact,
+                      b_exact)
                 c += 1
                 k += 1
-                p = b_end[j]
-                j += 1
-                continue
-            if j >= jend and i < iend and a_start[i] == p:  # b tokenized none of the rest
-                _emit(chunks, c, p, a_end[i], i, i + 1, j, j, False, a_base, b_base, k, a_chunk,
-                      b_chunk, a_exact, b_exact)
-                c += 1
-                k += 1
-                p = a_end[i]
-                i += 1
+                p = end
+                i, j = i1, j1
                 continue
             if i >= iend or j >= jend or a_start[i] != p or b_start[j] != p:
                 return s
