@@ -22,7 +22,6 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from xtoken_align.alignment.aligner import align_sides, encode_side
 from xtoken_align.textio import read_utf8
 from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core.errors import DataFileError
@@ -55,6 +54,10 @@ def read_corpus(path: Path) -> list[str]:
 def _first_token_pairs(student: TokenizerInfo, teacher: TokenizerInfo, texts: list[str]
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(student ids, teacher ids) of the first tokens of every chunk with tokens on both sides."""
+    # Imported here: the aligner loads numba (~0.3 s, ~60 MB), which a build without a corpus, or
+    # `read_corpus` alone, never needs.
+    from xtoken_align.alignment.aligner import align_sides, encode_side
+
     sa, _ = encode_side(student, texts, add_special_tokens=False)
     sb, _ = encode_side(teacher, texts, add_special_tokens=False)
     pair = align_sides(sa, sb)
