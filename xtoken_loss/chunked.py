@@ -162,3 +162,50 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> tor
         out.copy_(src.index_select(0, rows))
     return out
 
+
+
+def shift_rows(z: torch.Tensor, temperature: float, out: torch.Tensor):
+    """`out = (z - m) / temperature` row-wise in `out`'s dtype, with m the row maximum (0 where it is
+    not finite): the log of the unnormalised softmax, <= 0 on finite rows, never underflowing.
+    Returns `(out, row_max)` with the *raw* row maxima (NaN or +-inf where the row holds NaN or +inf
+    or is all -inf) for `checks.nonfinite`. `out` may be a slice of the gradient buffer.
+    Softmax = exp(out) / sum(exp(out)); lse = m / T + log(sum(exp(out)))."""
+    mx = z.amax(dim=1).to(out.dtype)
+    safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    torch.sub(z, safe[:, None], out=out)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out, mx
+
+
+def safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`logsumexp(x, dim)` whose gradient is finite also where every entry is -inf (value -inf,
+    gradient 0): the shift is the detached maximum, the log guarded. Differentiable."""
+    m = x.detach().amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(x - m).sum(dim=dim)
+    pos = s > 0
+    return torch.where(pos, torch.log(torch.where(pos, s, torch.ones_like(s))) + m.squeeze(dim),
+                       torch.full_like(s, float("-inf")))
+
+
+def log_divergence(log_a: torch.Tensor, log_p: torch.Tensor, direction: str):
+    """`coarse_divergence` in log space: KL between the teacher distribution `exp(log_p) [n, m]`
+    (normalised) and the student's `a / sum(a)` given as `log_a [n, m]` (unnormalised log-masses).
+
+    Returns `(kl [n], log_q [n, m], g [n, m])`: `log_q = log_a - logsumexp(log_a)` and the gradient
+    `g = d kl / d log_a` (it sums to 0 over each row): `Q - P` (forward), `Q (log Q - log P - kl)`
+    (reverse). Nothing is exponentiated that can overflow and no probability is logged, so tiny masses
+    keep their full precision. Zeros are exact: a teacher outcome of probability 0 adds nothing to the
+    forward KL, a student outcome of mass 0 nothing to the reverse; mass on one side where the other
+    has none gives +inf, the true value."""
+    log_m = torch.logsumexp(log_a, dim=1)
+    log_q = log_a - log_m[:, None]
+    q = torch.exp(log_q)
+    if direction == "forward":
+        p = torch.exp(log_p)
+        kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
+        return kl, log_q, q - p
+    ell = torch.where(q > 0, log_q - log_p, torch.zeros_like(q))
+    kl = (q * ell).sum(dim=1)
+    return kl, log_q, q * (ell - kl[:, None])

@@ -263,3 +263,26 @@ def project_probs(p: torch.Tensor, restr: ColumnRestriction) -> tuple[torch.Tens
     a.scatter_add_(1, restr.entry_slots.expand(p.shape[0], -1), pe)  # [n, k]
     rest = p @ restr.rest_weights  # [n]
     return a, rest, pe
+
+
+def log_slot_masses(t: torch.Tensor, slots: torch.Tensor, k: int):
+    """Log-space projection onto k slots: `log_mass[n, j] = logsumexp_{e: slots[e] == j} t[n, e]`.
+
+    `t [n, E]` holds one log-term per entry of W that lands in a slot (`log p[row_e] + log w_e`), `slots
+    [E]` its slot. Each slot is shifted by its own largest term, so a mass far below the row's maximum
+    (a confident student, a +100 logit elsewhere) keeps its full precision instead of underflowing.
+    Returns `(log_mass [n, k], u [n, E], s [n, k])` with `u = exp(t - max of its slot)` and `s` the
+    per-slot sums of u (1 <= s where the slot has a finite term, 0 where it has none): an entry's share
+    of its slot's mass is `u / s[slot]`. Differentiable in `t` (the shifts are detached constants)."""
+    n = t.shape[0]
+    idx = slots.expand(n, -1)
+    with torch.no_grad():
+        top = torch.full((n, k), float("-inf"), dtype=t.dtype, device=t.device)
+        top.scatter_reduce_(1, idx, t.detach(), "amax")
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    u = torch.exp(t - top.gather(1, idx))
+    s = torch.zeros(n, k, dtype=t.dtype, device=t.device).scatter_add(1, idx, u)
+    pos = s > 0
+    log_mass = torch.where(pos, torch.log(torch.where(pos, s, torch.ones_like(s))) + top,
+                           torch.full_like(s, float("-inf")))
+    return log_mass, u, s
