@@ -180,6 +180,54 @@ def dense_projection(indices, weights, student_width, teacher_width):
     return W
 
 
+def sparse_projection(indices, weights, student_width, teacher_width):
+    """W `[student_width, teacher_width]` as a float64 sparse COO tensor, for full-width vocabularies
+    (llama3 x qwen3: a dense float64 W would take 156 GB). `reference_pkl` accepts either."""
+    idx = torch.as_tensor(indices)[:student_width].to(torch.int64)
+    w = torch.as_tensor(weights)[:student_width].to(torch.float64)
+    keep = (idx >= 0) & (w > 0)
+    rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep]
+    return torch.sparse_coo_tensor(torch.stack([rows, idx[keep]]), w[keep], (student_width, teacher_width)).coalesce()
+
+
+def _lse(x, dim=0):
+    """logsumexp with a finite gradient where every entry is -inf (value -inf, gradient 0); -inf when
+    there is no entry."""
+    if x.shape[dim] == 0:
+        return torch.full(x.shape[:dim] + x.shape[dim + 1:], float("-inf"), dtype=x.dtype)
+    m = x.detach().amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(x - m).sum(dim=dim)
+    return torch.where(s > 0, torch.log(torch.where(s > 0, s, torch.ones_like(s))) + m.squeeze(dim),
+                       torch.full_like(s, float("-inf")))
+
+
+def log_project(log_p, W):
+    """`log (p W)` for a student log-distribution `log_p [V_s]` (float64), in log space: column j is
+    `logsumexp_v(log p_v + log W_vj)` (-inf where nothing reaches it), so a tiny projected mass keeps
+    its precision. W dense `[V_s, V_t]` or sparse COO (`sparse_projection`)."""
+    if W.is_sparse:
+        (rows, cols), vals = W.indices(), W.values()
+        t = log_p[rows] + torch.log(vals)
+        m = torch.full((W.shape[1],), float("-inf"), dtype=t.dtype).scatter_reduce(0, cols, t.detach(), "amax")
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = torch.zeros(W.shape[1], dtype=t.dtype).index_add(0, cols, torch.exp(t - m[cols]))
+        return torch.where(s > 0, torch.log(torch.where(s > 0, s, torch.ones_like(s))) + m,
+                           torch.full_like(s, float("-inf")))
+    log_w = torch.where(W > 0, torch.log(torch.where(W > 0, W, torch.ones_like(W))), float("-inf"))
+    return _lse(log_p[:, None] + log_w, dim=0)
+
+
+def _kl_log(log_P, log_Q, direction):
+    """KL between two distributions given as log-probabilities (float64), 0 log 0 = 0, computed
+    from the logs (no probability is logged)."""
+    log_A, log_B = (log_P, log_Q) if direction == "forward" else (log_Q, log_P)
+    pos = log_A > float("-inf")
+    zero = torch.zeros_like(log_A)
+    la, lb = torch.where(pos, log_A, zero), torch.where(pos, log_B, zero)  # no -inf * 0 in the graph
+    return torch.where(pos, torch.exp(la) * (la - lb), zero).sum()
+
+
 def _chunk_positions(batch, i, b, c, length, side):
     """Next-token positions p of `side` whose next token is in chunk c (all, and chunk starts)."""
     cid = batch[f"alignment_{i}_{side}_chunk_id"][b]
@@ -196,17 +244,30 @@ def _chunk_positions(batch, i, b, c, length, side):
 def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, temperature=1.0,
                   direction="forward", top_k_columns=8192, columns=None, public=False,
                   correct_only=True, public_eps=1e-10, normalizer=None):
-    """P-KL with a dense W; see docs/losses.md for the two forms. Returns (loss, count, columns)."""
+    """P-KL with W dense `[V_s, V_t]` or sparse COO (`sparse_projection`, full-width vocabularies; the
+    principled form only); see docs/losses.md for the two forms. Returns (loss, count, columns).
+
+    The principled form is computed in log space, as the formulas read: `log q = log (p W)` by
+    logsumexp over W's entries, the rest and the normalisers by logsumexp, the KL from the logs; in
+    float64 no probability of finite logits underflows before it is logged."""
     i = teacher_index
     zs = student_logits.to(torch.float64)
     zt = teacher_logits.to(torch.float64)
     B, Ls, Vs = zs.shape
     Lt, Vt = zt.shape[1], zt.shape[2]
     T = float(temperature)
-    if W.shape[0] < Vs:
-        W = torch.cat([W, torch.zeros(Vs - W.shape[0], W.shape[1], dtype=torch.float64)])
-    if W.shape[1] < Vt:
-        W = torch.cat([W, torch.zeros(W.shape[0], Vt - W.shape[1], dtype=torch.float64)], dim=1)
+    if W.is_sparse:
+        assert not public, "the sparse W is for the principled form"
+        if tuple(W.shape) != (Vs, Vt):
+            W = torch.sparse_coo_tensor(W.indices(), W.values(), (Vs, Vt)).coalesce()
+        reach = torch.zeros(Vt, dtype=torch.float64).index_add(0, W.indices()[1], W.values()) > 0
+    else:
+        if W.shape[0] < Vs:
+            W = torch.cat([W, torch.zeros(Vs - W.shape[0], W.shape[1], dtype=torch.float64)])
+        if W.shape[1] < Vt:
+            W = torch.cat([W, torch.zeros(W.shape[0], Vt - W.shape[1], dtype=torch.float64)], dim=1)
+        reach = W.sum(dim=0) > 0
+    W_log = W if W.is_sparse or public else W.to_sparse().coalesce()  # same values, cheaper to project
     P_slots = batch[f"alignment_{i}_pair_valid"].shape[1]
 
     units = []  # (b, student positions, teacher positions)
@@ -223,7 +284,6 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
             if not public and s_start and t_start:
                 units.append((b, s_start[:1], t_start[:1]))
 
-    reach = W.sum(dim=0) > 0
     if columns is not None:
         S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and (public or bool(reach[int(j)]))})
     elif public:
@@ -239,6 +299,7 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
     in_s = torch.zeros(Vt, dtype=torch.bool)
     in_s[S] = True
     rest = reach & ~in_s
+    S_idx = torch.tensor(S, dtype=torch.int64)
 
     total = torch.zeros((), dtype=torch.float64)
     for b, s_pos, t_pos in units:
@@ -249,14 +310,13 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
             logQ = torch.log(torch.clamp(Q, min=public_eps))
             total = total + (torch.exp(Lc) * (Lc - logQ)).sum()
             continue
-        q = torch.softmax(zs[b, s_pos[0]] / T, dim=0) @ W  # [V_t]
-        q = q / q.sum()
-        Pt = torch.softmax(zt[b, t_pos[0]] / T, dim=0)
-        Pt = torch.where(reach, Pt, torch.zeros_like(Pt))
-        Pt = Pt / Pt.sum()
-        Pvec = torch.cat([Pt[S], Pt[rest].sum().reshape(1)])
-        Qvec = torch.cat([q[S], q[rest].sum().reshape(1)])
-        total = total + _kl(Pvec, Qvec, direction)
+        log_q = log_project(torch.log_softmax(zs[b, s_pos[0]] / T, dim=0), W_log)  # [V_t], unnormalised
+        log_Q = torch.cat([log_q[S_idx], _lse(log_q[rest]).reshape(1)])
+        log_Q = log_Q - _lse(log_Q)  # renormalised over the mapped mass
+        lp = torch.log_softmax(zt[b, t_pos[0]] / T, dim=0)
+        lp = lp - _lse(lp[reach])  # renormalised over the reachable columns
+        log_P = torch.cat([lp[S_idx], _lse(lp[rest]).reshape(1)])
+        total = total + _kl_log(log_P, log_Q, direction)
     count = len(units)
     norm = normalizer if normalizer is not None else max(count, 1)
     return T * T * total / norm, count, S

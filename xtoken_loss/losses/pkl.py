@@ -343,16 +343,34 @@ def _teacher_units(zt_flat, trows, lse_all, log_reach_all, thin_all, cols, reach
     if units.numel():
         in_s = torch.zeros_like(reach)
         in_s[cols] = True
-        rest_cols = reach & ~in_s
+        masks = torch.stack([reach] if rest_empty else [reach, reach & ~in_s], dim=1)  # [V_t, 1 or 2]
+        floor = _log_floor(cdt, zt_flat.shape[1])
         for i0 in range(0, units.shape[0], n):
             u = units[i0 : i0 + n]
-            y = zt_flat[trows[u]].to(cdt) / T
-            ln = torch.logsumexp(torch.where(reach, y, float("-inf")), dim=1)
-            log_norm[u] = ln
-            mass_in[u] = torch.exp(y[:, cols] - ln[:, None]).sum(dim=1)
+            rows = trows[u]
+            log_sums = _log_masked_sums(zt_flat, rows, masks, T, floor, cdt)  # [m, 1 or 2]
+            log_norm[u] = log_sums[:, 0]
+            mass_in[u] = torch.exp(zt_flat[rows[:, None], cols[None, :]].to(cdt) / T - log_sums[:, :1]).sum(dim=1)
             if not rest_empty:
-                log_rest[u] = torch.logsumexp(torch.where(rest_cols, y, float("-inf")), dim=1) - ln
+                log_rest[u] = log_sums[:, 1] - log_sums[:, 0]
     return _TeacherUnits(cols, log_norm, log_rest, mass_in, T, trows)
+
+
+def _log_masked_sums(z_flat, rows, masks, T, floor, cdt):
+    """`[m, c]`: `logsumexp` of `z / T` over each of the c column masks (`masks [V, c]` bool) for rows
+    `rows` of `z_flat`: sums of exponentials shifted by the row maximum (a mat-vec: sums of positive
+    terms, no cancellation), and a masked `logsumexp` for the rows where such a sum underflows."""
+    z = z_flat[rows].to(cdt)
+    out, mx = shift_rows(z, T, torch.empty_like(z))
+    shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) / T
+    sums = torch.exp(out, out=out) @ masks.to(cdt)
+    log_sums = shift[:, None] + torch.log(sums)
+    thin = ((sums < math.exp(floor)) & torch.isfinite(mx)[:, None]).any(dim=1).nonzero().squeeze(1)
+    for i in thin.tolist():  # rare: the mass lies entirely 60 nats or more below the row's maximum
+        y = z[i].to(cdt) / T
+        log_sums[i] = torch.stack([torch.logsumexp(torch.where(masks[:, j], y, float("-inf")), dim=0)
+                                   for j in range(masks.shape[1])])
+    return log_sums
 
 
 @dataclass
