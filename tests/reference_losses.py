@@ -55,11 +55,14 @@ def _kl(P, Q, direction):
 
 def _top_columns(scores, k):
     """Columns with score > -inf, the k highest, ties to the lower id, returned ascending."""
-    cand = [j for j in range(scores.shape[0]) if scores[j] > float("-inf")]
-    cand.sort(key=lambda j: (-float(scores[j]), j))
+    import numpy as np
+
+    sc = scores.detach().to(torch.float64).numpy()
+    cand = np.nonzero(sc > -np.inf)[0]
+    order = cand[np.lexsort((cand, -sc[cand]))]  # by score descending, then id ascending
     if k is not None:
-        cand = cand[:k]
-    return sorted(cand)
+        order = order[:k]
+    return sorted(int(j) for j in order)
 
 
 def chunk_units(batch, i, Ls, Lt, *, correct_only=True, starts=False):

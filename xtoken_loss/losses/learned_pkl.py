@@ -30,18 +30,27 @@ from torch import nn
 from xtoken_core import artifact_format as fmt
 from xtoken_core.config import config
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
-from xtoken_loss.chunked import check_options, compute_dtype, resolve_normalizer, rows_per_chunk
+from xtoken_loss.checks import check_finite_rows, nonfinite, poison
+from xtoken_loss.chunked import (
+    check_options,
+    compute_dtype,
+    log_divergence,
+    resolve_normalizer,
+    rows_per_chunk,
+    safe_logsumexp,
+)
 from xtoken_loss.losses.pkl import PrincipledPKLOptions
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import (
     Projection,
     as_projection,
     load_projection,
+    log_slot_masses,
     reduce_column_scores,
     top_columns,
 )
 from xtoken_loss.teacher_outputs import as_teacher_outputs
-from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units
+from xtoken_loss.units import check_chunk_ids, chunk_units
 
 LEARNED_METHOD = "learned"
 TEACHER_FORMS = ("logits",)
@@ -92,6 +101,13 @@ class LearnedProjection(nn.Module):
         t = torch.where(self.slot_mask, self.theta, torch.full_like(self.theta, neg))
         w = torch.softmax(t, dim=1)
         return torch.where(self.slot_mask, w, torch.zeros_like(w))
+
+    def log_weights(self) -> torch.Tensor:
+        """`[R, K]` log of `weights()` (differentiable), computed as a log-softmax so a tiny weight keeps
+        its precision; -inf in empty slots."""
+        neg = torch.finfo(self.theta.dtype).min
+        lw = torch.log_softmax(torch.where(self.slot_mask, self.theta, torch.full_like(self.theta, neg)), dim=1)
+        return torch.where(self.slot_mask, lw, torch.full_like(lw, float("-inf")))
 
     def to_projection(self) -> Projection:
         """The current W as a frozen `Projection` (for `pkl_loss`, `hkl_loss`, ...)."""
@@ -155,7 +171,7 @@ class LearnedProjection(nn.Module):
 
 
 class _TwoGrads(torch.autograd.Function):
-    """Attach precomputed gradients for the logits and for W's weights to a loss value."""
+    """Attach precomputed gradients for the logits and for W's log-weights to a loss value."""
 
     @staticmethod
     def forward(ctx, logits, weights, loss, g_logits, g_weights):
@@ -187,9 +203,8 @@ def learned_pkl_loss(
     check_inputs: bool = False,
 ):
     """Principled P-KL (as `pkl_loss(public=False)`) with gradients for the logits *and* the learned W.
-    Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2)."""
-    from xtoken_loss.chunked import coarse_divergence
-
+    Returns `(loss, metrics)`; metrics: `kl` (mean per valid chunk, without T^2; NaN, as the loss, when a
+    row it reads is not finite)."""
     if not isinstance(projection, LearnedProjection):
         raise LossOptionError("learned_pkl_loss: projection must be a LearnedProjection (use pkl_loss for a fixed W)")
     check_options(LearnedPKLOptions, teacher_index=teacher_index, temperature=temperature, direction=direction,
@@ -209,11 +224,12 @@ def learned_pkl_loss(
         raise LossInputError(f"teacher logits have {Vt} columns but the projection points at teacher id "
                              f"{int(projection.indices.max())}")
     if check_inputs:
-        check_finite("student_logits", student_logits)
-        check_finite("teacher logits", zt)
         check_chunk_ids(batch, teacher_index)
     cdt = compute_dtype(student_logits.dtype)
     units = chunk_units(batch, teacher_index, B, Ls, Lt, mode="start", correct_only=correct_only, device=dev)
+    if check_inputs:  # the rows the loss reads only: padding never raises
+        check_finite_rows("learned_pkl", "student_logits", student_logits, units.student_rows)
+        check_finite_rows("learned_pkl", "teacher logits", zt, units.teacher_rows)
     norm = resolve_normalizer(normalizer, units.num_units, cdt)
     srows, trows = units.student_rows, units.teacher_rows
     U = srows.shape[0]
@@ -226,24 +242,25 @@ def learned_pkl_loss(
     reach = torch.zeros(Vt, dtype=torch.bool, device=dev)
     reach[idx[smask]] = True
 
-    # Teacher pass: normaliser, reachable mass, column scores (max log-probability over counted units).
-    lse_t = torch.empty(U, dtype=cdt, device=dev)
-    mass_r = torch.empty(U, dtype=cdt, device=dev)
+    # Teacher pass (chunk-start rows only: padding is never read): log of the reachable normaliser and
+    # column scores (max log-probability over the units), all by logsumexp.
+    log_norm = torch.empty(U, dtype=cdt, device=dev)
     scores = torch.full((Vt,), float("-inf"), dtype=cdt, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
     with torch.no_grad():
         for u0 in range(0, U, n):
             zz = zt_flat[trows[u0 : u0 + n]].to(cdt) / T
+            bad = bad | nonfinite(zz.amax(dim=1))
             lse = torch.logsumexp(zz, dim=1)
-            lse_t[u0 : u0 + n] = lse
-            lp = zz - lse[:, None]
-            mass_r[u0 : u0 + n] = torch.exp(lp) @ reach.to(cdt)
-            torch.maximum(scores, lp.amax(dim=0), out=scores)
+            log_norm[u0 : u0 + n] = torch.logsumexp(torch.where(reach, zz, float("-inf")), dim=1)
+            torch.maximum(scores, (zz - lse[:, None]).amax(dim=0), out=scores)
     scores = torch.where(reach, scores, torch.full_like(scores, float("-inf")))
     cols = top_columns(reduce_column_scores(scores, process_group), top_k_columns)
     k = cols.shape[0]
     rest_empty = k == int(reach.sum())
     col_slot = torch.full((Vt,), -1, dtype=torch.int64, device=dev)
     col_slot[cols] = torch.arange(k, device=dev)
+    rest_cols = reach & (col_slot < 0)
     slot = torch.where(smask, col_slot[idx.clamp(min=0)], torch.full_like(idx, -1))  # [rows, K]
     entry = (slot >= 0).nonzero()  # [E, 2]
     e_rows, e_slots = entry[:, 0], slot[slot >= 0]
@@ -251,48 +268,55 @@ def learned_pkl_loss(
     rest_mask = smask & (slot < 0)
 
     want_logits = torch.is_grad_enabled() and student_logits.requires_grad
-    w_full = projection.weights()  # [R, K], in the graph of theta
-    want_w = torch.is_grad_enabled() and w_full.requires_grad
-    w_leaf = w_full.detach()[:rows].to(cdt).requires_grad_(want_w)
+    lw_full = projection.log_weights()  # [R, K], in the graph of theta; -inf in empty slots
+    want_w = torch.is_grad_enabled() and lw_full.requires_grad
+    lw_leaf = lw_full.detach()[:rows].to(cdt).requires_grad_(want_w)
     g_logits = torch.zeros_like(zs_flat) if want_logits else None
     g_w = torch.zeros(rows, K, dtype=cdt, device=dev)
     total = torch.zeros((), dtype=cdt, device=dev)
     for u0 in range(0, U, n):
         u1 = min(u0 + n, U)
         z = zs_flat.detach()[srows[u0:u1]].to(cdt).requires_grad_(want_logits)
+        bad = bad | nonfinite(z.detach().amax(dim=1))
+        with torch.no_grad():  # the teacher on S and the rest, renormalised over the reachable columns
+            zz = zt_flat[trows[u0:u1]].to(cdt) / T
+            ln = log_norm[u0:u1, None]
+            log_p_rest = (torch.full((u1 - u0, 1), float("-inf"), dtype=cdt, device=dev) if rest_empty else
+                          torch.logsumexp(torch.where(rest_cols, zz, float("-inf")), dim=1, keepdim=True) - ln)
+            log_p = torch.cat([zz[:, cols] - ln, log_p_rest], dim=1)
         with torch.enable_grad() if (want_logits or want_w) else torch.no_grad():
-            p = torch.softmax(z / T, dim=1)[:, :rows]  # [n, rows]
-            a = torch.zeros(u1 - u0, k, dtype=cdt, device=dev).index_add(
-                1, e_slots, p[:, e_rows] * w_leaf.reshape(-1)[e_flat])
-            rest = p @ (w_leaf * rest_mask).sum(dim=1)
-            log_p_s = zt_flat[trows[u0:u1, None], cols[None, :]].to(cdt) / T - \
-                (lse_t[u0:u1] + torch.log(mass_r[u0:u1]))[:, None]
+            # the student's log-masses on S and the rest: logsumexp of log p_v + log w over W's entries
+            log_ps = torch.log_softmax(z / T, dim=1)[:, :rows]  # [n, rows]
+            log_a, _, _ = log_slot_masses(log_ps[:, e_rows] + lw_leaf.reshape(-1)[e_flat], e_slots, k)
             if rest_empty:
-                log_p_rest = torch.full((u1 - u0,), float("-inf"), dtype=cdt, device=dev)
+                log_rest = torch.full((u1 - u0, 1), float("-inf"), dtype=cdt, device=dev)
             else:
-                log_p_rest = torch.log((1.0 - torch.exp(log_p_s).sum(dim=1)).clamp_min(0.0))
-            a_aug = torch.cat([a, rest[:, None]], 1)
-            with torch.no_grad():  # exact value and d kl / d a (zeros handled exactly, see coarse_divergence)
-                kl, d_a = coarse_divergence(a_aug.detach(), torch.cat([log_p_s, log_p_rest[:, None]], 1), direction)
-            group = kl.sum()
+                log_r = safe_logsumexp(torch.where(rest_mask, lw_leaf, float("-inf")), dim=1)  # [rows]
+                log_rest = safe_logsumexp(log_ps + log_r, dim=1)[:, None]
+            log_mass = torch.cat([log_a, log_rest], dim=1)
+        with torch.no_grad():  # exact value and d kl / d log-mass (zeros handled exactly, see log_divergence)
+            kl, _, g = log_divergence(log_mass.detach(), log_p, direction)
         if want_logits or want_w:
-            inputs = [t for t, f in ((z, want_logits), (w_leaf, want_w)) if f]
-            grads = torch.autograd.grad((a_aug * d_a).sum(), inputs)  # chain rule through a = p W
+            inputs = [t for t, f in ((z, want_logits), (lw_leaf, want_w)) if f]
+            live = torch.isfinite(log_mass.detach())
+            chain = torch.where(live, log_mass, torch.zeros_like(log_mass)) * torch.where(live, g, torch.zeros_like(g))
+            grads = torch.autograd.grad(chain.sum(), inputs)  # chain rule through log-mass = log(p W)
             gi = iter(grads)
             if want_logits:
                 g_logits.index_add_(0, srows[u0:u1], (next(gi) * (T * T) / norm).to(g_logits.dtype))
             if want_w:
                 g_w += next(gi) * (T * T) / norm
-        total += group.detach()
+        total += kl.sum()
+    total = poison(total, bad)
     loss = total * (T * T) / norm
     metrics = {"kl": (total / units.num_units.to(cdt).clamp_min(1)).detach()}
     if not (want_logits or want_w):
         return loss, metrics
     gw_full = None
     if want_w:
-        gw_full = torch.zeros_like(w_full)
+        gw_full = torch.zeros_like(lw_full)
         gw_full[:rows] = g_w.to(gw_full.dtype)
-    out = _TwoGrads.apply(student_logits, w_full, loss,
+    out = _TwoGrads.apply(student_logits, lw_full, loss,
                           g_logits.view(B, Ls, Vs) if want_logits else None, gw_full)
     return out, metrics
 
