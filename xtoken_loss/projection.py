@@ -265,23 +265,26 @@ def project_probs(p: torch.Tensor, restr: ColumnRestriction) -> tuple[torch.Tens
     return a, rest, pe
 
 
-def log_slot_masses(t: torch.Tensor, slots: torch.Tensor, k: int):
+def log_slot_masses(t: torch.Tensor, slots: torch.Tensor, k: int, *, differentiable: bool = False):
     """Log-space projection onto k slots: `log_mass[n, j] = logsumexp_{e: slots[e] == j} t[n, e]`.
 
-    `t [n, E]` holds one log-term per entry of W that lands in a slot (`log p[row_e] + log w_e`), `slots
-    [E]` its slot. Each slot is shifted by its own largest term, so a mass far below the row's maximum
-    (a confident student, a +100 logit elsewhere) keeps its full precision instead of underflowing.
-    Returns `(log_mass [n, k], u [n, E], s [n, k])` with `u = exp(t - max of its slot)` and `s` the
-    per-slot sums of u (1 <= s where the slot has a finite term, 0 where it has none): an entry's share
-    of its slot's mass is `u / s[slot]`. Differentiable in `t` (the shifts are detached constants)."""
+    `t [n, E]` holds one log-term per entry of W that lands in a slot (`log p[row_e] + log w_e`, so
+    every term is <= 0), `slots [E]` its slot. Each slot is shifted by its own largest term, so a mass
+    far below the row's maximum (a confident student, a +100 logit elsewhere) keeps its full precision
+    instead of underflowing. Returns `(log_mass [n, k], u [n, E], s [n, k])` with `u = exp(t - max of
+    its slot)` and `s` the per-slot sums of u (>= 1 where the slot has a finite term, 0 where it has
+    none: log_mass -inf): an entry's share of its slot's mass is `u / s[slot]`. `t` may be overwritten
+    unless `differentiable` (then autograd flows through `t`, finite also at empty slots)."""
     n = t.shape[0]
-    idx = slots.expand(n, -1)
-    with torch.no_grad():
-        top = torch.full((n, k), float("-inf"), dtype=t.dtype, device=t.device)
-        top.scatter_reduce_(1, idx, t.detach(), "amax")
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    u = torch.exp(t - top.gather(1, idx))
-    s = torch.zeros(n, k, dtype=t.dtype, device=t.device).scatter_add(1, idx, u)
+    with torch.no_grad():  # the shifts are constants; finfo.min where a slot has no finite term
+        top = torch.full((n, k), torch.finfo(t.dtype).min, dtype=t.dtype, device=t.device)
+        top.scatter_reduce_(1, slots.expand(n, -1), t.detach(), "amax")
+    if not differentiable:
+        u = t.sub_(top.index_select(1, slots)).exp_()
+        s = torch.zeros(n, k, dtype=t.dtype, device=t.device).index_add_(1, slots, u)
+        return s.log().add_(top), u, s
+    u = torch.exp(t - top.index_select(1, slots))
+    s = torch.zeros(n, k, dtype=t.dtype, device=t.device).index_add(1, slots, u)
     pos = s > 0
     log_mass = torch.where(pos, torch.log(torch.where(pos, s, torch.ones_like(s))) + top,
                            torch.full_like(s, float("-inf")))

@@ -287,7 +287,8 @@ def learned_pkl_loss(
         with torch.enable_grad() if (want_logits or want_w) else torch.no_grad():
             # the student's log-masses on S and the rest: logsumexp of log p_v + log w over W's entries
             log_ps = torch.log_softmax(z / T, dim=1)[:, :rows]  # [n, rows]
-            log_a, _, _ = log_slot_masses(log_ps[:, e_rows] + lw_leaf.reshape(-1)[e_flat], e_slots, k)
+            log_a, _, _ = log_slot_masses(log_ps[:, e_rows] + lw_leaf.reshape(-1)[e_flat], e_slots, k,
+                                          differentiable=True)
             if rest_empty:
                 log_rest = torch.full((u1 - u0, 1), float("-inf"), dtype=cdt, device=dev)
             else:

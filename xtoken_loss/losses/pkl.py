@@ -42,7 +42,6 @@ from xtoken_loss.chunked import (
     check_options,
     compute_dtype,
     gather_rows,
-    log_divergence,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
@@ -178,9 +177,9 @@ def pkl_loss(
 def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, columns, group, direction):
     """One comparison per chunk start, in log space (docs/losses.md, "Numerics"). The teacher rows are
     read once (normalisers, reachable mass, column scores), then the student rows once, computing loss
-    and gradient together and writing the gradient rows in place; rows whose masses a shifted
-    exponential cannot represent are recomputed exactly afterwards. Returns `(total, grad, metrics,
-    bad)`, `bad` a `[]` bool: some row the loss reads is not finite."""
+    and gradient together and writing the gradient rows in place; the rare rows whose masses a shifted
+    exponential cannot hold are recomputed exactly afterwards. Returns `(total, grad, metrics, bad)`,
+    `bad` a `[]` bool: some row the loss reads is not finite."""
     dev = zs_flat.device
     Ns, Vs = zs_flat.shape
     Nt, Vt = zt_flat.shape
@@ -192,34 +191,32 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
     floor = _log_floor(cdt, max(Vs, Vt))
 
     # Teacher pass: log-normaliser, log reachable mass and each column's best log-probability over the
-    # chunk-start rows; other rows of a slice are never read (index_fill, not a multiply: NaN * 0 = NaN).
+    # chunk-start rows. A slice's other rows are never read (overwritten, not multiplied: NaN * 0 = NaN).
     lse_all = torch.zeros(Nt, dtype=cdt, device=dev)
     log_reach_all = torch.zeros(Nt, dtype=cdt, device=dev)
     max_all = torch.zeros(Nt, dtype=cdt, device=dev)
-    thin_all = torch.zeros(Nt, dtype=torch.bool, device=dev)  # reachable mass underflowed: recompute
     scores = torch.full((Vt,), float("-inf"), dtype=cdt, device=dev)
-    sums_t = torch.stack([torch.ones(Vt, dtype=cdt, device=dev), reach.to(cdt)], dim=1)  # [V_t, 2]
+    reach_w = reach.to(cdt)
     slices = _slices_with_rows(t_is_unit, n)
     if slices:
-        m0 = min(n, Nt)
-        tbuf = torch.empty(m0, Vt, dtype=cdt, device=dev)
-        ebuf = torch.empty(m0, Vt, dtype=cdt, device=dev)
+        tbuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev)
+        ebuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev)
     for r0, r1, others in slices:
         out, mx = shift_rows(zt_flat[r0:r1], T, tbuf[: r1 - r0])
-        sums = torch.exp(out, out=ebuf[: r1 - r0]) @ sums_t  # [m, 2]: total and reachable mass
+        e = torch.exp(out, out=ebuf[: r1 - r0])
         shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) / T
-        log_s = torch.log(sums[:, 0])
+        log_s = e.sum(dim=1).log_()
         lse_all[r0:r1] = shift + log_s
-        log_reach_all[r0:r1] = shift + torch.log(sums[:, 1])
+        log_reach_all[r0:r1] = shift + torch.log(e @ reach_w)
         max_all[r0:r1] = mx
-        thin_all[r0:r1] = sums[:, 1] < math.exp(floor)
         if columns is None:
             lp = out.sub_(log_s[:, None])  # log-probabilities
-            if others is not None:
-                lp.index_fill_(0, others, float("-inf"))
+            for a, b in others:
+                lp[a:b].fill_(float("-inf"))
             torch.maximum(scores, lp.amax(dim=0), out=scores)
     tbuf = ebuf = None
-    bad = nonfinite(max_all[trows])
+    max_u = max_all[trows]
+    bad = nonfinite(max_u)
     if columns is not None:
         cols = torch.as_tensor(columns, dtype=torch.int64, device=dev)
         cols = torch.unique(cols[(cols >= 0) & (cols < Vt)])
@@ -230,22 +227,22 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
     restr = restrict_projection(proj, cols, Vs, Vt, cdt)
     k = cols.shape[0]
     rest_empty = k == int(reach.sum())
-    teacher = _teacher_units(zt_flat, trows, lse_all, log_reach_all, thin_all & torch.isfinite(max_all),
-                             cols, reach, rest_empty, T, n, cdt, direction)
+    teacher = _teacher_units(zt_flat, trows, lse_all[trows], log_reach_all[trows], torch.isfinite(max_u), cols,
+                             reach, rest_empty, T, n, cdt, direction, floor)
 
     # Student pass.
     side = _StudentSide(
         entry_rows=restr.entry_rows, entry_slots=restr.entry_slots, log_entry_w=torch.log(restr.entry_weights),
-        k=k, sums=torch.stack([torch.ones(Vs, dtype=cdt, device=dev), restr.rest_weights], dim=1),
-        log_rest_w=torch.log(restr.rest_weights), odd=restr.odd_rows, r_odd=restr.rest_weights[restr.odd_rows],
-        rest_empty=rest_empty, T=T, scale=(T / norm) if want_grad else None, direction=direction, floor=floor,
+        k=k, rest_w=restr.rest_weights, log_rest_w=torch.log(restr.rest_weights), odd=restr.odd_rows,
+        r_odd=restr.rest_weights[restr.odd_rows], rest_empty=rest_empty, T=T,
+        scale=(T / norm) if want_grad else None, direction=direction, floor=floor,
     )
     unit_of = torch.full((Ns,), -1, dtype=torch.int64, device=dev)
     unit_of[srows] = torch.arange(U, device=dev)
     grad = torch.empty_like(zs_flat) if want_grad else None
     direct = want_grad and grad.dtype == cdt
     zero = torch.zeros((), dtype=cdt, device=dev)
-    total, m_mapped = zero.clone(), zero.clone()
+    total, m_in, m_mapped = zero.clone(), zero.clone(), zero.clone()
     s_slices = _slices_with_rows(unit_of >= 0, n)
     if want_grad:
         _zero_outside(grad, s_slices)
@@ -256,31 +253,35 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
         w = uid >= 0
         uid = uid.clamp(min=0)
         buf = grad[r0:r1] if direct else sbuf[: r1 - r0]
-        kl, mapped, flag, mx = _student_rows(zs_flat[r0:r1], buf, teacher.log_p(zt_flat, uid), side, exact=False)
+        lp, p, lp_rest, mass_in = teacher.log_p(zt_flat, uid)
+        kl, mapped, flag, mx = _student_rows(zs_flat[r0:r1], buf, lp, p, lp_rest, side, exact=False)
         bad = bad | nonfinite(torch.where(w, mx, zero))
         redo[r0:r1] = w & flag & torch.isfinite(mx)
         keep = w & ~flag
         total += torch.where(keep, kl, zero).sum()
+        m_in += torch.where(keep, mass_in, zero).sum()
         m_mapped += torch.where(keep, mapped, zero).sum()
         if want_grad:
-            if others is not None:
-                buf.index_fill_(0, others, 0.0)
+            for a, b in others:
+                buf[a:b].zero_()
             if not direct:
                 grad[r0:r1] = buf
-    # Rows whose rest or mapped mass a shifted exponential cannot represent: exactly, in log space.
+    # Rows whose rest or mapped mass a shifted exponential cannot hold: exactly, in log space.
     rows = redo.nonzero().squeeze(1)
     for i0 in range(0, rows.shape[0], n):
         r = rows[i0 : i0 + n]
         buf = torch.empty(r.shape[0], Vs, dtype=cdt, device=dev)
-        kl, mapped, _, _ = _student_rows(zs_flat[r], buf, teacher.log_p(zt_flat, unit_of[r]), side, exact=True)
+        lp, p, lp_rest, mass_in = teacher.log_p(zt_flat, unit_of[r])
+        kl, mapped, _, _ = _student_rows(zs_flat[r], buf, lp, p, lp_rest, side, exact=True)
         total += kl.sum()
+        m_in += mass_in.sum()
         m_mapped += mapped.sum()
         if want_grad:
             grad.index_copy_(0, r, buf.to(grad.dtype))
     metrics = {
         "kl": total.clone(),
-        "teacher_mass_in_columns": teacher.mass_in_columns.sum(),
-        "teacher_reachable_mass": torch.exp(teacher.log_norm - lse_all[trows]).sum(),
+        "teacher_mass_in_columns": m_in,
+        "teacher_reachable_mass": torch.exp(teacher.log_norm - teacher.lse).sum(),
         "student_mapped_mass": m_mapped,
     }
     return total, grad, metrics, bad
@@ -295,65 +296,78 @@ def _log_floor(cdt, width: int) -> float:
 
 
 # Reverse direction only: a teacher rest mass (outside S, of the reachable mass) below this is
-# recomputed exactly. `1 - sum over S` has an absolute error of about 1e-6, and the reverse KL divides
-# by the rest mass; the forward KL only multiplies by it, so there the difference is exact enough.
+# recomputed from its own terms. `1 - mass on S` has an absolute error of about 1e-6, and the reverse
+# KL divides by the rest mass; the forward KL only multiplies by it, so there the difference is exact
+# enough.
 REST_EXACT_BELOW = 0.05
 
 
 @dataclass
 class _TeacherUnits:
-    """Per unit (chunk start): the teacher's log reachable normaliser (`logsumexp` of z/T over the
-    reachable columns), its log rest mass (reachable columns outside S, renormalised) and its mass on S."""
+    """The teacher per unit (chunk start): `lse` and `log_norm`, the logsumexp of z/T over all and over
+    the reachable columns, and (reverse direction) the log rest mass, renormalised."""
 
     cols: torch.Tensor
-    log_norm: torch.Tensor  # [U]
-    log_rest: torch.Tensor  # [U]
-    mass_in_columns: torch.Tensor  # [U]
-    T: float
     trows: torch.Tensor
+    lse: torch.Tensor  # [U]
+    log_norm: torch.Tensor  # [U]
+    log_rest: torch.Tensor | None  # [U]; None: 1 - mass on S
+    rest_empty: bool
+    T: float
 
     def log_p(self, zt_flat, uid):
-        """`[m, k + 1]` teacher log-probabilities of units `uid` on S and the rest."""
-        t_r = self.trows[uid]
-        log_p_s = zt_flat[t_r[:, None], self.cols[None, :]].to(self.log_norm.dtype) / self.T
-        return torch.cat([log_p_s - self.log_norm[uid, None], self.log_rest[uid, None]], dim=1)
+        """Units `uid`: `(log_p [m, k], p [m, k], log_p_rest [m], mass on S [m])`, renormalised over the
+        reachable columns."""
+        lp = _gather(zt_flat, self.trows[uid], self.cols).to(self.log_norm.dtype)
+        if self.T != 1.0:
+            lp.div_(self.T)
+        lp.sub_(self.log_norm[uid, None])
+        p = torch.exp(lp)
+        mass_in = p.sum(dim=1)
+        if self.rest_empty:
+            lp_rest = torch.full_like(mass_in, float("-inf"))
+        elif self.log_rest is None:
+            lp_rest = torch.log((1.0 - mass_in).clamp_min(0.0))
+        else:
+            lp_rest = self.log_rest[uid]
+        return lp, p, lp_rest, mass_in
 
 
-def _teacher_units(zt_flat, trows, lse_all, log_reach_all, thin_all, cols, reach, rest_empty, T, n, cdt,
-                   direction) -> _TeacherUnits:
-    """The teacher side of each unit once S is known: mass on S from the gathered logits, the rest as
-    `1 - mass on S`, and, for units where that is not precise enough (reachable mass that underflowed
-    in the shifted sum, or a small rest in the reverse direction), both exactly by `logsumexp` over
-    the reachable / rest columns (one host sync)."""
-    dev = zt_flat.device
-    U, k = trows.shape[0], cols.shape[0]
-    log_norm = log_reach_all[trows].clone()
-    mass_in = torch.empty(U, dtype=cdt, device=dev)
-    log_rest = torch.full((U,), float("-inf"), dtype=cdt, device=dev)
-    nu = max(1, DEFAULT_CHUNK_ELEMENTS // max(k, 1))
+def _gather(z_flat, rows, cols):
+    """`z_flat[rows[:, None], cols[None, :]]` (a single flat index where z_flat is contiguous: faster)."""
+    if z_flat.is_contiguous():
+        return z_flat.view(-1)[rows[:, None] * z_flat.shape[1] + cols[None, :]]
+    return z_flat[rows[:, None], cols[None, :]]
+
+
+def _teacher_units(zt_flat, trows, lse, log_norm, finite, cols, reach, rest_empty, T, n, cdt, direction,
+                   floor) -> _TeacherUnits:
+    """The teacher side of each unit once S is known. The reachable mass of the rare units where it
+    underflowed in the shifted sum is recomputed exactly; in the reverse direction, so is the rest
+    mass where `1 - mass on S` is not precise enough (host syncs)."""
+    log_norm = log_norm.clone()
+    thin = (finite & (log_norm - lse < floor)).nonzero().squeeze(1)
+    for i0 in range(0, thin.shape[0], n):
+        u = thin[i0 : i0 + n]
+        log_norm[u] = _log_masked_sums(zt_flat, trows[u], reach[:, None], T, floor, cdt)[:, 0]
+    units = _TeacherUnits(cols, trows, lse, log_norm, None, rest_empty, T)
+    if direction != "reverse" or rest_empty:
+        return units
+    U = trows.shape[0]
+    log_rest = torch.empty(U, dtype=cdt, device=zt_flat.device)
+    nu = max(1, DEFAULT_CHUNK_ELEMENTS // max(cols.shape[0], 1))
     for u0 in range(0, U, nu):
-        zs_ = zt_flat[trows[u0 : u0 + nu, None], cols[None, :]].to(cdt) / T
-        mass_in[u0 : u0 + nu] = torch.exp(zs_ - log_norm[u0 : u0 + nu, None]).sum(dim=1)
-    if not rest_empty:
-        torch.log((1.0 - mass_in).clamp_min(0.0), out=log_rest)
-    exact = thin_all[trows]
-    if direction == "reverse" and not rest_empty:
-        exact = exact | (1.0 - mass_in < REST_EXACT_BELOW)
-    units = exact.nonzero().squeeze(1)
-    if units.numel():
+        log_rest[u0 : u0 + nu] = units.log_p(zt_flat, torch.arange(u0, min(u0 + nu, U), device=trows.device))[2]
+    exact = (finite & (log_rest < math.log(REST_EXACT_BELOW))).nonzero().squeeze(1)
+    if exact.numel():
         in_s = torch.zeros_like(reach)
         in_s[cols] = True
-        masks = torch.stack([reach] if rest_empty else [reach, reach & ~in_s], dim=1)  # [V_t, 1 or 2]
-        floor = _log_floor(cdt, zt_flat.shape[1])
-        for i0 in range(0, units.shape[0], n):
-            u = units[i0 : i0 + n]
-            rows = trows[u]
-            log_sums = _log_masked_sums(zt_flat, rows, masks, T, floor, cdt)  # [m, 1 or 2]
-            log_norm[u] = log_sums[:, 0]
-            mass_in[u] = torch.exp(zt_flat[rows[:, None], cols[None, :]].to(cdt) / T - log_sums[:, :1]).sum(dim=1)
-            if not rest_empty:
-                log_rest[u] = log_sums[:, 1] - log_sums[:, 0]
-    return _TeacherUnits(cols, log_norm, log_rest, mass_in, T, trows)
+        rest_cols = (reach & ~in_s)[:, None]
+        for i0 in range(0, exact.shape[0], n):
+            u = exact[i0 : i0 + n]
+            log_rest[u] = _log_masked_sums(zt_flat, trows[u], rest_cols, T, floor, cdt)[:, 0] - log_norm[u]
+    units.log_rest = log_rest
+    return units
 
 
 def _log_masked_sums(z_flat, rows, masks, T, floor, cdt):
@@ -367,7 +381,7 @@ def _log_masked_sums(z_flat, rows, masks, T, floor, cdt):
     log_sums = shift[:, None] + torch.log(sums)
     thin = ((sums < math.exp(floor)) & torch.isfinite(mx)[:, None]).any(dim=1).nonzero().squeeze(1)
     for i in thin.tolist():  # rare: the mass lies entirely 60 nats or more below the row's maximum
-        y = z[i].to(cdt) / T
+        y = z[i] / T
         log_sums[i] = torch.stack([torch.logsumexp(torch.where(masks[:, j], y, float("-inf")), dim=0)
                                    for j in range(masks.shape[1])])
     return log_sums
@@ -382,7 +396,7 @@ class _StudentSide:
     entry_slots: torch.Tensor  # [E]
     log_entry_w: torch.Tensor  # [E]
     k: int
-    sums: torch.Tensor  # [V_s, 2]: ones and rest weights
+    rest_w: torch.Tensor  # [V_s]
     log_rest_w: torch.Tensor  # [V_s]
     odd: torch.Tensor  # [J] rows whose rest weight is not 1
     r_odd: torch.Tensor  # [J]
@@ -393,72 +407,98 @@ class _StudentSide:
     floor: float
 
 
-def _student_rows(z, buf, log_p, side: _StudentSide, exact: bool):
-    """Loss and gradient of student rows `z [m, V_s]` against teacher `log_p [m, k + 1]`, in log space.
+_INF = float("inf")
 
-    S masses: per-slot logsumexp of `log p + log w` over W's entries (always exact). Rest and mapped
-    masses: with `exact=False` from the shifted exponentials (one mat-vec); rows where they fall
-    below what that represents (`floor`) are flagged for an `exact=True` pass, which takes the rest by
-    `logsumexp` too. The gradient, `(T / norm) * sum_j g_j * share_vj` with `g = d kl / d log mass`
-    (`log_divergence`) and `share_vj = p_v W_vj / mass_j` (<= 1), is written into `buf` (which held the
-    shifted logits). Returns `(kl [m], mapped mass [m], flagged [m], raw row max [m])`."""
+
+def _student_rows(z, buf, log_p, p, log_p_rest, side: _StudentSide, exact: bool):
+    """Loss and gradient of student rows `z [m, V_s]` against the teacher's `log_p`, `p [m, k]` on S and
+    `log_p_rest [m]`, in log space.
+
+    S masses: per-slot logsumexp of `log p + log w` over W's entries (`log_slot_masses`, always exact).
+    Rest and mapped masses: with `exact=False` from the exponentials shifted by the row maximum (a sum
+    and a mat-vec); rows where they fall below what that holds (`floor`) come back flagged, for an
+    `exact=True` pass that takes them by logsumexp too. The KL is formed from the log-masses (log Q =
+    log mass - log mapped mass); the gradient is `(T / norm) sum_j g_j share_vj` with `g = d kl / d log
+    mass` (Q - P forward, Q (log Q - log P - kl) reverse) and `share_vj = p_v W_vj / mass_j <= 1`, written
+    into `buf` (which first holds the shifted logits). `nan_to_num` turns the 0 * inf of outcomes with
+    no probability into their true 0 (rows holding NaN are poisoned by the caller). Returns `(kl [m],
+    mapped mass [m], flagged [m], raw row max [m])`."""
     out, mx = shift_rows(z, side.T, buf)  # log of the unnormalised probabilities, <= 0
-    n_rows, E = out.shape[0], side.entry_rows.shape[0]
-    log_s_mass, u, s = log_slot_masses(out[:, side.entry_rows] + side.log_entry_w, side.entry_slots, side.k)
+    log_a, u, s = log_slot_masses(out.index_select(1, side.entry_rows).add_(side.log_entry_w), side.entry_slots,
+                                  side.k)
     if exact:
         rest_terms = out + side.log_rest_w  # [m, V_s]
-        log_tot = torch.logsumexp(out, dim=1)
         log_rest = torch.logsumexp(rest_terms, dim=1)
+        log_tot = torch.logsumexp(out, dim=1)
+        c = torch.logsumexp(torch.cat([log_a, log_rest[:, None]], dim=1), dim=1)  # the mapped mass
     else:
-        sums = torch.exp(out, out=out) @ side.sums  # out now holds the shifted exponentials
-        log_tot = torch.log(sums[:, 0])
-        log_rest = torch.log(sums[:, 1])
-    kl, log_q, g = log_divergence(torch.cat([log_s_mass, log_rest[:, None]], dim=1), log_p, side.direction)
-    log_mapped = torch.logsumexp(torch.cat([log_s_mass, log_rest[:, None]], dim=1), dim=1)
+        e = out.exp_()
+        log_tot = e.sum(dim=1).log_()
+        log_rest = (e @ side.rest_w).log_()
+        c = log_tot  # >= the mapped mass: nothing overflows; the flag catches what would underflow
+    q = torch.exp(log_a - c[:, None])  # [m, k]
+    q_rest = torch.exp(log_rest - c)
+    msum = q.sum(dim=1) + q_rest
+    log_mapped = torch.log(msum) + c
+    q.div_(msum[:, None])  # Q on S
+    q_rest = q_rest / msum
+    log_q = log_a.sub_(log_mapped[:, None])
+    log_q_rest = log_rest - log_mapped
+    p_rest = torch.exp(log_p_rest)
     if side.direction == "forward":
-        flag = (log_mapped < side.floor) | ((log_p[:, -1] > float("-inf")) & (log_rest < side.floor))
+        kl = (p * (log_p - log_q)).nan_to_num_(0.0, _INF, -_INF).sum(dim=1)
+        kl = kl + (p_rest * (log_p_rest - log_q_rest)).nan_to_num_(0.0, _INF, -_INF)
+        g = q.sub_(p)
+        flag = (log_mapped < side.floor) | ((p_rest > 0) & (log_rest < side.floor))
     else:
+        ell = log_q.sub_(log_p)
+        ell_rest = log_q_rest - log_p_rest
+        kl = (q * ell).nan_to_num_(0.0, _INF, -_INF).sum(dim=1) + (q_rest * ell_rest).nan_to_num_(0.0, _INF, -_INF)
+        g = q.mul_(ell.sub_(kl[:, None])).nan_to_num_(0.0, _INF, -_INF)
+        coef = torch.where(q_rest > 0, ell_rest - kl, torch.zeros_like(kl))  # g_rest / Q_rest
         flag = log_mapped < side.floor
     if side.scale is not None:
-        # rest part: coef * p_v r_v / L (forward: L = rest mass, coef = g_rest; reverse: L = mapped
-        # mass, coef = g_rest / Q_rest, finite also where Q_rest underflows)
-        if side.direction == "forward":
-            coef, log_l = g[:, -1], log_rest
-        else:
-            ell = torch.where(log_q[:, -1] > float("-inf"), log_q[:, -1] - log_p[:, -1], torch.zeros_like(kl))
-            coef, log_l = ell - kl, log_mapped
-        log_l = torch.where(torch.isfinite(log_l), log_l, torch.zeros_like(log_l))
-        coef = coef * side.scale
+        # rest part: p_v r_v (Q_rest - P_rest) / rest mass (forward), p_v r_v g_rest / Q_rest / mapped mass
         if exact:
-            torch.exp(rest_terms.sub_(log_l[:, None]), out=out).mul_(coef[:, None])
-        else:
-            if side.direction == "forward":  # (Q_rest - P_rest) / rest mass, as two terms that cannot overflow
-                alpha = torch.exp(-log_mapped) - torch.exp(log_p[:, -1] - log_l)
-                alpha = alpha * side.scale
+            if side.direction == "forward":
+                coef, log_l = q_rest - p_rest, log_rest
             else:
-                alpha = coef * torch.exp(-log_l)
-            e_odd = out[:, side.odd]
+                log_l = log_mapped
+            log_l = torch.where(torch.isfinite(log_l), log_l, torch.zeros_like(log_l))
+            torch.exp(rest_terms.sub_(log_l[:, None]), out=out).mul_((coef * side.scale)[:, None])
+        else:
+            if side.direction == "forward":  # two terms that cannot overflow on rows not flagged
+                alpha = torch.exp(-log_mapped) - torch.exp(log_p_rest - log_rest).nan_to_num_(0.0, _INF, -_INF)
+            else:
+                alpha = coef * torch.exp(-log_mapped)
+            alpha = alpha * side.scale
+            e_odd = out.index_select(1, side.odd).mul_(alpha[:, None]).mul_(side.r_odd)
             out.mul_(alpha[:, None])  # right for every row whose rest weight is 1
-            out[:, side.odd] = e_odd * (alpha[:, None] * side.r_odd)
+            out.index_copy_(1, side.odd, e_odd)
         # S part: g_j * (entry's share of slot j)
-        per_slot = g[:, :-1] * side.scale / torch.where(s > 0, s, torch.ones_like(s))
-        idx = side.entry_slots.expand(n_rows, E)
-        out.scatter_add_(1, side.entry_rows.expand(n_rows, E), u * per_slot.gather(1, idx))
+        per_slot = g.mul_(side.scale).div_(s.clamp_min_(1.0))
+        out.index_add_(1, side.entry_rows, u.mul_(per_slot.index_select(1, side.entry_slots)))
     return kl, torch.exp(log_mapped - log_tot), flag, mx
 
 
-def _slices_with_rows(has_unit: torch.Tensor, n: int) -> list[tuple[int, int, torch.Tensor | None]]:
-    """Contiguous row slices of at most n rows, skipping slices with no unit row, each with the local
-    indices of its rows that are no unit (None when all are), which the caller must never let
-    contribute (one host sync)."""
-    host = has_unit.cpu()
+def _slices_with_rows(has_unit: torch.Tensor, n: int):
+    """Contiguous row slices `(r0, r1, others)` of at most n rows, skipping slices with no unit row;
+    `others` lists the runs `(a, b)` of the slice's local rows that are no unit, which the caller
+    must never let contribute (one host sync)."""
+    host = has_unit.cpu().tolist()
     out = []
-    for r0 in range(0, host.shape[0], n):
+    for r0 in range(0, len(host), n):
         h = host[r0 : r0 + n]
-        if not bool(h.any()):
+        if not any(h):
             continue
-        others = (~h).nonzero().squeeze(1)
-        out.append((r0, r0 + h.shape[0], others.to(has_unit.device) if others.numel() else None))
+        runs, a = [], None
+        for i, x in enumerate(h + [True]):
+            if not x and a is None:
+                a = i
+            elif x and a is not None:
+                runs.append((a, i))
+                a = None
+        out.append((r0, r0 + len(h), runs))
     return out
 
 
