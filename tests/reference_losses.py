@@ -190,7 +190,8 @@ def sparse_projection(indices, weights, student_width, teacher_width):
     w = torch.as_tensor(weights)[:student_width].to(torch.float64)
     keep = (idx >= 0) & (w > 0)
     rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep]
-    return torch.sparse_coo_tensor(torch.stack([rows, idx[keep]]), w[keep], (student_width, teacher_width)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([rows, idx[keep]]), w[keep], (student_width, teacher_width),
+                                   check_invariants=True).coalesce()
 
 
 def _lse(x, dim=0):
@@ -262,7 +263,7 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
     if W.is_sparse:
         assert not public, "the sparse W is for the principled form"
         if tuple(W.shape) != (Vs, Vt):
-            W = torch.sparse_coo_tensor(W.indices(), W.values(), (Vs, Vt)).coalesce()
+            W = torch.sparse_coo_tensor(W.indices(), W.values(), (Vs, Vt), check_invariants=True).coalesce()
         reach = torch.zeros(Vt, dtype=torch.float64).index_add(0, W.indices()[1], W.values()) > 0
     else:
         if W.shape[0] < Vs:

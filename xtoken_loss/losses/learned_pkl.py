@@ -10,7 +10,10 @@ unmapped rows stay empty; a row with a single slot (exact and special rows) stay
 student logits and theta: per chunk start, KL between the teacher's distribution over the reachable
 columns and the student's projected distribution, on the chosen teacher columns S plus one rest
 outcome, times T^2. It runs in groups of units with autograd on each group's slice (memory bounded)
-and hands the gradients to autograd through one custom function.
+and hands the gradients to autograd through one custom function. Everything is in log space
+(log-softmax, log W from `log_weights()`, logsumexp over W's entries and the rest, the KL from the
+logs), so confident or wide logits stay finite; only chunk-start rows are read (padding gets gradient
+0 whatever it holds), and a non-finite row that is read makes the loss NaN.
 
 `LearnedProjection.save(path)` writes a CONTRACTS §4 artifact through the artifact format's writer
 (`xtoken_core.artifact_format`: safetensors + JSON, atomically, a temporary directory renamed into

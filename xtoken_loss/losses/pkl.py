@@ -23,6 +23,15 @@ Public (`public=True`, reproduces the published P-KL)
 
 Both: sum over valid chunks of `T^2 * KL`, divided by `normalizer` (default: the number of valid
 chunks). Teacher outputs are treated as constants (no gradient).
+
+Numerics (principled form; docs/losses.md, "Numerics"): log space throughout. The student's masses
+on S are per-column logsumexps over W's entries (`projection.log_slot_masses`), its rest and mapped
+masses shifted sums that fall back to logsumexp on the rare rows where those underflow, the teacher's
+normalisers and column scores log-probabilities; the KL and its gradient are formed from the logs
+(the gradient through each row's share `p_v W_vj / a_j <= 1` of an outcome), so finite float32 / bf16
+logits of any spread give a finite loss and gradient. Only chunk-start rows are read: anything at
+other rows changes nothing and gets gradient 0; a NaN / +inf (or all -inf) row that is read makes the
+loss NaN (no sync), or a `LossInputError` naming it with `check_inputs=True`.
 """
 
 from __future__ import annotations
