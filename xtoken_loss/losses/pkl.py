@@ -198,6 +198,7 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
     t_is_unit = torch.zeros(Nt, dtype=torch.bool, device=dev)
     t_is_unit[trows] = True
     floor = _log_floor(cdt, max(Vs, Vt))
+    low = math.log(torch.finfo(cdt).tiny) + 1.0  # exp of less may be denormal: lifted to ~tiny, within `floor`
 
     # Teacher pass: log-normaliser, log reachable mass and each column's best log-probability over the
     # chunk-start rows. A slice's other rows are never read (overwritten, not multiplied: NaN * 0 = NaN).
@@ -212,7 +213,7 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
         ebuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev)
     for r0, r1, others in slices:
         out, mx = shift_rows(zt_flat[r0:r1], T, tbuf[: r1 - r0])
-        e = torch.exp(out, out=ebuf[: r1 - r0])
+        e = torch.clamp(out, min=low, out=ebuf[: r1 - r0]).exp_()  # no denormals (slow on CPUs)
         shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) / T
         log_s = e.sum(dim=1).log_()
         lse_all[r0:r1] = shift + log_s
@@ -244,7 +245,7 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
         entry_rows=restr.entry_rows, entry_slots=restr.entry_slots, log_entry_w=torch.log(restr.entry_weights),
         k=k, rest_w=restr.rest_weights, log_rest_w=torch.log(restr.rest_weights), odd=restr.odd_rows,
         r_odd=restr.rest_weights[restr.odd_rows], rest_empty=rest_empty, T=T,
-        scale=(T / norm) if want_grad else None, direction=direction, floor=floor,
+        scale=(T / norm) if want_grad else None, direction=direction, floor=floor, low=low,
     )
     unit_of = torch.full((Ns,), -1, dtype=torch.int64, device=dev)
     unit_of[srows] = torch.arange(U, device=dev)
@@ -383,16 +384,16 @@ def _log_masked_sums(z_flat, rows, masks, T, floor, cdt):
     """`[m, c]`: `logsumexp` of `z / T` over each of the c column masks (`masks [V, c]` bool) for rows
     `rows` of `z_flat`: sums of exponentials shifted by the row maximum (a mat-vec: sums of positive
     terms, no cancellation), and a masked `logsumexp` for the rows where such a sum underflows."""
-    z = z_flat[rows].to(cdt)
+    z = z_flat.index_select(0, rows).to(cdt)
     out, mx = shift_rows(z, T, torch.empty_like(z))
     shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) / T
-    sums = torch.exp(out, out=out) @ masks.to(cdt)
+    sums = out.clamp_min_(math.log(torch.finfo(cdt).tiny) + 1.0).exp_() @ masks.to(cdt)  # no denormals
     log_sums = shift[:, None] + torch.log(sums)
     thin = ((sums < math.exp(floor)) & torch.isfinite(mx)[:, None]).any(dim=1).nonzero().squeeze(1)
-    for i in thin.tolist():  # rare: the mass lies entirely 60 nats or more below the row's maximum
-        y = z[i] / T
-        log_sums[i] = torch.stack([torch.logsumexp(torch.where(masks[:, j], y, float("-inf")), dim=0)
-                                   for j in range(masks.shape[1])])
+    if thin.numel():  # the mass lies entirely 60 nats or more below the row's maximum
+        y = z[thin] / T
+        log_sums[thin] = torch.stack([torch.logsumexp(torch.where(masks[:, j], y, float("-inf")), dim=1)
+                                      for j in range(masks.shape[1])], dim=1)
     return log_sums
 
 
@@ -414,6 +415,7 @@ class _StudentSide:
     scale: torch.Tensor | None  # T / normaliser (None: no gradient)
     direction: str
     floor: float
+    low: float
 
 
 _INF = float("inf")
@@ -435,13 +437,16 @@ def _student_rows(z, buf, log_p, p, log_p_rest, side: _StudentSide, exact: bool)
     out, mx = shift_rows(z, side.T, buf)  # log of the unnormalised probabilities, <= 0
     log_a, u, s = log_slot_masses(out.index_select(1, side.entry_rows).add_(side.log_entry_w), side.entry_slots,
                                   side.k)
-    if exact:
-        rest_terms = out + side.log_rest_w  # [m, V_s]
-        log_rest = torch.logsumexp(rest_terms, dim=1)
-        log_tot = torch.logsumexp(out, dim=1)
+    if exact:  # the rest shifted by its own largest term: rest_e = exp(log p_v + log r_v - top) <= 1
+        rest_e = out + side.log_rest_w  # [m, V_s]
+        top = rest_e.amax(dim=1)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        rest_e.sub_(top[:, None]).exp_()
+        log_rest = rest_e.sum(dim=1).log_().add_(top)
+        log_tot = torch.exp(out).sum(dim=1).log_()  # the row's largest term is 1: exact
         c = torch.logsumexp(torch.cat([log_a, log_rest[:, None]], dim=1), dim=1)  # the mapped mass
     else:
-        e = out.exp_()
+        e = out.clamp_min_(side.low).exp_()  # no denormals (slow on CPUs): adds < V tiny, within `floor`
         log_tot = e.sum(dim=1).log_()
         log_rest = (e @ side.rest_w).log_()
         c = log_tot  # >= the mapped mass: nothing overflows; the flag catches what would underflow
@@ -474,7 +479,7 @@ def _student_rows(z, buf, log_p, p, log_p_rest, side: _StudentSide, exact: bool)
             else:
                 log_l = log_mapped
             log_l = torch.where(torch.isfinite(log_l), log_l, torch.zeros_like(log_l))
-            torch.exp(rest_terms.sub_(log_l[:, None]), out=out).mul_((coef * side.scale)[:, None])
+            torch.mul(rest_e, (coef * side.scale * torch.exp(top - log_l))[:, None], out=out)
         else:
             if side.direction == "forward":  # two terms that cannot overflow on rows not flagged
                 alpha = torch.exp(-log_mapped) - torch.exp(log_p_rest - log_rest).nan_to_num_(0.0, _INF, -_INF)
