@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from xtoken_core.errors import LossInputError
+from xtoken_loss.checks import check_finite_rows, nonfinite, poison
 from xtoken_loss.chunked import (
     attach_grad,
     compute_dtype,
@@ -27,7 +28,7 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_loss.teacher_outputs import as_teacher_outputs
-from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
+from xtoken_loss.units import ChunkUnits, check_chunk_ids, chunk_units, get_key
 
 # --------------------------------------------------------------------------------------------------
 # Units and chunk distributions
@@ -103,15 +104,21 @@ def run_units(
     position_chunk_size: int | None,
     metric_names: tuple[str, ...],
     prob_fn=None,
+    row_fn=None,
 ):
     """Sum `unit_fn(log_q_student [n, V_s], log_p_teacher [n, V_t]) -> (loss [n], {name: [n]})` over
     the units, n at a time, with the student gradient computed per group. Returns
     `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit).
 
-    `prob_fn(q [n, V_s], p [n, V_t], want_grad) -> (loss [n], d loss / d q [n, V_s] or None, metrics)`,
-    when given, replaces `unit_fn` for the `"start"` form: it works on the normalised probabilities
-    with a hand-written gradient (no autograd graph; it may overwrite `p`), and the softmax backward
-    is applied here."""
+    For the `"start"` form, `row_fn(z_s [n, V_s], z_t [n, V_t], want_grad) -> (loss [n], d loss / d z_s
+    [n, V_s] or None, metrics)`, when given, replaces `unit_fn`: it gets the units' logit rows (copies in
+    the compute dtype, not yet divided by the temperature) and returns the gradient with respect to
+    them, written by hand (no autograd graph). `prob_fn(q, p, want_grad)` is the older variant on the
+    normalised probabilities (`d loss / d q`; the softmax backward is applied here).
+
+    Only the units' rows are read (gathered), so nothing at other positions can change the result,
+    and their gradient is exactly 0. A read row whose maximum is not finite (NaN or +inf in it, or
+    all -inf) makes the loss and the metrics NaN (`checks.poison`, no host sync)."""
     B, Ls, Vs = student_logits.shape
     _, Lt, Vt = teacher_logits.shape
     dev = student_logits.device
@@ -135,30 +142,40 @@ def run_units(
     want_grad = needs_grad(student_logits)
     grad = torch.zeros_like(zs_flat) if want_grad else None
     total = torch.zeros((), dtype=cdt, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
     sums = {k: torch.zeros((), dtype=cdt, device=dev) for k in metric_names}
+    hand = form == "start" and (row_fn is not None or prob_fn is not None)
     for g in range(len(starts) - 1):
         u0, u1 = starts[g], starts[g + 1]
         s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
         rows = s_side.rows[s0:s1]
-        if prob_fn is not None and form == "start":
+        with torch.no_grad():
+            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
+            zs = zs_flat.detach()[rows].to(cdt)
+            bad |= nonfinite(zt.amax(dim=1)) | nonfinite(zs.amax(dim=1))
+        if hand:
             with torch.no_grad():
-                p, _ = softmax_rows(zt_flat[t_side.rows[t0:t1]], temperature)
-                q, _ = softmax_rows(zs_flat[rows], temperature)
-                loss_u, g, extra = prob_fn(q, p, want_grad)
-                if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
-                    g.sub_((q * g).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / (temperature * norm))
-                    grad[rows] = g.to(grad.dtype)
+                if row_fn is not None:
+                    loss_u, gz, extra = row_fn(zs, zt, want_grad)
+                else:
+                    p, _ = softmax_rows(zt, temperature)
+                    q, _ = softmax_rows(zs, temperature)
+                    loss_u, gz, extra = prob_fn(q, p, want_grad)
+                    if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
+                        gz.sub_((q * gz).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / temperature)
+                    del q, p
+                if want_grad:
+                    grad[rows] = gz.div_(norm).to(grad.dtype)
                 total += loss_u.sum()
                 for k in metric_names:
                     sums[k] += extra[k].sum()
-            del q, g, p
+            del zs, zt, gz
             continue
         with torch.no_grad():
-            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
             t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
             log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
             del zt
-        z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
+        z = zs.requires_grad_(want_grad)
         s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
         with torch.enable_grad() if want_grad else torch.no_grad():
             log_q = unit_log_dists(z, s_side.unit[s0:s1] - u0, u1 - u0, form, temperature, s_tg)
@@ -170,10 +187,10 @@ def run_units(
         total += group_total.detach()
         for k in metric_names:
             sums[k] += extra[k].detach().sum()
-        del z, log_q, log_p
+        del z, zs, log_q, log_p
     count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: (v / count).detach() for k, v in sums.items()}
-    loss = total / norm
+    metrics = {k: poison((v / count).detach(), bad) for k, v in sums.items()}
+    loss = poison(total / norm, bad)
     return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
 
 
@@ -190,11 +207,12 @@ def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index,
     if zt.shape[0] != B:
         raise LossInputError(f"{loss_name}: teacher logits batch size {zt.shape[0]} != student batch size {B}")
     if check_inputs:
-        check_finite("student_logits", student_logits)
-        check_finite("teacher logits", zt)
         check_chunk_ids(batch, teacher_index)
     mode = "start" if form == "start" else "mean"
     units = chunk_units(batch, teacher_index, B, Ls, zt.shape[1], mode=mode, correct_only=correct_only,
                         device=student_logits.device)
+    if check_inputs:  # the rows the loss reads only: padding never raises
+        check_finite_rows(loss_name, "student_logits", student_logits, units.student_rows)
+        check_finite_rows(loss_name, "teacher logits", zt, units.teacher_rows)
     return zt, units
 

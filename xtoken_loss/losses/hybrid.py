@@ -41,7 +41,7 @@ from xtoken_loss.chunked import check_options
 from xtoken_loss.losses.uld import ChunkLossOptions
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection, load_projection
-from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_signs
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 DEFAULT_THRESHOLD = 0.6
@@ -207,6 +207,7 @@ def hybrid_loss(
             f"{int(cs.teacher_ids.max())}, but the logits are {Vs} and {Vt} wide; build it for these vocabularies"
         )
     s_ids, t_ids = cs.student_ids, cs.teacher_ids
+    u_s, u_t = _uncommon(s_ids, Vs), _uncommon(t_ids, Vt)
     cut = None if tail_cut is None else min(Vs - cs.size, Vt - cs.size, tail_cut)
     wc, wu = float(common_weight), float(uncommon_weight)
 
@@ -219,15 +220,19 @@ def hybrid_loss(
             pc = torch.exp(lp_c)
             kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
         elif cs.size:
-            lp_n = lp_c - lse_p
+            # KL(p_C / p(C) || q_C / q(C)) from log-probabilities; 0 where the teacher has no common mass
+            has = torch.isfinite(lse_p)
+            lp_n = torch.where(has, lp_c - lse_p, torch.full_like(lp_c, float("-inf")))
             lq_n = lq_c - lse_q
             pc = torch.exp(lp_n)
             kl = torch.where(pc > 0, pc * (lp_n - lq_n), torch.zeros_like(pc)).sum(dim=1)
-            kl = torch.where(torch.isfinite(lp_c).any(dim=1), kl, torch.zeros_like(kl))  # teacher has no common mass
         else:
             kl = torch.zeros(log_q.shape[0], dtype=log_q.dtype, device=log_q.device)
-        qu = torch.exp(log_q).index_fill(1, s_ids, 0.0)
-        pu = torch.exp(log_p).index_fill(1, t_ids, 0.0)
+        if public:
+            qu = torch.exp(log_q).index_fill(1, s_ids, 0.0)
+            pu = torch.exp(log_p).index_fill(1, t_ids, 0.0)
+        else:  # the uncommon entries only (zeros would sort to the end anyway)
+            qu, pu = torch.exp(log_q[:, u_s]), torch.exp(log_p[:, u_t])
         l1 = sorted_l1(qu, pu, cut)
         loss = (T * T * wc) * kl + wu * l1
         with torch.no_grad():
@@ -240,38 +245,92 @@ def hybrid_loss(
         return loss, extra
 
     def prob_fn(q, p, want_grad):
-        # principled form on normalised probabilities, hand-written gradient d loss / d q
+        # the public form on normalised probabilities, hand-written gradient d loss / d q
         qc, pc = q[:, s_ids], p[:, t_ids]  # [n, m]
         q_mass, p_mass = qc.sum(dim=1), pc.sum(dim=1)
-        if public:
-            lq_c, lp_c = torch.log(qc), torch.log(pc)
-            kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
-            d_c = torch.where(pc > 0, -pc / qc, torch.zeros_like(pc))
-        elif cs.size:
-            has = p_mass > 0
-            pn = pc / torch.where(has, p_mass, torch.ones_like(p_mass))[:, None]
-            # KL(pn || qc / q_mass) = sum pn log pn - sum pn log qc + log q_mass (0 log 0 = 0; pn > 0 = qc -> inf)
-            kl = (torch.special.xlogy(pn, pn) - torch.special.xlogy(pn, qc)).sum(dim=1) + torch.log(q_mass)
-            kl = torch.where(has, kl, torch.zeros_like(kl))
-            ratio = pn / qc.clamp_min(torch.finfo(qc.dtype).tiny)  # qc = 0 rows get q * g = 0 in the softmax backward
-            d_c = ratio.neg_().add_(1.0 / q_mass[:, None]).mul_(has[:, None])
-        else:
-            kl = torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
-            d_c = qc
+        lq_c, lp_c = torch.log(qc), torch.log(pc)
+        kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
+        d_c = torch.where(pc > 0, -pc / qc, torch.zeros_like(pc))
         qu = q.index_fill(1, s_ids, 0.0)
         pu = p.index_fill_(1, t_ids, 0.0)  # p is not needed again
-        l1, srt, sgn = sorted_l1_parts(qu, pu, cut)
-        g = None
+        l1, g = sorted_l1_signs(qu, pu, want_grad, cut)
         if want_grad:
-            g = sorted_l1_grad(qu, srt, sgn).mul_(wu)
+            g.mul_(wu)
             g[:, s_ids] = (T * T * wc) * d_c
         extra = {"common_kl": kl, "uncommon_l1": l1, "teacher_common_mass": p_mass, "student_common_mass": q_mass}
+        return (T * T * wc) * kl + wu * l1, g, extra
+
+    def row_fn(zs, zt, want_grad):
+        # the principled "start" form on logit rows, in log space (docs/losses.md)
+        if T != 1.0:
+            zs, zt = zs.div_(T), zt.div_(T)
+        lqn, qn, lse_qc, lse_q, qu = _split_softmax(zs, s_ids, u_s)
+        lpn, pn, lse_pc, lse_p, pu = _split_softmax(zt, t_ids, u_t)
+        if cs.size:
+            kl = torch.where(pn > 0, pn * (lpn - lqn), torch.zeros_like(pn)).sum(dim=1)
+        else:
+            kl = torch.zeros(zs.shape[0], dtype=zs.dtype, device=zs.device)
+        l1, sig = sorted_l1_signs(qu, pu, want_grad, cut)
+        g = None
+        if want_grad:
+            # d/dz: (T^2 wc) (qn - pn) / T on C (the renormalised KL); the L1's softmax backward
+            # q (sigma - <q, sigma>) / T with sigma = 0 on C
+            c = torch.linalg.vecdot(qu, sig)[:, None]  # <q_U, sigma>
+            q_mass = torch.exp(lse_qc - lse_q)[:, None]
+            kl_w = torch.isfinite(lse_pc).to(zs.dtype).mul_(T * wc)[:, None]  # no teacher common mass: KL = 0
+            g_c = (qn - pn).mul_(kl_w) - qn.mul_(q_mass * c * (wu / T))
+            g_u = sig.sub_(c).mul_(qu).mul_(wu / T)
+            g = torch.empty_like(zs)
+            g.index_copy_(1, s_ids, g_c)
+            g.index_copy_(1, u_s, g_u)
+        extra = {"common_kl": kl, "uncommon_l1": l1, "teacher_common_mass": torch.exp(lse_pc - lse_p),
+                 "student_common_mass": torch.exp(lse_qc - lse_q)}
         return (T * T * wc) * kl + wu * l1, g, extra
 
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size,
                      metric_names=("common_kl", "uncommon_l1", "teacher_common_mass", "student_common_mass"),
-                     prob_fn=prob_fn)
+                     prob_fn=prob_fn if public else None, row_fn=None if public else row_fn)
+
+
+def _uncommon(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """The ids in `0 .. width - 1` not in `ids`, ascending."""
+    keep = torch.ones(width, dtype=torch.bool, device=ids.device)
+    keep[ids] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _lse_part(z: torch.Tensor):
+    """`(e, s, mx)` for logit columns `z [n, k]`: `e = exp(z - mx)` (in a fresh buffer), `s = e.sum(1)`,
+    `mx` the row maxima (0 for rows without a finite entry, which then give e = 0, s = 0);
+    `log-sum-exp = mx + log(s)`."""
+    if z.shape[1] == 0:
+        zero = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        return z.clone(), zero, zero
+    mx = z.amax(dim=1)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.sub(z, mx[:, None]).exp_()
+    return e, e.sum(dim=1), mx
+
+
+def _split_softmax(z: torch.Tensor, c_ids: torch.Tensor, u_ids: torch.Tensor):
+    """One side's rows `z [n, V]` (already divided by T) split into the common columns `c_ids` and the
+    uncommon ones `u_ids`, all in log space: `(log pn_C, pn_C, lse_C, lse, p_U)` with `pn_C` the
+    renormalised common distribution `softmax(z_C)` (0 where the row has no common mass), `lse_C` /
+    `lse` the log-sum-exp over C / over all columns, and `p_U = exp(z_U - lse)` the uncommon
+    probabilities. Nothing takes the log of a probability that may have underflowed."""
+    zc, zu = z.index_select(1, c_ids), z.index_select(1, u_ids)
+    ec, sc, mc = _lse_part(zc)
+    eu, su, mu = _lse_part(zu)
+    lse_c, lse_u = mc + torch.log(sc), mu + torch.log(su)
+    lse = torch.logaddexp(lse_c, lse_u)
+    has = sc > 0
+    lse_c_safe = torch.where(has, lse_c, torch.zeros_like(lse_c))
+    log_n = zc.sub_(lse_c_safe[:, None])  # log softmax over C (-inf entries stay -inf)
+    pn = ec.mul_(torch.where(has, 1.0 / sc, torch.zeros_like(sc))[:, None])
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    pu = eu.mul_(torch.exp(mu - lse_safe)[:, None])  # exp(z_U - lse)
+    return log_n, pn, lse_c, lse, pu
 
 
 def hkl_loss(

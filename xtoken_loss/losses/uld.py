@@ -26,9 +26,9 @@ import torch
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossOptionError
 from xtoken_loss.chunk_runner import prepare, run_units
-from xtoken_loss.chunked import check_options
+from xtoken_loss.chunked import check_options, softmax_rows
 from xtoken_loss.modules import LossModule
-from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_signs
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 TEACHER_FORMS = ("logits",)
@@ -106,13 +106,20 @@ def uld_loss(
         l1 = sorted_l1(torch.exp(log_q), torch.exp(log_p), tail_cut)
         return l1, {"uld": l1}
 
-    def prob_fn(q, p, want_grad):
-        l1, s, sgn = sorted_l1_parts(q, p, tail_cut)
-        return l1, sorted_l1_grad(q, s, sgn) if want_grad else None, {"uld": l1}
+    def row_fn(zs, zt, want_grad):
+        # the "start" form on logit rows: dz = q (sigma - <q, sigma>) / T, sigma = d L1 / d q
+        q, p = softmax_rows(zs, T, out=zs)[0], softmax_rows(zt, T, out=zt)[0]
+        l1, g = sorted_l1_signs(q, p, want_grad, tail_cut)
+        if want_grad:
+            c = torch.linalg.vecdot(q, g)[:, None]
+            g = g.sub_(c).mul_(q)
+            if T != 1.0:
+                g.mul_(1.0 / T)
+        return l1, g, {"uld": l1}
 
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size, metric_names=("uld",),
-                     prob_fn=prob_fn)
+                     row_fn=row_fn)
 
 
 class ULDLoss(LossModule):
