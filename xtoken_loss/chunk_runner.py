@@ -27,6 +27,7 @@ from xtoken_loss.chunked import (
     rows_per_chunk,
     softmax_rows,
 )
+from xtoken_loss.sorted_l1 import Workspace
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 from xtoken_loss.units import ChunkUnits, check_chunk_ids, chunk_units, get_key
 
@@ -140,18 +141,30 @@ def run_units(
     zs_flat = student_logits.reshape(B * Ls, Vs)
     zt_flat = teacher_logits.reshape(B * Lt, Vt)
     want_grad = needs_grad(student_logits)
-    grad = torch.zeros_like(zs_flat) if want_grad else None
+    hand = form == "start" and (row_fn is not None or prob_fn is not None)
+    grad = None
+    if want_grad and hand:  # every unit row is written whole; the others are zeroed once
+        grad = torch.empty_like(zs_flat)
+        other = torch.ones(B * Ls, dtype=torch.bool, device=dev)
+        other[s_side.rows] = False
+        grad.index_fill_(0, other.nonzero().squeeze(1), 0.0)
+    elif want_grad:
+        grad = torch.zeros_like(zs_flat)
     total = torch.zeros((), dtype=cdt, device=dev)
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     sums = {k: torch.zeros((), dtype=cdt, device=dev) for k in metric_names}
-    hand = form == "start" and (row_fn is not None or prob_fn is not None)
+    work = Workspace()
     for g in range(len(starts) - 1):
         u0, u1 = starts[g], starts[g + 1]
         s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
         rows = s_side.rows[s0:s1]
         with torch.no_grad():
-            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
-            zs = zs_flat.detach()[rows].to(cdt)
+            if hand:  # reused buffers: the row functions work in place on these copies
+                zt = _gather(zt_flat, t_side.rows[t0:t1], work.get("zt", (t1 - t0, Vt), cdt, dev))
+                zs = _gather(zs_flat, rows, work.get("zs", (s1 - s0, Vs), cdt, dev))
+            else:
+                zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
+                zs = zs_flat.detach()[rows].to(cdt)
             bad |= nonfinite(zt.amax(dim=1)) | nonfinite(zs.amax(dim=1))
         if hand:
             with torch.no_grad():
@@ -165,7 +178,7 @@ def run_units(
                         gz.sub_((q * gz).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / temperature)
                     del q, p
                 if want_grad:
-                    grad[rows] = gz.div_(norm).to(grad.dtype)
+                    grad.index_copy_(0, rows, gz.div_(norm).to(grad.dtype))
                 total += loss_u.sum()
                 for k in metric_names:
                     sums[k] += extra[k].sum()
@@ -192,6 +205,13 @@ def run_units(
     metrics = {k: poison((v / count).detach(), bad) for k, v in sums.items()}
     loss = poison(total / norm, bad)
     return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
+
+
+def _gather(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of `src` into `buf` (the compute dtype)."""
+    if src.dtype == buf.dtype:
+        return torch.index_select(src, 0, rows, out=buf)
+    return buf.copy_(src.index_select(0, rows))
 
 
 def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index, correct_only, check_inputs,

@@ -1,77 +1,134 @@
 """The sorted-vector L1 of ULD and the hybrids: the L1 distance between two rows of non-negative values
 (probabilities) sorted in descending order, the shorter zero-padded, and its gradient.
 
-`sorted_l1_signs(ps, pt)` sorts the values of each side once (NumPy on the CPU: values only, several
-times faster than `torch.sort`, which also builds indices) and sums `|s_(j) - t_(j)|` over the ranks j.
-The gradient with respect to an entry of `ps` is `sigma_j = sign(s_(j) - t_(j))` at the entry's rank
-j. Along the ranks `sigma` is piecewise constant (the sorted curves cross a few times), so with the
-values `th_1 < th_2 < ...` where it changes (in ascending order), an entry's sign is that of the segment
-`#{th_k <= value}`. That count is read from a per-row table indexed by the leading bits of the entry's
-floating-point representation (for non-negative floats the bit pattern, read as an integer, is
-monotone in the value, so each table bucket is an interval of values): one gather per entry instead of
-an argsort or a binary search. Only the entries of buckets that contain a change point (a small
-fraction) are placed exactly, by a binary search among their row's change points. Exact, ties aside
-(an entry tied with a change point takes a valid subgradient).
+`sorted_l1_signs(ps, pt)` sorts the values of each side once (on the CPU with NumPy, in place, values
+only: several times faster than `torch.sort`, which also builds indices; the two sides in two threads
+when torch has more than one) and sums `|s_(j) - t_(j)|` over the ranks j. The gradient with respect
+to an entry of `ps` is `sigma_j = sign(s_(j) - t_(j))` at the entry's rank j. Along the ranks `sigma`
+is piecewise constant (the sorted curves cross a few times), so with the values `th_1 < th_2 < ...`
+where it changes (ascending), an entry's sign is that of the segment `#{th_k <= value}`. That count is
+read from a per-row table indexed by the leading bits of the entry's floating-point representation
+(for non-negative floats the bit pattern, read as an integer, is monotone in the value, so each table
+bucket is an interval of values): one gather per entry instead of an argsort or a binary search. Only
+the entries of buckets that contain a change point (a small fraction) are placed exactly, by a binary
+search among their row's change points. Exact, ties aside (an entry tied with a change point takes a
+valid subgradient).
 
 `sorted_l1` wraps it as an autograd function (the chunk forms other than "start"). With `tail_cut`
-(only the largest entries of each side: the public forms), `sorted_l1` takes the `torch.topk` path,
-`sorted_l1_parts` / `sorted_l1_grad`.
+(only the largest entries of each side: the public forms) it takes the `torch.topk` path,
+`sorted_l1_parts` / `sorted_l1_grad`. `Workspace` keeps the `[n, V]` temporaries of one loss call for
+the next group of rows: fresh pages for every temporary cost about as much as the arithmetic.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 TABLE_BITS = 6  # table buckets per octave of value: 2**TABLE_BITS
 
+_POOL: list = []  # one 2-thread pool for the two NumPy sorts, made on first use
+
+
+class Workspace:
+    """Reusable uninitialised buffers, by name: `get(name, shape, dtype, device)` returns a view of a
+    kept buffer when one is large enough (the same dtype and device), else a new one it keeps."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _get(work: Workspace | None, name: str, shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if work is None else work.get(name, shape, dtype, device)
+
+
+def _sort_rows_(arrays: list[torch.Tensor]) -> None:
+    """Sort the rows of each tensor ascending, in place."""
+    if all(a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) for a in arrays):
+        nps = [a.numpy() for a in arrays]
+        if len(nps) > 1 and torch.get_num_threads() > 1 and sum(a.size for a in nps) > 1 << 16:
+            if not _POOL:
+                _POOL.append(ThreadPoolExecutor(2, thread_name_prefix="xtoken-sort"))
+            for f in [_POOL[0].submit(a.sort, axis=1) for a in nps]:  # NumPy sorts without the GIL
+                f.result()
+        else:
+            for a in nps:
+                a.sort(axis=1)
+        return
+    for a in arrays:
+        a.copy_(torch.sort(a, dim=1).values)
+
 
 def _sort_asc(x: torch.Tensor) -> torch.Tensor:
-    """The rows of `x` sorted ascending (values only)."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
-    return torch.sort(x.detach(), dim=1).values
+    """The rows of `x` sorted ascending (values only; a new tensor)."""
+    out = x.detach().clone()
+    _sort_rows_([out])
+    return out
 
 
-def _table_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`(keys [...] int64, number of buckets)`: a key non-decreasing in the value for non-negative
-    `x` (float32: the bit pattern's top bits, covering every float; float64: clamped to the float32
-    range). Anything else (-0.0, a NaN with its sign bit set) still gets a key in range."""
+def _table_keys(x: torch.Tensor, work: Workspace | None, name: str, row_width: int | None = None):
+    """`(keys, number of buckets)`: per entry of non-negative `x [n, V]`, a table bucket non-decreasing
+    in the value (float32: the bit pattern's top bits, covering every float; float64: clamped to the
+    float32 range). Anything else (-0.0, a NaN with its sign bit set) still gets a bucket in range.
+    With `row_width` (the table's buckets per row), the keys are flat: `row * row_width + bucket`."""
+    n = x.shape[0]
+    dev = x.device
     if x.dtype == torch.float32:
         shift = 23 - TABLE_BITS
-        keys = torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF).bitwise_right_shift_(shift)
-        return keys.to(torch.int64), 1 << (31 - shift)
-    shift = 52 - TABLE_BITS
-    base = (1023 - 127) << TABLE_BITS  # float64: [2**-127, 2**2) in buckets, the rest in the end ones
-    nb = (129 << TABLE_BITS) + 2
-    keys = x.view(torch.int64).bitwise_right_shift(shift).sub_(base - 1).clamp_(0, nb - 1)
+        keys = _get(work, name, x.shape, torch.int32, dev)
+        torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=keys).bitwise_right_shift_(shift)
+        nb = 1 << (31 - shift)
+    else:
+        x = x.to(torch.float64)
+        shift = 52 - TABLE_BITS
+        base = (1023 - 127) << TABLE_BITS  # [2**-127, 2**2) in buckets, the rest in the end ones
+        nb = (129 << TABLE_BITS) + 2
+        keys = _get(work, name, x.shape, torch.int64, dev)
+        torch.bitwise_right_shift(x.view(torch.int64), shift, out=keys).sub_(base - 1).clamp_(0, nb - 1)
+    if row_width is not None and n:
+        keys.add_(torch.arange(n, device=dev, dtype=keys.dtype)[:, None] * row_width)
     return keys, nb
 
 
-def _signs_at(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor) -> torch.Tensor:
+def _signs_at(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor, work: Workspace | None) -> torch.Tensor:
     """`[n, V]`: `sgn` (the sign at each ascending sorted position of `s`, the sorted `ps`) carried back
-    to the entries of `ps` (module doc)."""
+    to the entries of `ps` (module doc). The result may be a `work` buffer."""
     n, V = ps.shape
     dev = ps.device
-    change = sgn[:, 1:] != sgn[:, :-1]  # a new segment starts at ascending position j + 1
+    change = _get(work, "change", (n, max(V - 1, 0)), torch.bool, dev)
+    torch.ne(sgn[:, 1:], sgn[:, :-1], out=change)  # a new segment starts at ascending position j + 1
     r, j = change.nonzero(as_tuple=True)  # row-major: per row, change points ascending
     th = s[r, j + 1]  # [M] the first value of each new segment
     m_row = torch.bincount(r, minlength=n)
     seg_base = torch.cumsum(m_row + 1, 0) - (m_row + 1)  # row r's segments: seg_base[r] + 0 .. m_row[r]
-    seg_sign = torch.empty(int(m_row.sum()) + n, dtype=sgn.dtype, device=dev)
+    seg_sign = torch.empty(r.shape[0] + n, dtype=sgn.dtype, device=dev)
     seg_sign[seg_base] = sgn[:, 0]
     k = torch.arange(r.shape[0], device=dev) - (torch.cumsum(m_row, 0) - m_row)[r]  # rank of a change in its row
     seg_sign[seg_base[r] + k + 1] = sgn[r, j + 1]
 
-    # per (row, bucket): change points in lower buckets, and whether the bucket holds one
-    keys, nb = _table_keys(ps)
-    tk, _ = _table_keys(th)
-    cnt = torch.zeros(n, nb, dtype=torch.int64, device=dev).index_put_((r, tk), torch.ones_like(tk), accumulate=True)
-    below = torch.cumsum(cnt, 1) - cnt
-    table = seg_sign[(seg_base[:, None] + below).view(-1)].view(n, nb)
-    table = torch.where(cnt > 0, torch.full_like(table, 2.0), table)  # 2: place exactly
-    out = table.gather(1, keys)
-    fr, fc = (out == 2.0).nonzero(as_tuple=True)
+    # per (row, bucket): the number of change points in lower buckets, 2 where the bucket holds one
+    tk, nb = _table_keys(th[:, None], None, "")
+    flat_t = r * nb + tk[:, 0].to(torch.int64)
+    cnt = torch.zeros(n * nb, dtype=torch.int64, device=dev).index_add_(0, flat_t, torch.ones_like(flat_t))
+    cnt = cnt.view(n, nb)
+    below = torch.cumsum(cnt, 1).sub_(cnt).add_(seg_base[:, None])
+    table = seg_sign[below.view(-1)]
+    table.masked_fill_(cnt.view(-1) > 0, 2.0)
+    keys, _ = _table_keys(ps, work, "keys", nb)
+    out = _get(work, "sigma", (n, V), sgn.dtype, dev)
+    torch.index_select(table, 0, keys.view(-1), out=out.view(-1))
+    fix = _get(work, "fix", (n, V), torch.bool, dev)
+    fr, fc = torch.eq(out, 2.0, out=fix).nonzero(as_tuple=True)
     if fr.numel():
         v = ps[fr, fc]
         per_row = torch.bincount(fr, minlength=n).tolist()
@@ -87,29 +144,40 @@ def _signs_at(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor) -> torch.Ten
     return out
 
 
-def sorted_l1_signs(ps: torch.Tensor, pt: torch.Tensor, want_sign: bool = True, tail_cut: int | None = None):
+def sorted_l1_signs(ps: torch.Tensor, pt: torch.Tensor, want_sign: bool = True, tail_cut: int | None = None, *,
+                    work: Workspace | None = None, overwrite_t: bool = False):
     """`(l1 [n], sigma [n, V_s] or None)`: the sorted-vector L1 between the rows of `ps [n, V_s]` and
     `pt [n, V_t]` (non-negative; the shorter side zero-padded; with `tail_cut`, the `min(tail_cut,
     width)` largest entries of each side only) and its gradient with respect to `ps` (module doc).
     Not differentiable itself (it is the building block of `sorted_l1` and of the hand-written
-    "start" chunk form); a host sync for the change points."""
-    pt = pt.to(ps.dtype)
+    "start" chunk form); a host sync for the change points. With `work`, temporaries (and `sigma`)
+    live in its buffers; with `overwrite_t`, `pt` is sorted in place (its values are lost)."""
     if tail_cut is not None and tail_cut < max(ps.shape[1], pt.shape[1]):
         l1, s, sgn = sorted_l1_parts(ps, pt, tail_cut)
         return l1, sorted_l1_grad(ps, s, sgn) if want_sign else None
-    if ps.shape[1] == 0:
-        return pt.sum(dim=1), ps.clone() if want_sign else None
-    s, t = _sort_asc(ps), _sort_asc(pt)
-    vs, vt = s.shape[1], t.shape[1]
+    n, vs = ps.shape
+    vt = pt.shape[1]
+    if vs == 0:
+        return pt.sum(dim=1).to(ps.dtype), ps.clone() if want_sign else None
+    s = _get(work, "sorted_s", ps.shape, ps.dtype, ps.device)
+    s.copy_(ps)
+    if overwrite_t and pt.dtype == ps.dtype and pt.is_contiguous():
+        t = pt
+    else:
+        t = _get(work, "sorted_t", pt.shape, ps.dtype, ps.device)
+        t.copy_(pt)
+    _sort_rows_([s, t])
     w0 = min(vs, vt)
-    diff = s[:, vs - w0:] - t[:, vt - w0:]  # ascending, aligned at the largest entries
-    l1 = diff.abs().sum(dim=1) + s[:, : vs - w0].sum(dim=1) + t[:, : vt - w0].sum(dim=1)
+    s_al, t_al = s[:, vs - w0:], t[:, vt - w0:]  # ascending, aligned at the largest entries
+    head = s[:, : vs - w0].sum(dim=1) + t[:, : vt - w0].sum(dim=1)  # the other side's zero padding
+    diff = torch.sub(s_al, t_al, out=t_al)  # t is not needed again
+    l1 = torch.abs(diff, out=_get(work, "abs", diff.shape, diff.dtype, diff.device)).sum(dim=1) + head
     if not want_sign:
         return l1, None
-    sgn = torch.sign(diff)
+    sgn = diff.sign_()
     if vs > w0:  # the student's smallest entries meet the teacher's zero padding
         sgn = torch.cat([torch.sign(s[:, : vs - w0]), sgn], dim=1)
-    return l1, _signs_at(ps, s, sgn)
+    return l1, _signs_at(ps, s, sgn, work)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,7 +187,7 @@ def sorted_l1_signs(ps: torch.Tensor, pt: torch.Tensor, want_sign: bool = True, 
 def _sort_desc(x: torch.Tensor, keep: int | None) -> torch.Tensor:
     """Rows of `x` sorted descending (values only), the first `keep` of them (None: all)."""
     if keep is not None and keep < x.shape[1]:
-        return torch.topk(x, keep, dim=1, sorted=True).values
+        return torch.topk(x.detach(), keep, dim=1, sorted=True).values
     return _sort_asc(x).flip(1)
 
 

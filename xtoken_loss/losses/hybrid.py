@@ -41,7 +41,7 @@ from xtoken_loss.chunked import check_options
 from xtoken_loss.losses.uld import ChunkLossOptions
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection, load_projection
-from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_signs
+from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 DEFAULT_THRESHOLD = 0.6
@@ -260,29 +260,34 @@ def hybrid_loss(
         extra = {"common_kl": kl, "uncommon_l1": l1, "teacher_common_mass": p_mass, "student_common_mass": q_mass}
         return (T * T * wc) * kl + wu * l1, g, extra
 
+    perm_s, inv_s = _layout(s_ids, u_s)
+    perm_t, _ = _layout(t_ids, u_t)
+    m = cs.size
+    work = Workspace()
+
     def row_fn(zs, zt, want_grad):
-        # the principled "start" form on logit rows, in log space (docs/losses.md)
+        # the principled "start" form on logit rows, in log space; columns in the order [C | U]
         if T != 1.0:
             zs, zt = zs.div_(T), zt.div_(T)
-        lqn, qn, lse_qc, lse_q, qu = _split_softmax(zs, s_ids, u_s)
-        lpn, pn, lse_pc, lse_p, pu = _split_softmax(zt, t_ids, u_t)
-        if cs.size:
-            kl = torch.where(pn > 0, pn * (lpn - lqn), torch.zeros_like(pn)).sum(dim=1)
+        lqn, qn, lse_qc, lse_q, qu = _split_softmax(zs, perm_s, m, work, "s")
+        lpn, pn, lse_pc, lse_p, pu = _split_softmax(zt, perm_t, m, work, "t")
+        if m:  # KL(pn || qn) = sum pn (log pn - log qn); 0 log 0 = 0 (the NaN of 0 * -inf)
+            kl = lpn.sub_(lqn).mul_(pn).nan_to_num_(nan=0.0, posinf=float("inf")).sum(dim=1)
         else:
             kl = torch.zeros(zs.shape[0], dtype=zs.dtype, device=zs.device)
-        l1, sig = sorted_l1_signs(qu, pu, want_grad, cut)
+        l1, sig = sorted_l1_signs(qu, pu, want_grad, cut, work=work, overwrite_t=True)
         g = None
         if want_grad:
-            # d/dz: (T^2 wc) (qn - pn) / T on C (the renormalised KL); the L1's softmax backward
-            # q (sigma - <q, sigma>) / T with sigma = 0 on C
-            c = torch.linalg.vecdot(qu, sig)[:, None]  # <q_U, sigma>
-            q_mass = torch.exp(lse_qc - lse_q)[:, None]
-            kl_w = torch.isfinite(lse_pc).to(zs.dtype).mul_(T * wc)[:, None]  # no teacher common mass: KL = 0
-            g_c = (qn - pn).mul_(kl_w) - qn.mul_(q_mass * c * (wu / T))
-            g_u = sig.sub_(c).mul_(qu).mul_(wu / T)
-            g = torch.empty_like(zs)
-            g.index_copy_(1, s_ids, g_c)
-            g.index_copy_(1, u_s, g_u)
+            # d loss / d z (z already divided by T, hence the 1/T): on C, T^2 wc (qn - pn) / T from the
+            # renormalised KL (0 where the teacher has no common mass) and, on every entry, the L1's
+            # softmax backward wu q (sigma - <q_U, sigma>) / T with sigma = 0 on C
+            c = torch.linalg.vecdot(qu, sig)
+            q_mass = torch.exp(lse_qc - lse_q)
+            kl_w = torch.isfinite(lse_pc).to(zs.dtype).mul_(T * wc)
+            gp = work.get("grad_perm", zs.shape, zs.dtype, zs.device)  # [C | U]
+            torch.mul(qn, (kl_w - q_mass * c * (wu / T))[:, None], out=gp[:, :m]).addcmul_(pn, kl_w[:, None], value=-1)
+            torch.sub(sig, c[:, None], out=gp[:, m:]).mul_(qu).mul_(wu / T)
+            g = torch.index_select(gp, 1, inv_s, out=zs)  # back to the vocabulary order, in zs's buffer
         extra = {"common_kl": kl, "uncommon_l1": l1, "teacher_common_mass": torch.exp(lse_pc - lse_p),
                  "student_common_mass": torch.exp(lse_qc - lse_q)}
         return (T * T * wc) * kl + wu * l1, g, extra
@@ -300,36 +305,43 @@ def _uncommon(ids: torch.Tensor, width: int) -> torch.Tensor:
     return keep.nonzero().squeeze(1)
 
 
-def _lse_part(z: torch.Tensor):
-    """`(e, s, mx)` for logit columns `z [n, k]`: `e = exp(z - mx)` (in a fresh buffer), `s = e.sum(1)`,
-    `mx` the row maxima (0 for rows without a finite entry, which then give e = 0, s = 0);
-    `log-sum-exp = mx + log(s)`."""
-    if z.shape[1] == 0:
-        zero = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        return z.clone(), zero, zero
-    mx = z.amax(dim=1)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = torch.sub(z, mx[:, None]).exp_()
-    return e, e.sum(dim=1), mx
+def _layout(common: torch.Tensor, uncommon: torch.Tensor):
+    """`(perm, inverse)`: the column order [common | uncommon] and the map back."""
+    perm = torch.cat([common, uncommon])
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return perm, inv
 
 
-def _split_softmax(z: torch.Tensor, c_ids: torch.Tensor, u_ids: torch.Tensor):
-    """One side's rows `z [n, V]` (already divided by T) split into the common columns `c_ids` and the
-    uncommon ones `u_ids`, all in log space: `(log pn_C, pn_C, lse_C, lse, p_U)` with `pn_C` the
+def _split_softmax(z: torch.Tensor, perm: torch.Tensor, m: int, work: Workspace, side: str):
+    """One side's rows `z [n, V]` (already divided by T) with the columns in the order `perm`, the m
+    common ones first, all in log space. Returns `(log pn_C, pn_C, lse_C, lse, p_U)`: `pn_C` the
     renormalised common distribution `softmax(z_C)` (0 where the row has no common mass), `lse_C` /
-    `lse` the log-sum-exp over C / over all columns, and `p_U = exp(z_U - lse)` the uncommon
-    probabilities. Nothing takes the log of a probability that may have underflowed."""
-    zc, zu = z.index_select(1, c_ids), z.index_select(1, u_ids)
-    ec, sc, mc = _lse_part(zc)
-    eu, su, mu = _lse_part(zu)
+    `lse` the log-sum-exp over C / over all columns, `p_U = exp(z_U - lse)` the uncommon probabilities.
+    Nothing takes the log of a probability that may have underflowed. The tensors are `work` buffers."""
+    n, V = z.shape
+    zp = torch.index_select(z, 1, perm, out=work.get(f"z_{side}", (n, V), z.dtype, z.device))
+    e = work.get(f"e_{side}", (n, V), z.dtype, z.device)
+    parts = []
+    for lo, hi in ((0, m), (m, V)):
+        if hi == lo:
+            zero = torch.zeros(n, dtype=z.dtype, device=z.device)
+            parts.append((zero, zero))
+            continue
+        mx = zp[:, lo:hi].amax(dim=1)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        torch.sub(zp[:, lo:hi], mx[:, None], out=e[:, lo:hi])
+        parts.append((mx, None))
+    e.exp_()
+    (mc, _), (mu, _) = parts
+    sc, su = e[:, :m].sum(dim=1), e[:, m:].sum(dim=1)
     lse_c, lse_u = mc + torch.log(sc), mu + torch.log(su)
     lse = torch.logaddexp(lse_c, lse_u)
     has = sc > 0
-    lse_c_safe = torch.where(has, lse_c, torch.zeros_like(lse_c))
-    log_n = zc.sub_(lse_c_safe[:, None])  # log softmax over C (-inf entries stay -inf)
-    pn = ec.mul_(torch.where(has, 1.0 / sc, torch.zeros_like(sc))[:, None])
+    log_n = zp[:, :m].sub_(torch.where(has, lse_c, torch.zeros_like(lse_c))[:, None])  # -inf entries stay -inf
+    pn = e[:, :m].mul_(torch.where(has, 1.0 / sc, torch.zeros_like(sc))[:, None])
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    pu = eu.mul_(torch.exp(mu - lse_safe)[:, None])  # exp(z_U - lse)
+    pu = e[:, m:].mul_(torch.exp(mu - lse_safe)[:, None])  # exp(z_U - lse)
     return log_n, pn, lse_c, lse, pu
 
 

@@ -28,7 +28,7 @@ from xtoken_core.errors import LossOptionError
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options, softmax_rows
 from xtoken_loss.modules import LossModule
-from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_signs
+from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 TEACHER_FORMS = ("logits",)
@@ -106,10 +106,12 @@ def uld_loss(
         l1 = sorted_l1(torch.exp(log_q), torch.exp(log_p), tail_cut)
         return l1, {"uld": l1}
 
+    work = Workspace()
+
     def row_fn(zs, zt, want_grad):
-        # the "start" form on logit rows: dz = q (sigma - <q, sigma>) / T, sigma = d L1 / d q
+        # the "start" form on logit rows (in place): dz = q (sigma - <q, sigma>) / T, sigma = d L1 / d q
         q, p = softmax_rows(zs, T, out=zs)[0], softmax_rows(zt, T, out=zt)[0]
-        l1, g = sorted_l1_signs(q, p, want_grad, tail_cut)
+        l1, g = sorted_l1_signs(q, p, want_grad, tail_cut, work=work, overwrite_t=True)
         if want_grad:
             c = torch.linalg.vecdot(q, g)[:, None]
             g = g.sub_(c).mul_(q)
