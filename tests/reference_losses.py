@@ -275,10 +275,7 @@ def _sorted_l1(a, b, cut=None):
     n = max(a.shape[0], b.shape[0])
     a = torch.cat([a, torch.zeros(n - a.shape[0], dtype=a.dtype)])
     b = torch.cat([b, torch.zeros(n - b.shape[0], dtype=b.dtype)])
-    total = torch.zeros((), dtype=torch.float64)
-    for j in range(n):
-        total = total + (a[j] - b[j]).abs()
-    return total
+    return (a - b).abs().sum()  # rank by rank
 
 
 def reference_uld(student_logits, teacher_logits, batch, *, teacher_index=0, temperature=1.0, form="start",
@@ -330,8 +327,11 @@ def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_i
     T = float(temperature)
     s_ids, t_ids = [int(x) for x in common[0]], [int(x) for x in common[1]]
     m = len(s_ids)
-    u_s = [v for v in range(Vs) if v not in set(s_ids)]
-    u_t = [v for v in range(Vt) if v not in set(t_ids)]
+    in_s, in_t = set(s_ids), set(t_ids)
+    u_s = [v for v in range(Vs) if v not in in_s]
+    u_t = [v for v in range(Vt) if v not in in_t]
+    s_ix, t_ix = torch.tensor(s_ids, dtype=torch.int64), torch.tensor(t_ids, dtype=torch.int64)
+    us_ix, ut_ix = torch.tensor(u_s, dtype=torch.int64), torch.tensor(u_t, dtype=torch.int64)
     form = chunk_form or ("mean_log" if public else "start")
     cut = tail_cut if tail_cut is not None else (8192 if public else None)
     if cut is not None:
@@ -339,20 +339,23 @@ def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_i
     units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only, starts=form == "start")
     total = torch.zeros((), dtype=torch.float64)
     for b, _c, sp, tp in units:
-        lq = chunk_log_dist(zs, b, sp, form, T)
-        lp = chunk_log_dist(zt, b, tp, form, T)
+        lq = chunk_log_dist(zs, b, sp, form, T, batch.get("input_ids"))
+        lp = chunk_log_dist(zt, b, tp, form, T, batch.get(f"teacher_{i}_input_ids"))
         kl = torch.zeros((), dtype=torch.float64)
         if public:
             for j in range(m):
                 pj = torch.exp(lp[t_ids[j]])
                 if pj > 0:
                     kl = kl + pj * (lp[t_ids[j]] - lq[s_ids[j]])
-        elif m:
-            P = torch.exp(lp[t_ids])
-            Q = torch.exp(lq[s_ids])
-            if P.sum() > 0:
-                kl = _kl(P / P.sum(), Q / Q.sum(), "forward")
-        l1 = _sorted_l1(torch.exp(lq[u_s]), torch.exp(lp[u_t]), cut)
+        elif m and bool(torch.isfinite(lp[t_ix]).any()):
+            # KL(P / P(C) || Q / Q(C)) from the log-probabilities renormalised over C (exact in float64
+            # whatever the spread: no probability is formed before its log)
+            lpn = lp[t_ix] - torch.logsumexp(lp[t_ix], dim=0)
+            lqn = lq[s_ix] - torch.logsumexp(lq[s_ix], dim=0)
+            pn = torch.exp(lpn)
+            pos = pn > 0
+            kl = torch.where(pos, pn * (torch.where(pos, lpn, 0.0) - torch.where(pos, lqn, 0.0)), 0.0).sum()
+        l1 = _sorted_l1(torch.exp(lq[us_ix]), torch.exp(lp[ut_ix]), cut)
         total = total + T * T * common_weight * kl + uncommon_weight * l1
     norm = normalizer if normalizer is not None else max(len(units), 1)
     return total / norm, len(units)

@@ -111,10 +111,11 @@ def run_units(
     the units, n at a time, with the student gradient computed per group. Returns
     `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit).
 
-    For the `"start"` form, `row_fn(z_s [n, V_s], z_t [n, V_t], want_grad) -> (loss [n], d loss / d z_s
-    [n, V_s] or None, metrics)`, when given, replaces `unit_fn`: it gets the units' logit rows (copies in
-    the compute dtype, not yet divided by the temperature) and returns the gradient with respect to
-    them, written by hand (no autograd graph). `prob_fn(q, p, want_grad)` is the older variant on the
+    For the `"start"` form, `row_fn(z_s [n, V_s], z_t [n, V_t], want_grad, max_s [n], max_t [n]) -> (loss
+    [n], d loss / d z_s [n, V_s] or None, metrics)`, when given, replaces `unit_fn`: it gets the units'
+    logit rows (copies in the compute dtype, not yet divided by the temperature, which it may
+    overwrite) and their maxima, and returns the gradient with respect to them, written by hand (no
+    autograd graph). `prob_fn(q, p, want_grad)` is the older variant on the
     normalised probabilities (`d loss / d q`; the softmax backward is applied here).
 
     Only the units' rows are read (gathered), so nothing at other positions can change the result,
@@ -165,11 +166,12 @@ def run_units(
             else:
                 zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
                 zs = zs_flat.detach()[rows].to(cdt)
-            bad |= nonfinite(zt.amax(dim=1)) | nonfinite(zs.amax(dim=1))
+            mx_t, mx_s = zt.amax(dim=1), zs.amax(dim=1)
+            bad |= nonfinite(mx_t) | nonfinite(mx_s)
         if hand:
             with torch.no_grad():
                 if row_fn is not None:
-                    loss_u, gz, extra = row_fn(zs, zt, want_grad)
+                    loss_u, gz, extra = row_fn(zs, zt, want_grad, mx_s, mx_t)
                 else:
                     p, _ = softmax_rows(zt, temperature)
                     q, _ = softmax_rows(zs, temperature)

@@ -265,7 +265,7 @@ def hybrid_loss(
     m = cs.size
     work = Workspace()
 
-    def row_fn(zs, zt, want_grad):
+    def row_fn(zs, zt, want_grad, mx_s, mx_t):
         # the principled "start" form on logit rows, in log space; columns in the order [C | U]
         if T != 1.0:
             zs, zt = zs.div_(T), zt.div_(T)

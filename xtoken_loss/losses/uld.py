@@ -26,7 +26,7 @@ import torch
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossOptionError
 from xtoken_loss.chunk_runner import prepare, run_units
-from xtoken_loss.chunked import check_options, softmax_rows
+from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
 from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
 from xtoken_loss.teacher_outputs import as_teacher_outputs
@@ -108,9 +108,9 @@ def uld_loss(
 
     work = Workspace()
 
-    def row_fn(zs, zt, want_grad):
+    def row_fn(zs, zt, want_grad, mx_s, mx_t):
         # the "start" form on logit rows (in place): dz = q (sigma - <q, sigma>) / T, sigma = d L1 / d q
-        q, p = softmax_rows(zs, T, out=zs)[0], softmax_rows(zt, T, out=zt)[0]
+        q, p = _softmax_(zs, mx_s, T), _softmax_(zt, mx_t, T)
         l1, g = sorted_l1_signs(q, p, want_grad, tail_cut, work=work, overwrite_t=True)
         if want_grad:
             c = torch.linalg.vecdot(q, g)[:, None]
@@ -122,6 +122,18 @@ def uld_loss(
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size, metric_names=("uld",),
                      row_fn=row_fn)
+
+
+def _softmax_(z: torch.Tensor, mx: torch.Tensor, T: float) -> torch.Tensor:
+    """`softmax(z / T)` in place, given the row maxima `mx` (rows without a finite maximum are
+    poisoned by the runner; here they only must not fail)."""
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    z.sub_(mx[:, None])
+    if T != 1.0:
+        z.mul_(1.0 / T)
+    z.exp_()
+    s = z.sum(dim=1)
+    return z.mul_(torch.where(s > 0, 1.0 / s, torch.zeros_like(s))[:, None])
 
 
 class ULDLoss(LossModule):
