@@ -9,6 +9,11 @@ their logit rows, computes the per-unit loss and its gradient on that small slic
 into one logits-sized buffer, attached to the loss with `chunked.attach_grad`. Peak extra memory is
 a few `[n, V]` temporaries whatever the number of units; the teacher is a constant. `prepare` holds
 the input checks these losses share.
+
+Only the units' rows are read, so nothing at masked positions can change the loss, the metrics or
+the gradient (exactly 0 there). A read row whose maximum is not finite (NaN, +inf, all -inf) makes
+the loss and the metrics NaN without a host sync (`checks.nonfinite` / `checks.poison`);
+`check_inputs=True` names the first such (sample, position) instead (`checks.check_finite_rows`).
 """
 
 from __future__ import annotations

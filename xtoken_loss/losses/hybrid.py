@@ -19,6 +19,9 @@ run by `xtoken_loss/chunk_runner.py`):
   uncommon entries U (the complement of C on each side). Whatever mass the two sides put on C
   differently shows up in the uncommon L1 (it is at least |q(U) - p(U)|), so the loss is 0 exactly
   when the conditional common-set distributions agree and the sorted uncommon masses agree.
+  Computed in log space (docs/losses.md): `log qn_C = z_C / T - logsumexp(z_C / T)`, the masses by
+  log-sum-exp, the KL's gradient as `qn_C - pn_C`; never the log of a probability that may have
+  underflowed, so confident (a +100 spike) or widely spread (std 12) logits stay finite in float32.
 - public (`public=True`, the published hybrid): chunk form `"mean_log"` on both sides; the common-set
   term is `sum_j p_j (log p_j - log q_j)` without renormalising (it can be negative); the sorted
   uncommon vectors are cut to their `min(|U_s|, |U_t|, tail_cut)` largest entries (tail_cut 8192).
