@@ -143,15 +143,23 @@ def _signs_at(ps: torch.Tensor, s: torch.Tensor, sgn: torch.Tensor, work: Worksp
     fr, fc = _nonzero_2d(out, 2.0, "eq", work)
     if fr.numel():
         v = ps[fr, fc]
-        per_row = torch.bincount(fr, minlength=n).tolist()
-        m_list = m_row.tolist()
-        counts = torch.empty_like(fr)
-        e0 = t0 = 0
-        for row in range(n):  # a binary search among the row's change points
-            e1, t1 = e0 + per_row[row], t0 + m_list[row]
-            if e1 > e0:
-                counts[e0:e1] = torch.searchsorted(th[t0:t1], v[e0:e1], right=True)
-            e0, t0 = e1, t1
+        first = torch.cumsum(m_row, 0) - m_row  # row r's change points: th[first[r] : first[r] + m_row[r]]
+        if ps.dtype == torch.float32:  # one binary search: (row, value bits) packed in an int64, monotone
+            def packed(rows, vals):
+                return (rows << 32) | torch.bitwise_and(vals.view(torch.int32), 0x7FFFFFFF).to(torch.int64)
+
+            counts = torch.searchsorted(packed(r, th), packed(fr, v), right=True) - first[fr]
+            counts = torch.minimum(counts.clamp_(min=0), m_row[fr])
+        else:
+            per_row = torch.bincount(fr, minlength=n).tolist()
+            m_list = m_row.tolist()
+            counts = torch.empty_like(fr)
+            e0 = t0 = 0
+            for row in range(n):  # a binary search among the row's change points
+                e1, t1 = e0 + per_row[row], t0 + m_list[row]
+                if e1 > e0:
+                    counts[e0:e1] = torch.searchsorted(th[t0:t1], v[e0:e1], right=True)
+                e0, t0 = e1, t1
         out[fr, fc] = seg_sign[seg_base[fr] + counts]
     return out
 
