@@ -23,14 +23,12 @@ the next group of rows: fresh pages for every temporary cost about as much as th
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numpy as np
 import torch
 
 TABLE_BITS = 6  # table buckets per octave of value: 2**TABLE_BITS
-
-_POOL: list = []  # one 2-thread pool for the two NumPy sorts, made on first use
 
 
 class Workspace:
@@ -57,11 +55,11 @@ def _sort_rows_(arrays: list[torch.Tensor]) -> None:
     """Sort the rows of each tensor ascending, in place."""
     if all(a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) for a in arrays):
         nps = [a.numpy() for a in arrays]
-        if len(nps) > 1 and torch.get_num_threads() > 1 and sum(a.size for a in nps) > 1 << 16:
-            if not _POOL:
-                _POOL.append(ThreadPoolExecutor(2, thread_name_prefix="xtoken-sort"))
-            for f in [_POOL[0].submit(a.sort, axis=1) for a in nps]:  # NumPy sorts without the GIL
-                f.result()
+        if len(nps) == 2 and torch.get_num_threads() > 1 and nps[0].size + nps[1].size > 1 << 16:
+            helper = threading.Thread(target=nps[1].sort, kwargs={"axis": 1}, name="xtoken-sort")
+            helper.start()  # NumPy sorts without the GIL: the two sides in parallel
+            nps[0].sort(axis=1)
+            helper.join()
         else:
             for a in nps:
                 a.sort(axis=1)
