@@ -106,7 +106,7 @@ def check_ids_fit(loss: str, ids: torch.Tensor | None, key: str, width: int, wha
     top = int(ids.max())
     if top >= width:
         raise LossInputError(
-            f"{loss}: batch[{key!r}] holds token id {top}, but {what} is only {width} wide; the logits must "
+            f"{loss}: batch[{key!r}] holds token id {top}, beyond {what} ({width} wide); the logits must "
             "cover the tokenizer the batch was built with"
         )
     return None
