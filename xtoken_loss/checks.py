@@ -34,7 +34,7 @@ def check_logits(loss: str, name: str, logits: torch.Tensor, dims: int = 3) -> N
 def check_normalizer(loss: str, normalizer) -> None:
     """Raise unless `normalizer` is None or > 0. Tensors on an accelerator are not read (that would
     sync); a non-positive one there gives a non-finite loss instead of a silent number."""
-    if normalizer is None:
+    if normalizer is None or isinstance(normalizer, DeferredNormalizer):
         return
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
@@ -197,6 +197,7 @@ def check_chunk_inputs(loss: str, student_logits, teacher_logits, batch, teacher
             )
     check_normalizer(loss, normalizer)
     i = teacher_index
+    check_key(loss, batch, f"alignment_{i}_student_chunk_id", (B, Ls), f" (teacher {i}'s alignment)")
     check_key(loss, batch, "token_mask", (B, Ls), " (which student positions are real)")
     cid_t = check_key(loss, batch, f"alignment_{i}_teacher_chunk_id", None, f" (teacher {i}'s alignment)")
     Lt = cid_t.shape[1] if cid_t.dim() == 2 else -1
@@ -206,7 +207,6 @@ def check_chunk_inputs(loss: str, student_logits, teacher_logits, batch, teacher
             f"{(B, teacher_logits.shape[1])} (the teacher logits' [B, T])"
         )
     check_key(loss, batch, f"teacher_{i}_token_mask", (B, Lt), " (which teacher positions are real)")
-    check_key(loss, batch, f"alignment_{i}_student_chunk_id", (B, Ls), f" (teacher {i}'s alignment)")
     pv = check_key(loss, batch, f"alignment_{i}_pair_valid", None, f" (teacher {i}'s alignment)")
     if pv.dim() != 2 or pv.shape[0] != B:
         raise LossInputError(

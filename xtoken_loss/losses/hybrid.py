@@ -36,6 +36,7 @@ import torch
 from xtoken_core.artifact_format import ROW_EXACT
 from xtoken_core.config import config, option
 from xtoken_core.errors import ArtifactError, LossInputError, LossOptionError
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
 from xtoken_loss.losses.uld import ChunkLossOptions
@@ -197,6 +198,8 @@ def hybrid_loss(
                       check_inputs=check_inputs)
     T, form, tail_cut = float(temperature), o.form, o.cut
     teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
+    normalizer = check_chunk_inputs(loss_name, student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
+                                    correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]

@@ -33,6 +33,7 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunked import (
     attach_grad,
     check_options,
@@ -132,6 +133,8 @@ def pkl_loss(
                   position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
     T = float(temperature)
     zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
+    normalizer = check_chunk_inputs("pkl", student_logits, zt, batch, teacher_index, normalizer,
+                                    correct_only=correct_only)
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"pkl: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must be [B, T, V]"
