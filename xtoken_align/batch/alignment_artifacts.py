@@ -1,12 +1,15 @@
 """Precomputed alignments on disk (`xtoken-align align --out DIR`), read back by a data pipeline.
 
 A directory in the shared artifact format (`xtoken_core.artifact_format`: schema version, file
-names, metadata and fingerprint checks), written atomically (temporary sibling directory + rename,
-`artifact_format.atomic_dir`):
+names, metadata and fingerprint checks), written by `artifact_format.atomic_dir`
+(own files only, each replaced atomically with `alignment.json` last, under a writer lock):
 - `alignment.json`: `schema_version` (1), `kind` ("alignment"), `student` and `teacher`
   (`{name, fingerprint, vocab_size, model_vocab_size}`), `num_samples`, `shards` (`[{file,
   num_samples}]`), `options` (how the batch was made: max_length, add_special_tokens, ...),
-  `stats`, `created_with`.
+  `stats`, `created_with`. Each shard entry records `tensors_sha256` (`"sha256:<hex>"` of the
+  file), checked when the shard is read (a swapped or edited shard is refused; an artifact without
+  the keys loads with an `ArtifactWarning`); so are the offsets and the ids against the recorded
+  vocab sizes.
 - `alignment-00000.safetensors`, ...: per shard, flat arrays with per-sample offsets:
   `student_input_ids [N_s]` int64, `student_token_bytes [N_s]` int32, `student_offsets [n + 1]`
   int64, the same three for `teacher_`, `chunks [C, 7]` int64 (rows `byte_start, byte_end,
@@ -35,6 +38,7 @@ from xtoken_core.artifact_format import (
     ALIGNMENT_JSON,
     ALIGNMENT_KIND,
     SCHEMA_VERSION,
+    TENSORS_SHA256,
     alignment_shard_name,
     atomic_dir,
     check_tokenizers,
@@ -42,8 +46,10 @@ from xtoken_core.artifact_format import (
     read_meta,
     read_tensors,
     tokenizer_meta,
+    warn_unchecked,
     write_meta,
     write_tensors,
+    writer_active,
 )
 from xtoken_core.errors import ArtifactError
 
@@ -96,8 +102,8 @@ def write_alignment_artifact(out: str | Path, student: TokenizerInfo, teacher: T
                 return
             arrays = _shard_arrays(pending, teacher_index)
             name = alignment_shard_name(len(shards))
-            write_tensors(tmp / name, arrays, kind=ALIGNMENT_KIND)
-            shards.append({"file": name, "num_samples": pending_n})
+            digest = write_tensors(tmp / name, arrays, kind=ALIGNMENT_KIND)
+            shards.append({"file": name, "num_samples": pending_n, TENSORS_SHA256: digest})
             pending, pending_n = [], 0
 
         for batch in batches:
@@ -147,12 +153,16 @@ class AlignmentArtifact:
     def _shard(self, k: int) -> dict[str, np.ndarray]:
         if k not in self._shards:
             entry = self.meta["shards"][k]
-            arrays = read_tensors(self.path / entry["file"], _REQUIRED)
-            n = entry["num_samples"]
-            for name in ("student_offsets", "teacher_offsets", "chunk_offsets"):
-                if arrays[name].shape != (n + 1,):
-                    raise ArtifactError(f"{self.path / entry['file']}: {name} has shape "
-                                        f"{arrays[name].shape}, expected ({n + 1},)")
+            file = self.path / entry["file"]
+            try:
+                arrays = read_tensors(file, _REQUIRED, sha256=entry.get(TENSORS_SHA256),
+                                      described_by=self.path / ALIGNMENT_JSON)
+            except ArtifactError:
+                if writer_active(self.path) or _rewritten(self.path, self.meta):
+                    raise ArtifactError(f"{file}: {self.path} was rewritten since it was opened (or is being "
+                                        f"rewritten); open the artifact again") from None
+                raise
+            _check_shard(arrays, int(entry["num_samples"]), self.meta, file)
             self._shards[k] = arrays
         return self._shards[k]
 
@@ -197,6 +207,31 @@ class AlignmentArtifact:
         return to_tensors(aligned, pad_id(student) if student else 0, [pad_id(teacher) if teacher else 0])
 
 
+def _rewritten(path: Path, meta: dict) -> bool:
+    try:
+        return read_meta(path / ALIGNMENT_JSON, kind=ALIGNMENT_KIND) != meta
+    except ArtifactError:
+        return True
+
+
+def _check_shard(a: dict[str, np.ndarray], n: int, meta: dict, file: Path) -> None:
+    """The shard's arrays fit together and the ids fit the tokenizers recorded in `meta`."""
+    for side, ids, offsets in (("student", "student_input_ids", "student_offsets"),
+                               ("teacher", "teacher_input_ids", "teacher_offsets"), (None, "chunks", "chunk_offsets")):
+        off = a[offsets]
+        if off.shape != (n + 1,):
+            raise ArtifactError(f"{file}: {offsets} has shape {off.shape}, expected ({n + 1},)")
+        if off[0] != 0 or off[-1] != len(a[ids]) or bool((np.diff(off) < 0).any()):
+            raise ArtifactError(f"{file}: {offsets} must rise from 0 to {len(a[ids])} (the length of {ids})")
+        vocab = (meta.get(side) or {}).get("vocab_size") if side else None
+        if isinstance(vocab, int) and len(a[ids]) and (int(a[ids].min()) < 0 or int(a[ids].max()) >= vocab):
+            raise ArtifactError(f"{file}: {ids} must be in [0, {vocab}) (the {side} tokenizer's vocab size), "
+                                f"found {int(a[ids].min())}..{int(a[ids].max())}")
+    if a["num_bytes"].shape != (n,) or a["chunks"].ndim != 2 or a["chunks"].shape[1:] != (7,):
+        raise ArtifactError(f"{file}: num_bytes must be [{n}] and chunks [C, 7], got {list(a['num_bytes'].shape)} "
+                            f"and {list(a['chunks'].shape)}")
+
+
 def _side(ids: np.ndarray, offsets: np.ndarray, token_bytes: np.ndarray) -> SideBatch:
     ends = np.cumsum(token_bytes)
     base = np.repeat(np.concatenate([[0], ends])[offsets[:-1]], np.diff(offsets))
@@ -222,6 +257,8 @@ def read_alignment_artifact(path: str | Path, *, student: TokenizerInfo | str | 
     check_tokenizers(meta, path, student=student, teacher=teacher)
     if not isinstance(meta.get("shards"), list):
         raise ArtifactError(f"{path / ALIGNMENT_JSON}: 'shards' is missing")
+    if any(isinstance(sh, dict) and TENSORS_SHA256 not in sh for sh in meta["shards"]):
+        warn_unchecked(path / ALIGNMENT_JSON, "its shards")
     return AlignmentArtifact(path, meta)
 
 
