@@ -146,7 +146,9 @@ def own_file(marker: str, rel: str) -> bool:
 
 
 def _kind_name(marker: str) -> str:
-    return _KIND_OF.get(marker, marker)
+    """'a projection' / 'an alignment': the kind of artifact with this marker, with its article."""
+    kind = _KIND_OF.get(marker, marker)
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
 
 
 def foreign_entries(out: Path, *, marker: str) -> list[Path]:
@@ -195,9 +197,9 @@ def check_writable(out: Path, *, marker: str) -> None:
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise ArtifactError(
-                f"cannot write artifact to {out}: it holds {foreign[0]}{more}, which is not part of a {kind} "
-                f"artifact (only a previous {kind} artifact there is replaced; nothing else is touched); "
-                f"move it away or choose a new or empty directory")
+                f"cannot write artifact to {out}: it holds {foreign[0]}{more}, which is not part of {kind} "
+                f"artifact (only a previous {kind.split()[1]} artifact there is replaced; nothing else is "
+                f"touched); move it away or choose a new or empty directory")
         return
     missing = _missing_parent(out)
     if missing is not None:
@@ -380,7 +382,7 @@ def _install(staging: Path, out: Path, marker: str) -> None:
     new = _files_under(staging)
     for rel in new:
         if not own_file(marker, rel):
-            raise ArtifactError(f"internal error: the writer staged {rel}, which is not part of a "
+            raise ArtifactError(f"internal error: the writer staged {rel}, which is not part of "
                                 f"{_kind_name(marker)} artifact")
     described = [r for r in new if not r.endswith(".json")]
     descriptions = sorted((r for r in new if r.endswith(".json")), key=lambda r: (-r.count("/"), r))
@@ -586,6 +588,11 @@ def warn_unchecked(described_by: Path, what: str) -> None:
                   stacklevel=4)
 
 
+def _pause() -> None:
+    """Between two attempts of a reader that found a writer mid-way."""
+    time.sleep(0.01)
+
+
 def _read_described(json_path: Path, tensors_path: Path, *, kind: str, required: tuple[str, ...]
                     ) -> tuple[dict, bytes]:
     """Read a description and the tensors file it records the hash of, as one consistent pair.
@@ -601,7 +608,7 @@ def _read_described(json_path: Path, tensors_path: Path, *, kind: str, required:
             data = _read_bytes(tensors_path)
         except ArtifactNotFoundError:
             if writer_active(json_path.parent) and time.monotonic() < deadline:
-                time.sleep(0.01)
+                _pause()
                 continue
             raise
         if TENSORS_SHA256 not in meta:
@@ -615,7 +622,7 @@ def _read_described(json_path: Path, tensors_path: Path, *, kind: str, required:
         except OSError:
             changed = True
         if (changed or writer_active(json_path.parent)) and time.monotonic() < deadline:
-            time.sleep(0.01)
+            _pause()
             continue
         raise ArtifactError(msg)
 
