@@ -46,7 +46,7 @@ def _projection(version: int = 0, *, rows: int = V_S, reverse: bool = False, fp:
     side = lambda name, f, v: {"name": name, "fingerprint": f, "vocab_size": v, "model_vocab_size": v}  # noqa: E731
     meta = {"schema_version": 1, "kind": "projection", "direction": "student_to_teacher", "top_k": K,
             "student": side("s", "sha256:s", rows), "teacher": side("t", fp, V_T), "version": version,
-            "method": {"name": "test"}, "stats": {}, "created_with": "test"}
+            "method": {"name": "test", "params": {}}, "stats": {}, "created_with": "test"}
     fwd = art.ProjectionArtifact(indices=idx, weights=w, meta=meta, row_kind=np.ones(rows, np.uint8))
     if not reverse:
         return fwd, None
@@ -533,3 +533,18 @@ def test_output_file_is_replaced_only_when_complete(tmp_path):
     with outputs.atomic_output(p) as fh:
         fh.write("new\n")
     assert p.read_text() == "new\n"
+
+
+def test_cli_inspect_warns_in_one_line_for_an_artifact_without_the_hash(tmp_path):
+    d = _save(tmp_path / "d", 0)
+    meta = json.loads((d / "projection.json").read_text())
+    del meta["tensors_sha256"]
+    (d / "projection.json").write_text(json.dumps(meta))
+    r = _run("inspect", d)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "records no tensors_sha256" in lines[0]
+    shutil.copy(_save(tmp_path / "other", 3) / "projection.safetensors", d / "projection.safetensors")
+    meta["tensors_sha256"] = fmt.sha256_of(b"something else")
+    (d / "projection.json").write_text(json.dumps(meta))
+    _error(_run("inspect", d), "projection.safetensors does not belong to")
