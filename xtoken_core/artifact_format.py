@@ -581,11 +581,12 @@ def check_tensors_sha256(data: bytes, recorded, path: Path, described_by: Path |
         raise ArtifactError(msg)
 
 
-def warn_unchecked(described_by: Path, what: str) -> None:
-    """The warning for an artifact without `tensors_sha256` (older xtoken, another tool)."""
+def warn_unchecked(described_by: Path, what: str, *, stacklevel: int = 3) -> None:
+    """The warning for an artifact without `tensors_sha256` (older xtoken, another tool);
+    `stacklevel` 3 points at the caller of the function calling this."""
     warnings.warn(f"{described_by} records no {TENSORS_SHA256} (written by an older xtoken or another tool): "
                   f"{what} cannot be checked against it; rebuild the artifact to add it", ArtifactWarning,
-                  stacklevel=4)
+                  stacklevel=stacklevel)
 
 
 def _pause() -> None:
@@ -612,7 +613,7 @@ def _read_described(json_path: Path, tensors_path: Path, *, kind: str, required:
                 continue
             raise
         if TENSORS_SHA256 not in meta:
-            warn_unchecked(json_path, tensors_path.name)
+            warn_unchecked(json_path, tensors_path.name, stacklevel=5)  # the caller of read_projection
             return meta, data
         msg = _sha_mismatch(data, meta[TENSORS_SHA256], tensors_path, json_path)
         if msg is None:
