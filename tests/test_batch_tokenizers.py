@@ -292,3 +292,11 @@ def test_projection_json_records_the_pair(bert_dir, bert_proj):
     assert common_exact(bert_proj).to("cpu").tokenizers == pair  # CommonSet.to keeps them
     assert bt.tokenizers_of(LearnedProjection(bert_proj)) == pair == bert_proj.to("cpu").tokenizers
     assert bt.tokenizers_of(LearnedProjection(bert_proj).to_projection()) == pair
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_check_on_a_cuda_batch(bert_proj):
+    batch = {k: v.cuda() for k, v in qwen_batch().items()}
+    with pytest.raises(LossInputError, match="teacher 0 qwen3"):
+        bt.check_batch_tokenizers(bert_proj.to("cuda"), batch, 0, loss="pkl")
+    bt.check_batch_tokenizers(bert_proj.to("cuda"), {k: v[:0] for k, v in batch.items()}, 0, loss="pkl")  # no rows
