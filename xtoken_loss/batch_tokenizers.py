@@ -101,19 +101,18 @@ def check_batch_fingerprints(batch: Mapping, expected: Sequence[tuple[str, str, 
     if not wanted:
         return
     keys, rows, kept = _host_rows(batch, loss)
-    found, differs = [], False
+    if all(bool((rows[keys.index(k)][kept] == fpr.fingerprint_id(fp)).all()) for k, _, fp in wanted):
+        return
+    found = []
     for key, role, fp in wanted:
-        values = rows[keys.index(key)][kept]
-        uniq, counts = np.unique(values, return_counts=True)
-        differs |= bool((values != fpr.fingerprint_id(fp)).any())
+        uniq, counts = np.unique(rows[keys.index(key)][kept], return_counts=True)
         if len(uniq) == 1:
             found.append(f"{role} {fpr.describe_id(uniq[0])}")
         elif len(uniq) > 1:
             mix = ", ".join(f"{fpr.describe_id(u)} in {c} row{'s' if c > 1 else ''}" for u, c in zip(uniq, counts))
             found.append(f"{role} mixed ({mix})")
-    if differs:
-        what = what() if callable(what) else what
-        raise LossInputError(f"{loss}: {what}, but the batch was aligned for {' and '.join(found)}; {fix}")
+    what = what() if callable(what) else what
+    raise LossInputError(f"{loss}: {what}, but the batch was aligned for {' and '.join(found)}; {fix}")
 
 
 # --------------------------------------------------------------------------------------------------
