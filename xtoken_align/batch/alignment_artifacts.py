@@ -17,8 +17,9 @@ names, metadata and fingerprint checks), written by `artifact_format.atomic_dir`
   [n + 1]` int64, `num_bytes [n]` int64.
 
 Token-level chunk ids and exact masks are not stored: chunks tile both token sequences in order, so
-they are rebuilt on reading. Reading checks the schema, the kind and, when tokenizers are given,
-their fingerprints (`ArtifactError` naming what differs).
+they are rebuilt on reading; the batch's tokenizer fingerprint keys come from `alignment.json`.
+Reading checks the schema, the kind and, when tokenizers are given, their fingerprints
+(`ArtifactError` naming what differs).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from xtoken_core.artifact_format import (
     writer_active,
 )
 from xtoken_core.errors import ArtifactError
+from xtoken_core.fingerprints import register_name
 
 _REQUIRED = {
     "student_input_ids": np.int64, "student_token_bytes": np.int32, "student_offsets": np.int64,
@@ -195,7 +197,14 @@ class AlignmentArtifact:
         pair = _pair(chunks, offsets_from_counts(parts["c_n"]))
         if len(pair.a_chunk) != len(student.ids) or len(pair.b_chunk) != len(teacher.ids):
             raise ArtifactError(f"{self.path}: chunks do not tile the stored tokens (corrupt shard)")
-        return AlignedBatch(student, [teacher], [pair], np.asarray(parts["nb"], np.int64))
+        return AlignedBatch(student, [teacher], [pair], np.asarray(parts["nb"], np.int64),
+                            self.fingerprint("student"), [self.fingerprint("teacher")])
+
+    def fingerprint(self, side: str) -> str | None:
+        """The recorded fingerprint of the `"student"` or `"teacher"` tokenizer (None if absent)."""
+        entry = self.meta.get(side)
+        fp = entry.get("fingerprint") if isinstance(entry, dict) else None
+        return None if fp is None else str(fp)
 
     def batch(self, indices, *, max_length: int | None = None, teacher_max_length: int | None = None,
               student: TokenizerInfo | None = None, teacher: TokenizerInfo | None = None
@@ -255,6 +264,10 @@ def read_alignment_artifact(path: str | Path, *, student: TokenizerInfo | str | 
     path = Path(path)
     meta = read_meta(path / ALIGNMENT_JSON, kind=ALIGNMENT_KIND)
     check_tokenizers(meta, path, student=student, teacher=teacher)
+    for side in ("student", "teacher"):
+        entry = meta.get(side)
+        if isinstance(entry, dict):
+            register_name(entry.get("fingerprint"), entry.get("name"))
     if not isinstance(meta.get("shards"), list):
         raise ArtifactError(f"{path / ALIGNMENT_JSON}: 'shards' is missing")
     if any(isinstance(sh, dict) and TENSORS_SHA256 not in sh for sh in meta["shards"]):
@@ -283,7 +296,8 @@ def batch_from_artifacts(artifacts: list[AlignmentArtifact], indices, *, max_len
             raise ArtifactError(f"{a.path} holds other student tokens than {artifacts[0].path} for these "
                                 f"samples (built from other data or with another max_length?)")
     combined = AlignedBatch(first, [p.teachers[0] for p in parts], [p.pairs[0] for p in parts],
-                            parts[0].num_bytes)
+                            parts[0].num_bytes, parts[0].student_fingerprint,
+                            [p.teacher_fingerprints[0] for p in parts])
     combined = truncate(combined, max_length,
                         teacher_max_length if teacher_max_length is not None else max_length)
     pads = [pad_id(t) for t in teachers] if teachers else [0] * len(artifacts)
