@@ -134,6 +134,8 @@ def pkl_loss(
                   position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
     T = float(temperature)
     zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
+    proj = as_projection(projection, student_logits.device)
+    check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")  # a batch for other tokenizers: say so first
     normalizer = check_chunk_inputs("pkl", student_logits, zt, batch, teacher_index, normalizer,
                                     correct_only=correct_only)
     if student_logits.dim() != 3 or zt.dim() != 3:
@@ -145,8 +147,6 @@ def pkl_loss(
         raise LossInputError(f"pkl: teacher logits batch size {zt.shape[0]} != student batch size {B}")
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device
-    proj = as_projection(projection, dev)
-    check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")
     proj.check_widths(Vs, Vt)
     if check_inputs:
         check_finite("student_logits", student_logits)
