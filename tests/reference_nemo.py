@@ -52,15 +52,13 @@ def chunk_average(x: torch.Tensor, chunk_id: torch.Tensor, max_chunks: int):
     """`([B, C, V] sum over positions of chunk c / (count + 1e-10), [B, C] counts)`; `chunk_id`
     already shifted, -1 = no chunk."""
     B, _, V = x.shape
-    out = torch.zeros(B, max_chunks, V, dtype=x.dtype)
-    sizes = torch.zeros(B, max_chunks, dtype=x.dtype)
+    rows, sizes = [], torch.zeros(B, max_chunks, dtype=x.dtype)
     for b in range(B):
         for c in range(max_chunks):
             pos = (chunk_id[b] == c).nonzero().squeeze(1)
             sizes[b, c] = pos.numel()
-            if pos.numel():
-                out[b, c] = x[b, pos].sum(dim=0)
-    return out / (sizes[..., None] + EPS), sizes
+            rows.append(x[b, pos].sum(dim=0) if pos.numel() else torch.zeros(V, dtype=x.dtype))
+    return torch.stack(rows).view(B, max_chunks, V) / (sizes[..., None] + EPS), sizes
 
 
 def _valid(batch, i, s_sizes, t_sizes, exact_token_match_only):

@@ -270,30 +270,40 @@ def _full_problem():
     return batch, P, commons
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", ["spike", "std12"])
-def test_confident_logits_give_finite_losses_and_gradients(dtype, case):
-    batch, P, commons = _full_problem()
+_FULL_FORMS = {
+    "pkl": lambda x, zt, b, P, c: pkl_loss(x, zt, b, projection=P, public=True),
+    "pkl_reverse": lambda x, zt, b, P, c: pkl_loss(x, zt, b, projection=P, public=True, direction="reverse"),
+    "gold": lambda x, zt, b, P, c: gold_loss(x, zt, b, common=c["gold"], public=True),
+    "gold_reverse": lambda x, zt, b, P, c: gold_loss(x, zt, b, common=c["gold"], public=True, direction="reverse"),
+    "hkl": lambda x, zt, b, P, c: hkl_loss(x, zt, b, common=c["hkl"], public=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _confident_logits(case, dtype):
+    batch, P, _ = _full_problem()
     B, Ls = batch["input_ids"].shape
     Lt = batch["teacher_0_input_ids"].shape[1]
     g = torch.Generator().manual_seed(5)
-    if case == "spike":
+    if case == "spike":  # N(0, 1) plus +100 on one id
         zs = torch.randn(B, Ls, P.num_rows, generator=g)
         zs[..., 1234] += 100.0
         zt = torch.randn(B, Lt, 151936, generator=g) * 2
-    else:
+    else:  # std 12 on both sides
         zs = torch.randn(B, Ls, P.num_rows, generator=g) * 12
         zt = torch.randn(B, Lt, 151936, generator=g) * 12
-    zs, zt = zs.to(dtype), zt.to(dtype)
-    fns = {
-        "pkl": lambda x: pkl_loss(x, zt, batch, projection=P, public=True),
-        "pkl_reverse": lambda x: pkl_loss(x, zt, batch, projection=P, public=True, direction="reverse"),
-        "gold": lambda x: gold_loss(x, zt, batch, common=commons["gold"], public=True),
-        "hkl": lambda x: hkl_loss(x, zt, batch, common=commons["hkl"], public=True),
-        "gold_reverse": lambda x: gold_loss(x, zt, batch, common=commons["gold"], public=True, direction="reverse"),
-    }
-    for name, fn in fns.items():
-        loss, grad, metrics = _grad(fn, zs)
-        assert torch.isfinite(loss), name
-        assert grad.dtype == dtype and torch.isfinite(grad).all(), name
-        assert all(torch.isfinite(v) for v in metrics.values()), name
+    return zs.to(dtype), zt.to(dtype)
+
+
+@pytest.mark.parametrize("form", list(_FULL_FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["spike", "std12"])
+def test_confident_logits_give_finite_losses_and_gradients(case, dtype, form):
+    """Full llama3 / qwen3 width (151,936 teacher logits for 151,669 tokens). The public forms are
+    exempt from the float64 closeness (the published 1e-10 is part of them), not from finiteness."""
+    batch, P, commons = _full_problem()
+    zs, zt = _confident_logits(case, dtype)
+    loss, grad, metrics = _grad(lambda x: _FULL_FORMS[form](x, zt, batch, P, commons), zs)
+    assert torch.isfinite(loss)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
