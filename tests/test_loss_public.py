@@ -22,6 +22,7 @@ from tests.reference_losses import (
 )
 from tests.reference_nemo import nemo_exact_map, nemo_gold, nemo_pkl
 from xtoken_core.artifact_format import write_projection_files
+from xtoken_core.errors import LossOptionError
 from xtoken_loss import GOLDLoss, HKLLoss, PKLLoss, Projection, count_units, load_projection
 from xtoken_loss.losses.hybrid import common_exact, gold_loss, hkl_loss
 from xtoken_loss.losses.pkl import pkl_loss
@@ -156,6 +157,8 @@ def test_common_sets_follow_the_published_rules(real):
     for kind, cs in (("gold", gold), ("hkl", hkl)):
         ref = nemo_exact_map(idx, w, 6, xtoken_loss=kind == "hkl")
         assert (cs.student_ids.tolist(), cs.teacher_ids.tolist()) == (ref[0], ref[1])
+    with pytest.raises(LossOptionError, match="valid kinds are 'gold', 'hkl'"):
+        public_common_set(proj, "uld")
 
 
 def test_modules_take_the_same_options(real):

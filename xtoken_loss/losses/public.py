@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from xtoken_core.errors import LossInputError
+from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.checks import nonfinite, poison
 from xtoken_loss.chunk_runner import prepare
 from xtoken_loss.chunked import (
@@ -117,7 +117,7 @@ def public_common_set(projection, kind: str, threshold: float = PUBLIC_THRESHOLD
         cand = top_w >= torch.tensor(float(threshold), dtype=torch.float32)
         method = f"public: top weight >= {threshold:g}"
     else:
-        raise ValueError(f"public_common_set: kind {kind!r}: valid kinds are 'gold', 'hkl'")
+        raise LossOptionError(f"public_common_set: kind {kind!r}: valid kinds are 'gold', 'hkl'")
     cand &= (partner >= 0) & (partner < vt)
     rows = cand.nonzero().squeeze(1)
     cs = CommonSet.from_pairs(rows, partner[rows], None if kind == "gold" else top_w[rows], method=method)
