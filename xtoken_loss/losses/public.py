@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
 from xtoken_loss.checks import nonfinite, poison
 from xtoken_loss.chunk_runner import prepare
 from xtoken_loss.chunked import (
@@ -106,7 +107,8 @@ def public_common_set(projection, kind: str, threshold: float = PUBLIC_THRESHOLD
     w = proj.weights.cpu().to(torch.float32)
     if idx.shape[0] == 0 or idx.shape[1] == 0:
         empty = torch.zeros(0, dtype=torch.int64)
-        return PublicCommonSet(empty, empty, kind, student_vocab_size=proj.num_rows, teacher_vocab_size=vt)
+        return PublicCommonSet(empty, empty, kind, proj.tokenizers, student_vocab_size=proj.num_rows,
+                               teacher_vocab_size=vt)
     top_w, slot = w.max(dim=1)
     partner = idx.gather(1, slot[:, None]).squeeze(1)
     if kind == "gold":
@@ -120,9 +122,10 @@ def public_common_set(projection, kind: str, threshold: float = PUBLIC_THRESHOLD
         raise LossOptionError(f"public_common_set: kind {kind!r}: valid kinds are 'gold', 'hkl'")
     cand &= (partner >= 0) & (partner < vt)
     rows = cand.nonzero().squeeze(1)
-    cs = CommonSet.from_pairs(rows, partner[rows], None if kind == "gold" else top_w[rows], method=method)
-    return PublicCommonSet(cs.student_ids, cs.teacher_ids, cs.method, student_vocab_size=proj.num_rows,
-                           teacher_vocab_size=vt)
+    cs = CommonSet.from_pairs(rows, partner[rows], None if kind == "gold" else top_w[rows], method=method,
+                              tokenizers=proj.tokenizers)
+    return PublicCommonSet(cs.student_ids, cs.teacher_ids, cs.method, cs.tokenizers,
+                           student_vocab_size=proj.num_rows, teacher_vocab_size=vt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ def public_pkl(
     Lt, Vt_full = zt.shape[1], zt.shape[2]
     dev = student_logits.device
     proj = as_projection(projection, dev)
+    check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")
     proj.check_widths(Vs, Vt_full)
     V = min(Vt_full, public_teacher_vocab_size(proj))  # the teacher columns read
     T = float(temperature)
@@ -318,6 +322,7 @@ def public_hybrid(
     Lt, Vt_full = zt.shape[1], zt.shape[2]
     dev = student_logits.device
     cs = common.to(dev)
+    check_batch_tokenizers(cs, batch, teacher_index, loss=loss_name, what="the common set's projection")
     V = min(Vt_full, getattr(cs, "teacher_vocab_size", None) or Vt_full)  # teacher columns read
     Vs_u = min(Vs, getattr(cs, "student_vocab_size", None) or Vs)  # student ids that can be uncommon
     if cs.size and (int(cs.student_ids.max()) >= Vs or int(cs.teacher_ids.max()) >= V):
