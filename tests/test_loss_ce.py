@@ -99,7 +99,7 @@ def _pkl_problem(seed=4):
     idx, w = random_projection(seed, V - 2, 38)
     B, Ls = batch["input_ids"].shape
     Lt = batch["teacher_0_input_ids"].shape[1]
-    return (batch, Projection.from_tensors(idx, w), dense_projection(idx, w, V - 2, 38),
+    return (batch, Projection.from_tensors(idx, w, teacher_width=38), dense_projection(idx, w, V - 2, 38),
             random_logits(seed + 1, (B, Ls, V)), random_logits(seed + 2, (B, Lt, 40)))
 
 

@@ -357,8 +357,6 @@ def test_errors_are_clear():
         pkl_loss(zs, zt, batch, projection=proj, direction="sideways")
     with pytest.raises(LossOptionError, match="temperature"):
         pkl_loss(zs, zt, batch, projection=proj, temperature=0)
-    with pytest.raises(LossOptionError, match="forward P-KL only"):
-        pkl_loss(zs, zt, batch, projection=proj, public=True, direction="reverse")
     with pytest.raises(LossInputError, match="top-k"):
         pkl_loss(zs, {"topk_logprobs": zt, "topk_indices": zt.long()}, batch, projection=proj)
 

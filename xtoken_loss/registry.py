@@ -97,7 +97,8 @@ class LossSpec:
                 "probabilities, so its unit count depends on the logits; read it from the loss (kept_fraction) "
                 "or pass the normalizer yourself"
             )
-        return _count_chunks(batch, teacher_index, o.unit_mode, o.correct_only, device)
+        only_correct = getattr(o, "only_correct", o.correct_only)  # correct_only=None: the form's default
+        return _count_chunks(batch, teacher_index, o.unit_mode, only_correct, device)
 
 
 def _function_options(fn) -> set[str]:

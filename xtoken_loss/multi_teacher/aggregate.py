@@ -456,8 +456,11 @@ class MultiTeacherLoss(nn.Module):
         if "projection" in opts and projections[i] is not None:
             opts["projection"] = projections[i]  # on the logits' device
         group = _resolve_group(self.process_group)
-        if group is not None and "process_group" not in opts and _names_param(fn, "process_group"):
-            opts["process_group"] = group  # e.g. the P-KL's top-k column choice over the global batch
+        # e.g. the P-KL's top-k column choice over the global batch; the public forms choose theirs per
+        # microbatch as NeMo-RL does, unless the teacher's options name a group
+        if group is not None and "process_group" not in opts and _names_param(fn, "process_group") \
+                and not opts.get("public"):
+            opts["process_group"] = group
         opts.update(extra)
         return fn(student_logits, outputs, batch, normalizer=normalizer, **opts)
 
