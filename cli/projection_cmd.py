@@ -12,7 +12,7 @@ import numpy as np
 from xtoken_align import load_tokenizer
 from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.builder import ProjectionConfig
-from xtoken_cli.config_options import config_from, config_options
+from xtoken_cli.config_options import bounded, config_from, config_options
 from xtoken_core.errors import XTokenError
 
 
@@ -115,7 +115,8 @@ def _try_load(side: dict):
 
 @click.command("inspect")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--samples", default=3, show_default=True, type=int, help="Sample rows shown per row kind.")
+@click.option("--samples", default=3, show_default=True, type=bounded(int, min=0, max=10_000),
+              help="Sample rows shown per row kind.")
 @click.option("--json", "as_json", is_flag=True, help="Print metadata and samples as JSON.")
 def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
     """Show a projection artifact's metadata, statistics and sample rows."""
