@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from xtoken_align import load_tokenizer
+from xtoken_align.alignment.chat import check_conversation
 from xtoken_align.batch.alignment_artifacts import write_alignment_artifact
 from xtoken_align.batch.collate import AlignedBatch, AlignmentCollator, CollateConfig
 from xtoken_align.textio import read_utf8
@@ -56,6 +57,8 @@ def _read_jsonl(path: Path, field: str) -> list:
         except UnicodeEncodeError:
             raise DataFileError(f"{path}: line {n}: {field!r} holds a lone surrogate (\\ud800-\\udfff), "
                                 f"not valid Unicode text") from None
+        if isinstance(value, list):  # a conversation: checked here, before any work, naming the line
+            check_conversation(value, f"{path}: line {n}")
         samples.append(value)
     return samples
 
