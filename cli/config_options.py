@@ -24,10 +24,10 @@ from xtoken_core.errors import ConfigError
 
 
 def _range_words(f: FieldInfo) -> str:
-    """'a positive integer', 'a number >= 0', 'a number in (0, 1]', 'an integer in [1, 256]', ..."""
+    """'a positive integer (<= 256)', 'a number >= 0', 'a number in (0, 1]', 'an integer in [0, 3]', ..."""
     base = f.base_type
-    if base is int and f.min == 1 and f.max is None and f.gt is None:
-        return "a positive integer"
+    if base is int and f.min == 1 and f.gt is None:
+        return "a positive integer" + ("" if f.max is None else f" <= {format_bound(f.max)}")
     word = "an integer" if base is int else "a number"
     low = (f"({format_bound(f.gt)}" if f.gt is not None else f"[{format_bound(f.min)}" if f.min is not None else None)
     if low is not None and f.max is not None:
