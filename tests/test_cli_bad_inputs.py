@@ -165,7 +165,7 @@ CASES = [
     ("tok_missing_path", [*OVERLAP, "{tmp}/no/such/dir"], ["cannot read tokenizer at"]),
     ("tok_dir_without_tokenizer_json", [*OVERLAP, "{out}"], ["has no tokenizer.json"]),
     # --- option bounds, checked before any work ---
-    ("build_top_k_huge", [*BUILD, "--top-k", "1000000"], ["--top-k", "[1, 256]", "1000000"]),
+    ("build_top_k_huge", [*BUILD, "--top-k", "1000000"], ["--top-k", "<= 256", "1000000"]),
     ("build_top_k_zero", [*BUILD, "--top-k", "0"], ["--top-k", "got 0"]),
     ("build_top_k_fraction", [*BUILD, "--top-k", "2.5"], ["--top-k", "got 2.5"]),
     ("build_top_k_text", [*BUILD, "--top-k", "four"], ["--top-k", "got four"]),
@@ -175,7 +175,7 @@ CASES = [
     ("build_teacher_vocab_zero", [*BUILD, "--teacher-vocab-size", "0"], ["--teacher-vocab-size", "got 0"]),
     ("build_teacher_vocab_below_tokenizer", [*BUILD, "--teacher-vocab-size", "100"],
      ["--teacher-vocab-size", "30522"]),
-    ("build_max_pieces_huge", [*BUILD, "--max-pieces", "100000000000000000000000"], ["--max-pieces", "[1, 256]"]),
+    ("build_max_pieces_huge", [*BUILD, "--max-pieces", "100000000000000000000000"], ["--max-pieces", "<= 256"]),
     ("build_first_weight_inf", [*BUILD, "--first-weight", "inf"], ["--first-weight", "got inf"]),
     ("build_first_weight_huge", [*BUILD, "--first-weight", "1e308"], ["--first-weight", "(0, 1000000]"]),
     ("build_decay_nan", [*BUILD, "--decay", "nan"], ["--decay", "got nan"]),
@@ -222,7 +222,7 @@ CASES = [
     ("chat_no_role", [*ALIGN, "--jsonl", "{file:chat_no_role}"], ["line 1, message 0", "no 'role'"]),
     ("chat_no_content", [*ALIGN, "--jsonl", "{file:chat_no_content}"], ["line 1, message 0", "no 'content'"]),
     ("chat_empty", [*ALIGN, "--jsonl", "{file:chat_empty}"], ["line 1", "no messages"]),
-    ("chat_message_number", [*ALIGN, "--jsonl", "{file:chat_message_number}"], ["line 1, message 0", "got int"]),
+    ("chat_message_number", [*ALIGN, "--jsonl", "{file:chat_message_number}"], ["line 1", "message 0 is a number"]),
     # --- inspect ---
     ("inspect_samples_negative", ["inspect", "{proj}", "--samples", "-2"], ["--samples", "got -2"]),
     ("inspect_samples_text", ["inspect", "{proj}", "--samples", "x"], ["--samples", "got x"]),

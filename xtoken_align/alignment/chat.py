@@ -23,6 +23,10 @@ _MARK = re.compile("\ue000(\\d+)\ue001")
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 
 
+_JSON_WORDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
+               type(None): "null"}
+
+
 def check_conversation(messages, where: str = "conversation") -> None:
     """Raise a one-line `AlignmentError` unless `messages` is a non-empty list of
     `{"role": <one of ROLES>, "content": <str>}` dicts; `where` names the sample in the message
@@ -39,8 +43,8 @@ def check_conversation(messages, where: str = "conversation") -> None:
         raise AlignmentError(f"{where}: the conversation has no messages")
     for k, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise AlignmentError(f"{where}, message {k}: expected a {{'role': ..., 'content': ...}} dict, "
-                                 f"got {type(m).__name__}")
+            raise AlignmentError(f"{where}: a conversation must be a list of {{'role': ..., 'content': ...}} "
+                                 f"dicts; message {k} is {_JSON_WORDS.get(type(m), type(m).__name__)}")
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
             got = "no 'role'" if "role" not in m else f"unknown role {role!r}"
