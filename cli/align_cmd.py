@@ -20,7 +20,9 @@ from xtoken_align.alignment.chat import check_conversation
 from xtoken_align.batch.alignment_artifacts import write_alignment_artifact
 from xtoken_align.batch.collate import AlignedBatch, AlignmentCollator, CollateConfig
 from xtoken_align.textio import read_utf8
+from xtoken_cli import outputs
 from xtoken_cli.config_options import bounded, config_from, config_options
+from xtoken_core.artifact_format import ALIGNMENT_JSON
 from xtoken_core.errors import ConfigError, DataFileError
 
 # The collator options `align` exposes, and their names where they differ from the field's.
@@ -157,6 +159,10 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
     if (text_file is None) == (jsonl is None):
         raise ConfigError("give exactly one input: --text-file F or --jsonl F")
     config = config_from(CollateConfig, options, COLLATE_FIELDS)
+    outputs.prepare(inputs=[("--text-file", text_file), ("--jsonl", jsonl),
+                            ("--student", outputs.tokenizer_inputs(student)),
+                            ("--teacher", outputs.tokenizer_inputs(teacher))],
+                    files=[("--json", json_out), ("--html", html_out)], artifact=("--out", out_dir, ALIGNMENT_JSON))
     samples = _read_text_lines(text_file) if text_file is not None else _read_jsonl(jsonl, field)
     s_info = load_tokenizer(student)
     t_info = load_tokenizer(teacher)
@@ -165,7 +171,7 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
     collator = AlignmentCollator(s_info, [t_info], config)
     stats = _Stats()
     html_parts: list[str] = []
-    json_fh = open(json_out, "w", encoding="utf-8") if json_out else None
+    json_fh = outputs.OutputFile(json_out) if json_out else None  # replaces json_out only on commit()
 
     def batches() -> Iterator[AlignedBatch]:
         for lo in range(0, len(samples), batch_size):
@@ -190,6 +196,8 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
         else:
             for _ in batches():
                 pass
+        if json_fh is not None:
+            json_fh.commit()
     finally:
         if json_fh is not None:
             json_fh.close()
@@ -199,7 +207,7 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}"
                 f"</style></head><body><h1>{title}</h1><p>Green: correct chunk; red: not correct; dashed: "
                 f"zero-width (special tokens, template scaffolding).</p>{''.join(html_parts)}</body></html>")
-        Path(html_out).write_text(page, encoding="utf-8")
+        outputs.write_text(html_out, page)
         click.echo(f"wrote {html_out}")
     if json_out is not None:
         click.echo(f"wrote {json_out}")

@@ -2,12 +2,14 @@
 
 User errors (`XTokenError`, bad options, and click's own usage errors: a missing or unknown option,
 a value of the wrong type) print one `error: ...` line on stderr and exit with code 2, never a
-traceback or a usage block; anything else is a bug and keeps its traceback.
+traceback or a usage block; anything else is a bug and keeps its traceback. Warnings (e.g. an
+artifact without `tensors_sha256`) print as one `warning: ...` line.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -29,6 +31,10 @@ def _usage_line(exc: click.UsageError) -> str:
     return message
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 class _Group(click.Group):
     def parse_args(self, ctx, args):
         try:
@@ -40,7 +46,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning  # one `warning: ...` line, no source line
+                return super().invoke(ctx)
         except XTokenError as exc:
             _fail(str(exc))
         except _SHOW_HELP:

@@ -30,6 +30,7 @@ from torch import nn
 from xtoken_core import artifact_format as fmt
 from xtoken_core.config import config
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
 from xtoken_loss.chunked import check_options, compute_dtype, resolve_normalizer, rows_per_chunk
 from xtoken_loss.losses.pkl import PrincipledPKLOptions
 from xtoken_loss.modules import LossModule
@@ -196,6 +197,7 @@ def learned_pkl_loss(
                   top_k_columns=top_k_columns, correct_only=correct_only, position_chunk_size=position_chunk_size,
                   check_inputs=check_inputs)
     T = float(temperature)
+    check_batch_tokenizers(projection, batch, teacher_index, loss="learned_pkl")
     zt = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS).logits
     B, Ls, Vs = student_logits.shape
     Lt, Vt = zt.shape[1], zt.shape[2]

@@ -33,6 +33,7 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
 from xtoken_loss.chunked import (
     attach_grad,
     check_options,
@@ -142,6 +143,7 @@ def pkl_loss(
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device
     proj = as_projection(projection, dev)
+    check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")
     proj.check_widths(Vs, Vt)
     if check_inputs:
         check_finite("student_logits", student_logits)
