@@ -6,6 +6,7 @@ placeholders, replaced by paths under the test's own directory:
 
     {out}         an empty directory every output option of the row points into
     {tmp}         the test's directory
+    {dir}         an empty directory given where a file is expected (outside {out})
     {bad:X}       a copy of the bert-uncased tokenizer spoiled by `_SPOILERS[X]`; {tok} an intact copy
     {proj}        a copy of a real projection artifact; {proj:X} one whose projection.json is
                   edited by `_META_EDITS[X]`
@@ -163,7 +164,7 @@ CASES = [
                                     "--out", "{out}/p"], ["added_tokens[0] has no 'id'"]),
     ("tok_empty_name", [*OVERLAP, ""], ["empty tokenizer name"]),
     ("tok_missing_path", [*OVERLAP, "{tmp}/no/such/dir"], ["cannot read tokenizer at"]),
-    ("tok_dir_without_tokenizer_json", [*OVERLAP, "{out}"], ["has no tokenizer.json"]),
+    ("tok_dir_without_tokenizer_json", [*OVERLAP, "{dir}"], ["has no tokenizer.json"]),
     # --- option bounds, checked before any work ---
     ("build_top_k_huge", [*BUILD, "--top-k", "1000000"], ["--top-k", "<= 256", "1000000"]),
     ("build_top_k_zero", [*BUILD, "--top-k", "0"], ["--top-k", "got 0"]),
@@ -186,7 +187,7 @@ CASES = [
     ("build_missing_out", ["build-projection", *PAIR], ["Missing option '--out'"]),
     ("build_unknown_option", [*BUILD, "--topk", "3"], ["No such option", "--topk"]),
     ("build_corpus_missing", [*BUILD, "--corpus", "{tmp}/no-corpus.txt"], ["no-corpus.txt", "No such file"]),
-    ("build_corpus_is_a_directory", [*BUILD, "--corpus", "{tmp}"], ["corpus", "Is a directory"]),
+    ("build_corpus_is_a_directory", [*BUILD, "--corpus", "{dir}"], ["corpus", "Is a directory"]),
     ("build_corpus_lone_surrogate", [*BUILD, "--corpus", "{file:corpus_surrogate.jsonl}"],
      ["line 2", "lone surrogate", "\\ud800"]),
     ("align_max_length_zero", [*ALIGN, "--text-file", "{file:text}", "--max-length", "0"], ["--max-length", "got 0"]),
@@ -210,7 +211,7 @@ CASES = [
     ("align_same_tokenizer", ["align", "--student", "bert-uncased", "--teacher", "bert-uncased", *ALIGN_OUT,
                               "--text-file", "{file:text}"], ["same tokenizer"]),
     ("align_text_file_missing", [*ALIGN, "--text-file", "{tmp}/none.txt"], ["none.txt", "No such file"]),
-    ("align_text_file_is_a_directory", [*ALIGN, "--text-file", "{tmp}"], ["Is a directory"]),
+    ("align_text_file_is_a_directory", [*ALIGN, "--text-file", "{dir}"], ["Is a directory"]),
     ("align_jsonl_missing", [*ALIGN, "--jsonl", "{tmp}/none.jsonl"], ["none.jsonl", "No such file"]),
     # --- chat input: non-string content and unknown roles, naming the sample (line) and the message ---
     ("chat_content_5", [*ALIGN, "--jsonl", "{file:chat_content_5}"],
@@ -289,6 +290,9 @@ def _expand(arg: str, tmp: Path, out: Path, request) -> str:
             return str(out)
         if key == "tmp":
             return str(tmp)
+        if key == "dir":
+            (tmp / "a_dir").mkdir(exist_ok=True)
+            return str(tmp / "a_dir")
         if key == "bad":
             return str(_spoiled(tmp, name))
         if key == "tok":
@@ -387,6 +391,39 @@ def test_bounds_appear_in_help():
     assert "1<=x<=256" in r.stdout and "1<=x<=16777216" in r.stdout
     r = CliRunner().invoke(align_cli, ["align", "--help"])
     assert "0<=x<=10000" in r.stdout and "1<=x<=65536" in r.stdout
+
+
+# --- output paths (helper F's area, cli/outputs.py and the artifact writers) -------------------------
+# The same check: refused before the work, the user's files and the inputs left as they were.
+_META_EDITS["tensors_sha_wrong"] = lambda m: m.update(tensors_sha256="sha256:" + "0" * 64)
+
+ALIGN_TEXT = ["align", *PAIR, "--text-file", "{file:text}"]
+CASES_F = [
+    ("out_dir_holds_user_files", ["build-projection", *PAIR, "--out", "{userdir:proj}"], ["userdir_proj"]),
+    ("align_out_dir_holds_user_files", [*ALIGN_TEXT, "--out", "{userdir:align}"], ["userdir_align"]),
+    ("align_json_is_the_jsonl_input", ["align", *PAIR, "--jsonl", "{file:plain.jsonl}", "--json",
+                                       "{file:plain.jsonl}"], ["--json", "plain.jsonl"]),
+    ("align_html_is_the_text_input", [*ALIGN_TEXT, "--html", "{file:text}"], ["--html", "text.txt"]),
+    ("overlap_json_is_a_tokenizer_input", ["overlap-report", "bert-uncased", "{tok}", "--json",
+                                           "{tok}/tokenizer.json"], ["--json", "tokenizer.json"]),
+    ("align_json_parent_missing", [*ALIGN_TEXT, "--json", "{tmp}/missing-dir/x.jsonl"], ["missing-dir"]),
+    ("align_json_is_a_directory", [*ALIGN_TEXT, "--json", "{out}"], ["--json"]),
+    ("align_html_is_a_directory", [*ALIGN_TEXT, "--html", "{out}"], ["--html"]),
+    ("align_html_dir_with_json_too", [*ALIGN_TEXT, "--json", "{out}/a.jsonl", "--html", "{out}"], ["--html"]),
+    ("build_out_parent_missing", ["build-projection", *PAIR, "--out", "{tmp}/missing-dir/p"], ["missing-dir"]),
+    ("build_out_is_a_file", ["build-projection", *PAIR, "--out", "{file:text}"], ["text.txt"]),
+    ("align_out_parent_missing", [*ALIGN_TEXT, "--out", "{tmp}/missing-dir/a"], ["missing-dir"]),
+    ("overlap_json_parent_missing", ["overlap-report", "bert-uncased", "mistral-v1", "--json",
+                                     "{tmp}/missing-dir/r.json"], ["missing-dir"]),
+    ("overlap_plot_is_a_directory", ["overlap-report", "bert-uncased", "mistral-v1", "--plot", "{out}"],
+     ["--plot"]),
+    ("inspect_tensors_hash_differs", ["inspect", "{proj:tensors_sha_wrong}"], ["projection.safetensors"]),
+]
+
+
+@pytest.mark.parametrize("args,words", [c[1:] for c in CASES_F], ids=[c[0] for c in CASES_F])
+def test_bad_output_is_refused_up_front(tmp_path, request, monkeypatch, args, words):
+    check_refused(tmp_path, request, monkeypatch, args, words)
 
 
 # --- the same checks from Python ---------------------------------------------------------------
