@@ -16,11 +16,12 @@ import click
 import numpy as np
 
 from xtoken_align import load_tokenizer
+from xtoken_align.alignment.chat import check_conversation
 from xtoken_align.batch.alignment_artifacts import write_alignment_artifact
 from xtoken_align.batch.collate import AlignedBatch, AlignmentCollator, CollateConfig
 from xtoken_align.textio import read_utf8
 from xtoken_cli import outputs
-from xtoken_cli.config_options import config_from, config_options
+from xtoken_cli.config_options import bounded, config_from, config_options
 from xtoken_core.artifact_format import ALIGNMENT_JSON
 from xtoken_core.errors import ConfigError, DataFileError
 
@@ -58,6 +59,8 @@ def _read_jsonl(path: Path, field: str) -> list:
         except UnicodeEncodeError:
             raise DataFileError(f"{path}: line {n}: {field!r} holds a lone surrogate (\\ud800-\\udfff), "
                                 f"not valid Unicode text") from None
+        if isinstance(value, list):  # a conversation: checked here, before any work, naming the line
+            check_conversation(value, f"{path}: line {n}")
         samples.append(value)
     return samples
 
@@ -142,19 +145,19 @@ def _sample_html(k: int, batch: AlignedBatch, b: int, student, teacher) -> str:
                 help={"max_length": "Token budget per side; both sides are cut at one shared chunk boundary."})
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write one JSON record per sample.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write an HTML page of the alignments.")
-@click.option("--html-samples", default=50, show_default=True, help="Samples shown in the HTML page.")
+@click.option("--html-samples", default=50, show_default=True, type=bounded(int, min=0, max=10_000),
+              help="Samples shown in the HTML page.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Write a precomputed alignment artifact directory.")
-@click.option("--batch-size", default=256, show_default=True, help="Samples aligned per call.")
-@click.option("--shard-size", default=4096, show_default=True, help="Samples per artifact shard.")
+@click.option("--batch-size", default=256, show_default=True, type=bounded(int, min=1, max=65_536),
+              help="Samples aligned per call.")
+@click.option("--shard-size", default=4096, show_default=True, type=bounded(int, min=1, max=1_048_576),
+              help="Samples per artifact shard.")
 def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, html_samples, out_dir, batch_size,
               shard_size, **options):
     """Align a dataset between a student and a teacher tokenizer and report the chunks."""
     if (text_file is None) == (jsonl is None):
         raise ConfigError("give exactly one input: --text-file F or --jsonl F")
-    for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
-        if value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value}")
     config = config_from(CollateConfig, options, COLLATE_FIELDS)
     outputs.prepare(inputs=[("--text-file", text_file), ("--jsonl", jsonl),
                             ("--student", outputs.tokenizer_inputs(student)),

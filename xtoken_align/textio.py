@@ -22,3 +22,14 @@ def read_utf8(path: Path, what: str = "file") -> str:
         line = data[:exc.start].count(b"\n") + 1
         raise DataFileError(f"{what} {path}: invalid UTF-8 at line {line} (byte {exc.start}: "
                             f"{data[exc.start:exc.start + 1]!r}); the file is not UTF-8: re-encode it") from None
+
+
+def no_lone_surrogates(text: str, where: str) -> str:
+    """`text` itself, or a `DataFileError` naming `where` if it holds a lone surrogate (U+D800..U+DFFF:
+    what a JSON `"\\ud800"` escape decodes to; not Unicode text, and no tokenizer accepts it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataFileError(f"{where} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character "
+                            f"{exc.start}), not valid Unicode text") from None
+    return text

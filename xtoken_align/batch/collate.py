@@ -27,7 +27,7 @@ from xtoken_align.alignment.chat import common_segments, render_conversation
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
 from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core import fingerprints
-from xtoken_core.config import Config, config, option
+from xtoken_core.config import MAX_TOKENS, Config, config, option
 from xtoken_core.errors import AlignmentError, ConfigError
 
 
@@ -45,10 +45,11 @@ class CollateConfig(Config):
 
     error_type: ClassVar[type[ConfigError]] = CollateConfigError
 
-    max_length: int | None = option(None, min=1, help="Student token budget per sample (None: no truncation); "
-                                                       "every side is cut at one shared chunk boundary.")
-    teacher_max_length: int | None = option(None, min=1, help="Each teacher's token budget (None: same as "
-                                                               "max_length).")
+    max_length: int | None = option(None, min=1, max=MAX_TOKENS,
+                                    help="Student token budget per sample (None: no truncation); every side is "
+                                         "cut at one shared chunk boundary.")
+    teacher_max_length: int | None = option(None, min=1, max=MAX_TOKENS,
+                                            help="Each teacher's token budget (None: same as max_length).")
     add_special_tokens: bool = option(True, help="Add each tokenizer's post-processor tokens (BOS/EOS) to plain "
                                                  "texts, as tokenizer(text) does.")
     text_field: str = option("text", help="Key read for a text when samples are dicts.")

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from xtoken_align.textio import read_utf8
+from xtoken_align.textio import no_lone_surrogates, read_utf8
 from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core.errors import DataFileError
 
@@ -46,7 +46,7 @@ def read_corpus(path: Path) -> list[str]:
                                     f"give JSON lines with a \"text\" field or plain text") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise DataFileError(f"corpus {path} line {n} has no string \"text\" field")
-            texts.append(obj["text"])
+            texts.append(no_lone_surrogates(obj["text"], f"corpus {path} line {n}: \"text\""))
         return texts
     return lines
 
