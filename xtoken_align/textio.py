@@ -91,16 +91,17 @@ def check_text(value, where: str) -> None:
         raise DataFileError(f"{where} holds a lone surrogate (\\ud800-\\udfff), not valid Unicode text") from None
 
 
-def iter_jsonl(path: Path, what: str = "JSON lines file") -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: Path, what: str = "JSON lines file", hint: str = "") -> Iterator[tuple[int, dict]]:
     """`(line number, object)` of every line of a JSON Lines file, streamed; an empty line, a line
-    that is not valid JSON or not a JSON object is a `DataFileError` naming the line."""
+    that is not valid JSON or not a JSON object is a `DataFileError` naming the line (and ending
+    with `hint`)."""
     for n, line in iter_lines(path, what):
         if not line.strip():
-            raise DataFileError(f"{path}: line {n} is empty; every line must be a JSON object")
+            raise DataFileError(f"{path}: line {n} is empty; every line must be a JSON object{hint}")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataFileError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+            raise DataFileError(f"{path}: line {n} is not valid JSON ({exc.msg}){hint}") from None
         if not isinstance(record, dict):
-            raise DataFileError(f"{path}: line {n} is a JSON {type(record).__name__}, not an object")
+            raise DataFileError(f"{path}: line {n} is a JSON {type(record).__name__}, not an object{hint}")
         yield n, record
