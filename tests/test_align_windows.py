@@ -111,9 +111,10 @@ def test_offsets_fallback_late_in_the_text_restarts():
 
 
 def test_short_text_is_not_windowed():
-    assert not windows.is_long("x" * (windows.WINDOW_CHARS + windows.OVERLAP_CHARS))
-    assert windows.is_long("x" * (windows.WINDOW_CHARS + windows.OVERLAP_CHARS + 1))
-    assert not windows.is_long([{"role": "user", "content": "x" * (2 * windows.WINDOW_CHARS)}])
+    assert windows.LONG_TEXT_CHARS >= 1 << 20  # texts up to 1 MiB characters take the whole-text path
+    assert not windows.is_long("x" * windows.LONG_TEXT_CHARS)
+    assert windows.is_long("x" * (windows.LONG_TEXT_CHARS + 1))
+    assert not windows.is_long([{"role": "user", "content": "x" * (2 * windows.LONG_TEXT_CHARS)}])
 
 
 def _align(tmp_path, tag, *args):
@@ -132,8 +133,9 @@ def test_cli_json_is_identical_with_windows(tmp_path, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     args = ("--student", "llama3", "--teacher", "qwen3", "--jsonl", src)
-    monkeypatch.setattr(windows, "WINDOW_CHARS", 10 ** 9)
+    monkeypatch.setattr(windows, "LONG_TEXT_CHARS", 10 ** 9)
     whole = _align(tmp_path, "whole", *args)
+    monkeypatch.setattr(windows, "LONG_TEXT_CHARS", 30_000)
     monkeypatch.setattr(windows, "WINDOW_CHARS", 60_000)
     monkeypatch.setattr(windows, "OVERLAP_CHARS", 4_000)
     windowed = _align(tmp_path, "windowed", *args)
@@ -146,8 +148,9 @@ def test_cli_truncation_and_artifact_with_windows(tmp_path, monkeypatch):
     src = tmp_path / "in.txt"
     src.write_text(text.replace("\n", " ") + "\n" + "short line\n", encoding="utf-8")
     args = ("--student", "llama3", "--teacher", "mistral-v1", "--text-file", src, "--max-length", 3000)
-    monkeypatch.setattr(windows, "WINDOW_CHARS", 10 ** 9)
+    monkeypatch.setattr(windows, "LONG_TEXT_CHARS", 10 ** 9)
     whole = _align(tmp_path, "whole", *args, "--out", tmp_path / "a_whole")
+    monkeypatch.setattr(windows, "LONG_TEXT_CHARS", 3000)
     monkeypatch.setattr(windows, "WINDOW_CHARS", 3000)
     monkeypatch.setattr(windows, "OVERLAP_CHARS", 400)
     windowed = _align(tmp_path, "windowed", *args, "--out", tmp_path / "a_win")
@@ -162,6 +165,7 @@ def test_cli_truncation_and_artifact_with_windows(tmp_path, monkeypatch):
 
 def test_cli_html_draws_at_most_a_bounded_number_of_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(align_cmd, "HTML_MAX_CHUNKS", 50)
+    monkeypatch.setattr(windows, "LONG_TEXT_CHARS", 2000)
     monkeypatch.setattr(windows, "WINDOW_CHARS", 2000)
     monkeypatch.setattr(windows, "OVERLAP_CHARS", 256)
     src = tmp_path / "in.txt"

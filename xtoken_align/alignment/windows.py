@@ -2,7 +2,7 @@
 
 Tokenizing a 20 MB text at once holds every token of both sides in the tokenizer's encodings,
 Python lists and numpy arrays at the same time (gigabytes). `align_long` instead walks the text in
-windows of about `WINDOW_CHARS` characters and yields the alignment a piece at a time, so memory
+windows of about `WINDOW_CHARS` characters (256 KiB) and yields the alignment a piece at a time, so memory
 follows the window, not the text. The pieces are exactly the whole text's alignment (same tokens,
 positions, faithfulness and chunks), because a window boundary is placed only where that holds:
 
@@ -39,18 +39,18 @@ import numpy as np
 from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, encode_parts
 from xtoken_align.tokenizer.loader import TokenizerInfo
 
-WINDOW_CHARS = 1 << 20  # characters per window; texts up to WINDOW_CHARS + OVERLAP_CHARS are aligned whole
+LONG_TEXT_CHARS = 1 << 20  # texts of more characters are windowed; the others are aligned whole
+WINDOW_CHARS = 1 << 18  # characters per window (a cut falls in its second half)
 OVERLAP_CHARS = 1 << 15  # how far each window runs past its cut; the first half is compared
 MAX_CANDIDATES = 6  # cuts tried per window before the window doubles
 _SCAN = 20_000  # common boundaries looked at per window (latest first) for the candidates
 RESTART = None  # yielded by `align_long` when it starts the text again (see the module docstring)
 
 
-def is_long(text, window: int | None = None, overlap: int | None = None) -> bool:
-    """Whether `align_long` would window `text` (a str longer than one window and its overlap)."""
-    window = WINDOW_CHARS if window is None else window
-    overlap = OVERLAP_CHARS if overlap is None else overlap
-    return isinstance(text, str) and len(text) > window + overlap
+def is_long(text) -> bool:
+    """Whether `text` is a str of more than `LONG_TEXT_CHARS` characters (the `align` command
+    aligns those with `align_long`)."""
+    return isinstance(text, str) and len(text) > LONG_TEXT_CHARS
 
 
 @dataclass
