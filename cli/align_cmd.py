@@ -2,6 +2,9 @@
 
 Prints summary statistics; `--json` writes one record per sample, `--html` a page to look at the
 alignments, `--out` a precomputed alignment artifact (`xtoken_align.batch.alignment_artifacts`).
+The input is checked in one pass, then streamed batch by batch; a text longer than
+`windows.LONG_TEXT_CHARS` is aligned in windows (`xtoken_align.alignment.windows`) with the same
+record as aligning it whole, so memory follows the batch and the window, not the file.
 """
 
 from __future__ import annotations
