@@ -29,7 +29,9 @@ from xtoken_align.batch.alignment_artifacts import write_alignment_artifact
 from xtoken_align.batch.collate import AlignedBatch, AlignmentCollator, CollateConfig, truncate
 from xtoken_align.textio import check_text, iter_jsonl, iter_lines
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
+from xtoken_cli import outputs
 from xtoken_cli.config_options import config_from, config_options
+from xtoken_core.artifact_format import ALIGNMENT_JSON
 from xtoken_core.errors import ConfigError, DataFileError
 
 # The collator options `align` exposes, and their names where they differ from the field's.
@@ -216,6 +218,10 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
         if value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
     config = config_from(CollateConfig, options, COLLATE_FIELDS)
+    outputs.prepare(inputs=[("--text-file", text_file), ("--jsonl", jsonl),
+                            ("--student", outputs.tokenizer_inputs(student)),
+                            ("--teacher", outputs.tokenizer_inputs(teacher))],
+                    files=[("--json", json_out), ("--html", html_out)], artifact=("--out", out_dir, ALIGNMENT_JSON))
 
     def samples() -> Iterator:  # streamed: memory holds a batch, never the file
         return _text_samples(text_file) if text_file is not None else _jsonl_samples(jsonl, field)
@@ -229,7 +235,7 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
     collator = AlignmentCollator(s_info, [t_info], config)
     stats = _Stats()
     html_parts: list[str] = []
-    json_fh = open(json_out, "w", encoding="utf-8") if json_out else None
+    json_fh = outputs.OutputFile(json_out) if json_out else None  # replaces json_out only on commit()
 
     def emit(k0: int, batch: AlignedBatch) -> None:
         """Stats, `--json` records and HTML of an aligned batch whose first sample is number k0."""
@@ -325,6 +331,8 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
         else:
             for _ in batches():
                 pass
+        if json_fh is not None:
+            json_fh.commit()
     finally:
         if json_fh is not None:
             json_fh.close()
@@ -334,7 +342,7 @@ def align_cmd(student, teacher, text_file, jsonl, field, json_out, html_out, htm
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}"
                 f"</style></head><body><h1>{title}</h1><p>Green: correct chunk; red: not correct; dashed: "
                 f"zero-width (special tokens, template scaffolding).</p>{''.join(html_parts)}</body></html>")
-        Path(html_out).write_text(page, encoding="utf-8")
+        outputs.write_text(html_out, page)
         click.echo(f"wrote {html_out}")
     if json_out is not None:
         click.echo(f"wrote {json_out}")

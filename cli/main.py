@@ -1,22 +1,30 @@
 """`xtoken-align`: the click group. Each command lives in its own module and registers here.
 
 User errors (`XTokenError`, bad options) print one `error: ...` line and exit with code 2, never a
-traceback; anything else is a bug and keeps its traceback.
+traceback; anything else is a bug and keeps its traceback. Warnings (e.g. an artifact without
+`tensors_sha256`) print as one `warning: ...` line.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
 from xtoken_core.errors import XTokenError
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning  # one `warning: ...` line, no source line
+                return super().invoke(ctx)
         except XTokenError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)

@@ -12,6 +12,7 @@ import numpy as np
 from xtoken_align import load_tokenizer
 from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.builder import ProjectionConfig
+from xtoken_cli import outputs
 from xtoken_cli.config_options import config_from, config_options
 from xtoken_core.errors import XTokenError
 
@@ -80,7 +81,9 @@ def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | N
 
     start = time.perf_counter()
     cfg = config_from(ProjectionConfig, options)
-    art.check_writable(out, marker=art.PROJECTION_JSON)  # fail before the work, not after
+    outputs.prepare(inputs=[("--student", outputs.tokenizer_inputs(student)),  # fail before the work, not after
+                            ("--teacher", outputs.tokenizer_inputs(teacher)), ("--corpus", corpus)],
+                    artifact=("--out", out, art.PROJECTION_JSON))
     texts = read_corpus(corpus, corpus_format) if corpus is not None else None
     s_tok = load_tokenizer(student)  # ~0.5 s each: no progress display, so errors stay one line
     t_tok = load_tokenizer(teacher)

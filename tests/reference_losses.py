@@ -156,7 +156,9 @@ def reference_kl(student_logits, teacher_outputs, batch, *, temperature=1.0, dir
             if tail == "bucket":
                 Ps = torch.exp(lps)
                 Pvec = torch.cat([Ps, (1 - Ps.sum()).clamp_min(0).reshape(1)])
-                Qvec = torch.cat([qs, (1 - qs.sum()).clamp_min(0).reshape(1)])
+                unlisted = torch.ones(V, dtype=torch.bool)
+                unlisted[ids] = False
+                Qvec = torch.cat([qs, q[unlisted].sum().reshape(1)])  # summed directly: no 1 - sum cancellation
             else:
                 Pvec = torch.softmax(lps / T, dim=0)
                 Qvec = qs / qs.sum()

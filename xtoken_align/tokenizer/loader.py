@@ -22,6 +22,7 @@ from xtoken_align.tokenizer import canonical_bytes as cb
 from xtoken_align.tokenizer.fixtures import resolve_fixture
 from xtoken_align.tokenizer.special_roles import special_roles
 from xtoken_core.errors import TokenizerLoadError, TokenizerNotFoundError
+from xtoken_core.fingerprints import register_name
 
 KINDS = ("byte_level", "tiktoken", "sentencepiece", "sentencepiece_byte_fallback", "wordpiece")
 EXACTNESS = ("exact", "exact_nfc", "lossy")
@@ -344,7 +345,7 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
     if unk_id is not None:
         specials.setdefault(unk_id, unk)
         all_added.setdefault(unk, unk_id)
-    return TokenizerInfo(
+    info = TokenizerInfo(
         name=name or str(name_or_path),
         source=str(tj_path),
         kind=kind,
@@ -361,3 +362,5 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
         _prefix_always=any(c.get("type") == "Prepend" for c in _components(spec.get("normalizer"))),
         config=config,
     )
+    register_name(info.fingerprint, info.name)  # batches name their tokenizers by fingerprint
+    return info

@@ -36,6 +36,8 @@ import torch
 from xtoken_core.artifact_format import ROW_EXACT
 from xtoken_core.config import config, option
 from xtoken_core.errors import ArtifactError, LossInputError, LossOptionError
+from xtoken_loss.batch_tokenizers import TokenizerPair, check_batch_tokenizers
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
 from xtoken_loss.losses.uld import ChunkLossOptions
@@ -80,21 +82,24 @@ class HKLOptions(HybridOptions):
 
 @dataclass(frozen=True, eq=False)
 class CommonSet:
-    """Common pairs `(student_ids[j], teacher_ids[j])`, distinct on each side, sorted by student id."""
+    """Common pairs `(student_ids[j], teacher_ids[j])`, distinct on each side, sorted by student id;
+    `tokenizers`: the pair of the projection it came from (checked against the batch), if recorded."""
 
     student_ids: torch.Tensor  # [m] int64
     teacher_ids: torch.Tensor  # [m] int64
     method: str = ""
+    tokenizers: TokenizerPair | None = None
 
     @property
     def size(self) -> int:
         return int(self.student_ids.shape[0])
 
     def to(self, device) -> CommonSet:
-        return CommonSet(self.student_ids.to(device), self.teacher_ids.to(device), self.method)
+        return CommonSet(self.student_ids.to(device), self.teacher_ids.to(device), self.method, self.tokenizers)
 
     @classmethod
-    def from_pairs(cls, student_ids, teacher_ids, scores=None, *, method: str = "") -> CommonSet:
+    def from_pairs(cls, student_ids, teacher_ids, scores=None, *, method: str = "",
+                   tokenizers: TokenizerPair | None = None) -> CommonSet:
         """Resolve candidate pairs with the collision rule: per teacher id keep the highest `score`
         (all equal when None), ties to the lowest student id; student ids must already be distinct."""
         s = torch.as_tensor(student_ids, dtype=torch.int64).flatten()
@@ -113,7 +118,7 @@ class CommonSet:
         first[1:] = ts[1:] != ts[:-1]
         keep = order[first]
         keep = keep[torch.argsort(s[keep])]
-        return cls(s[keep].contiguous(), t[keep].contiguous(), method)
+        return cls(s[keep].contiguous(), t[keep].contiguous(), method, tokenizers)
 
     @classmethod
     def from_map(cls, student_to_teacher, *, method: str = "map") -> CommonSet:
@@ -135,7 +140,7 @@ def common_by_threshold(projection, threshold: float = DEFAULT_THRESHOLD) -> Com
     top_w, slot = w.max(dim=1)
     rows = (top_w >= th - 1e-6).nonzero().squeeze(1)  # float32 artifacts: 0.6 stored as 0.6000000238
     cols = idx[rows, slot[rows]]
-    return CommonSet.from_pairs(rows, cols, top_w[rows], method=f"max_weight>={th:g}")
+    return CommonSet.from_pairs(rows, cols, top_w[rows], method=f"max_weight>={th:g}", tokenizers=proj.tokenizers)
 
 
 def common_exact(source) -> CommonSet:
@@ -159,7 +164,7 @@ def common_exact(source) -> CommonSet:
                 "pass gold_loss(common=...) a [V_s] exact map"
             )
         rows = (source.row_kind.cpu().to(torch.int64) == ROW_EXACT).nonzero().squeeze(1)
-        return CommonSet.from_pairs(rows, source.indices.cpu()[rows, 0], method="exact")
+        return CommonSet.from_pairs(rows, source.indices.cpu()[rows, 0], method="exact", tokenizers=source.tokenizers)
     return CommonSet.from_map(source, method="exact")
 
 
@@ -197,10 +202,13 @@ def hybrid_loss(
                       check_inputs=check_inputs)
     T, form, tail_cut = float(temperature), o.form, o.cut
     teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
+    normalizer = check_chunk_inputs(loss_name, student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
+                                    correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]
     cs = _as_common(common, student_logits.device)
+    check_batch_tokenizers(cs, batch, teacher_index, loss=loss_name, what="the common set's projection")
     if cs.size and (int(cs.student_ids.max()) >= Vs or int(cs.teacher_ids.max()) >= Vt):
         raise LossInputError(
             f"{loss_name}: the common set pairs student ids up to {int(cs.student_ids.max())} with teacher ids up to "

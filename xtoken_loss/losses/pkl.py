@@ -33,6 +33,8 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunked import (
     attach_grad,
     check_options,
@@ -132,6 +134,10 @@ def pkl_loss(
                   position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
     T = float(temperature)
     zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
+    proj = as_projection(projection, student_logits.device)
+    check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")  # a batch for other tokenizers: say so first
+    normalizer = check_chunk_inputs("pkl", student_logits, zt, batch, teacher_index, normalizer,
+                                    correct_only=correct_only)
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"pkl: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must be [B, T, V]"
@@ -141,7 +147,6 @@ def pkl_loss(
         raise LossInputError(f"pkl: teacher logits batch size {zt.shape[0]} != student batch size {B}")
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device
-    proj = as_projection(projection, dev)
     proj.check_widths(Vs, Vt)
     if check_inputs:
         check_finite("student_logits", student_logits)
