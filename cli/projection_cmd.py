@@ -69,10 +69,13 @@ PROJECTION_OPTION_NAMES = {"student_model_vocab_size": "student-vocab-size",
 @click.option("--corpus", type=click.Path(path_type=Path),
               help="UTF-8 corpus (JSON lines with a \"text\" field, or plain text lines) whose co-occurrence "
                    "counts refine the rule-based rows.")
+@click.option("--corpus-format", type=click.Choice(["auto", "jsonl", "text"]), default="auto", show_default=True,
+              help="How --corpus is read: auto = JSON lines for a .jsonl/.ndjson/.json file, else one text per line.")
 @config_options(ProjectionConfig, names=PROJECTION_OPTION_NAMES,
                 help={"both_directions": "Also write the teacher-to-student projection under "
                                          "OUT/teacher_to_student/."})
-def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | None, **options) -> None:
+def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | None, corpus_format: str,
+                         **options) -> None:
     """Build a sparse student-to-teacher projection (CONTRACTS §4 artifact) into OUT."""
     from xtoken_align.projection.builder import build_projection, model_vocab_sizes
     from xtoken_align.projection.refine import read_corpus
@@ -82,7 +85,7 @@ def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | N
     outputs.prepare(inputs=[("--student", outputs.tokenizer_inputs(student)),  # fail before the work, not after
                             ("--teacher", outputs.tokenizer_inputs(teacher)), ("--corpus", corpus)],
                     artifact=("--out", out, art.PROJECTION_JSON))
-    texts = read_corpus(corpus) if corpus is not None else None
+    texts = read_corpus(corpus, corpus_format) if corpus is not None else None
     s_tok = load_tokenizer(student)  # ~0.5 s each: no progress display, so errors stay one line
     t_tok = load_tokenizer(teacher)
     model_vocab_sizes(s_tok, t_tok, cfg)

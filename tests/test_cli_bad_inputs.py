@@ -462,3 +462,30 @@ def test_config_token_entry_that_is_no_string_names_no_role(tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     tok = load_tokenizer(str(d))
     assert tok.special_tokens[tok.special_roles["bos"]] == "[CLS]"  # from the family table
+
+
+# Helper H's cases are inputs that must be *accepted* (exit 0), with the bytes each sample counts.
+BOM = "\ufeff"
+ACCEPTED_H = [
+    ("corpus_plain_text_starting_with_brace", ["build-projection", *PAIR, "--out", "{out}/p", "--corpus",
+                                               "{file:brace_corpus.txt}"], None),
+    ("text_file_bom_dropped", ["align", *PAIR, "--text-file", "{file:bom_text.txt}", "--json", "{out}/a.jsonl"],
+     [5, 5]),
+    ("jsonl_bom_dropped", ["align", *PAIR, "--jsonl", "{file:bom.jsonl}", "--json", "{out}/a.jsonl"], [5]),
+    ("feff_inside_text_is_3_bytes", ["align", *PAIR, "--text-file", "{file:inner_feff.txt}", "--json",
+                                     "{out}/a.jsonl"], [9]),
+]
+_FILES.update({"brace_corpus.txt": "{curly} is not JSON\nsecond line\n", "bom_text.txt": BOM + "hello\nworld\n",
+               "bom.jsonl": BOM + '{"text": "hello"}\n', "inner_feff.txt": "ab" + BOM + "cdef\n"})
+
+
+@pytest.mark.parametrize("args,sample_bytes", [c[1:] for c in ACCEPTED_H], ids=[c[0] for c in ACCEPTED_H])
+def test_inputs_that_are_accepted(tmp_path, request, args, sample_bytes):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [_expand(a, tmp_path, out, request) for a in args]
+    r = CliRunner().invoke(align_cli, argv)
+    assert r.exit_code == 0, r.output
+    if sample_bytes is not None:
+        records = [json.loads(ln) for ln in (out / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert [rec["bytes"] for rec in records] == sample_bytes

@@ -63,7 +63,7 @@ def test_todays_option_names_keep_working(cmd, names):
 def test_cli_defaults_are_the_configs_defaults():
     params = _params(build_projection_cmd, BASE + ["--out", "x"])
     assert config_from(ProjectionConfig, params) == ProjectionConfig()
-    assert set(params) == {"student", "teacher", "out", "corpus"}  # the rest went into the config
+    assert set(params) == {"student", "teacher", "out", "corpus", "corpus_format"}  # the rest went into the config
     params = _params(align_cmd, BASE)
     assert config_from(CollateConfig, params, ("max_length", "add_special_tokens")) == CollateConfig()
 
