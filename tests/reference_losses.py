@@ -156,7 +156,9 @@ def reference_kl(student_logits, teacher_outputs, batch, *, temperature=1.0, dir
             if tail == "bucket":
                 Ps = torch.exp(lps)
                 Pvec = torch.cat([Ps, (1 - Ps.sum()).clamp_min(0).reshape(1)])
-                Qvec = torch.cat([qs, (1 - qs.sum()).clamp_min(0).reshape(1)])
+                unlisted = torch.ones(V, dtype=torch.bool)
+                unlisted[ids] = False
+                Qvec = torch.cat([qs, q[unlisted].sum().reshape(1)])  # summed directly: no 1 - sum cancellation
             else:
                 Pvec = torch.softmax(lps / T, dim=0)
                 Qvec = qs / qs.sum()
@@ -195,8 +197,18 @@ def _chunk_positions(batch, i, b, c, length, side):
 
 def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, temperature=1.0,
                   direction="forward", top_k_columns=8192, columns=None, public=False,
-                  correct_only=True, public_eps=1e-10, normalizer=None):
-    """P-KL with a dense W; see docs/losses.md for the two forms. Returns (loss, count, columns)."""
+                  correct_only=None, normalizer=None):
+    """P-KL with a dense W; see docs/losses.md for the two forms. Returns (loss, count, columns).
+    The public form is NeMo-RL's, transcribed in `tests/reference_nemo.py` (W's width is the
+    projection's teacher vocabulary); `correct_only=None`: True, public False."""
+    if public:
+        from tests.reference_nemo import nemo_pkl
+
+        return nemo_pkl(student_logits, teacher_logits, batch, W, teacher_index=teacher_index,
+                        temperature=temperature, vocab_topk=1 << 62 if top_k_columns is None else top_k_columns,
+                        reverse_kl=direction == "reverse", exact_token_match_only=bool(correct_only),
+                        columns=columns, normalizer=normalizer)
+    correct_only = True if correct_only is None else correct_only
     i = teacher_index
     zs = student_logits.to(torch.float64)
     zt = teacher_logits.to(torch.float64)
@@ -216,19 +228,14 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
                 continue
             if correct_only and not bool(batch[f"alignment_{i}_pair_is_correct"][b, c]):
                 continue
-            s_all, s_start = _chunk_positions(batch, i, b, c, Ls, "student")
-            t_all, t_start = _chunk_positions(batch, i, b, c, Lt, "teacher")
-            if public and s_all and t_all:
-                units.append((b, s_all, t_all))
-            if not public and s_start and t_start:
+            _, s_start = _chunk_positions(batch, i, b, c, Ls, "student")
+            _, t_start = _chunk_positions(batch, i, b, c, Lt, "teacher")
+            if s_start and t_start:
                 units.append((b, s_start[:1], t_start[:1]))
 
     reach = W.sum(dim=0) > 0
     if columns is not None:
-        S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and (public or bool(reach[int(j)]))})
-    elif public:
-        scores = zt.reshape(-1, Vt).max(dim=0).values
-        S = _top_columns(scores, top_k_columns)
+        S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and bool(reach[int(j)])})
     else:
         scores = torch.full((Vt,), float("-inf"), dtype=torch.float64)
         for b, _, t_pos in units:
@@ -242,13 +249,6 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
 
     total = torch.zeros((), dtype=torch.float64)
     for b, s_pos, t_pos in units:
-        if public:
-            Q = torch.stack([(torch.softmax(zs[b, p] / T, dim=0) @ W)[S] for p in s_pos]).mean(dim=0)
-            Q = Q / Q.sum()
-            Lc = torch.stack([torch.log_softmax(zt[b, p, S] / T, dim=0) for p in t_pos]).mean(dim=0)
-            logQ = torch.log(torch.clamp(Q, min=public_eps))
-            total = total + (torch.exp(Lc) * (Lc - logQ)).sum()
-            continue
         q = torch.softmax(zs[b, s_pos[0]] / T, dim=0) @ W  # [V_t]
         q = q / q.sum()
         Pt = torch.softmax(zt[b, t_pos[0]] / T, dim=0)
@@ -316,11 +316,19 @@ def reference_common_by_threshold(W, threshold=0.6):
 
 
 def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_index=0, temperature=1.0,
-                     public=False, common_weight=1.0, uncommon_weight=1.0, tail_cut=None, correct_only=True,
-                     normalizer=None, chunk_form=None):
+                     public=False, common_weight=1.0, uncommon_weight=1.0, tail_cut=None, correct_only=None,
+                     normalizer=None, chunk_form=None, direction="forward"):
     """KL on the common pairs `common = (student ids, teacher ids)` + sorted L1 on the rest.
-    principled: chunk starts, renormalised KL, full sort; public: mean of log-probs, raw partial KL,
-    sorted tails cut to min(|U_s|, |U_t|, tail_cut or 8192)."""
+    principled: chunk starts (or `chunk_form`), renormalised KL, full sort; public: NeMo-RL's, as
+    transcribed in `tests/reference_nemo.py` (every valid chunk unless `correct_only`)."""
+    if public:
+        from tests.reference_nemo import nemo_gold
+
+        return nemo_gold(student_logits, teacher_logits, batch, common, teacher_index=teacher_index,
+                         temperature=temperature, uncommon_topk=8192 if tail_cut is None else tail_cut,
+                         reverse_kl=direction == "reverse", normalizer=normalizer, common_weight=common_weight,
+                         uncommon_weight=uncommon_weight, exact_token_match_only=bool(correct_only))
+    correct_only = True if correct_only is None else correct_only
     i = teacher_index
     zs, zt = student_logits.to(torch.float64), teacher_logits.to(torch.float64)
     Vs, Vt = zs.shape[2], zt.shape[2]
@@ -332,8 +340,8 @@ def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_i
     u_t = [v for v in range(Vt) if v not in in_t]
     s_ix, t_ix = torch.tensor(s_ids, dtype=torch.int64), torch.tensor(t_ids, dtype=torch.int64)
     us_ix, ut_ix = torch.tensor(u_s, dtype=torch.int64), torch.tensor(u_t, dtype=torch.int64)
-    form = chunk_form or ("mean_log" if public else "start")
-    cut = tail_cut if tail_cut is not None else (8192 if public else None)
+    form = chunk_form or "start"
+    cut = tail_cut
     if cut is not None:
         cut = min(len(u_s), len(u_t), cut)
     units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only, starts=form == "start")
@@ -342,12 +350,7 @@ def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_i
         lq = chunk_log_dist(zs, b, sp, form, T, batch.get("input_ids"))
         lp = chunk_log_dist(zt, b, tp, form, T, batch.get(f"teacher_{i}_input_ids"))
         kl = torch.zeros((), dtype=torch.float64)
-        if public:
-            for j in range(m):
-                pj = torch.exp(lp[t_ids[j]])
-                if pj > 0:
-                    kl = kl + pj * (lp[t_ids[j]] - lq[s_ids[j]])
-        elif m and bool(torch.isfinite(lp[t_ix]).any()):
+        if m and bool(torch.isfinite(lp[t_ix]).any()):
             # KL(P / P(C) || Q / Q(C)) from the log-probabilities renormalised over C (exact in float64
             # whatever the spread: no probability is formed before its log)
             lpn = lp[t_ix] - torch.logsumexp(lp[t_ix], dim=0)

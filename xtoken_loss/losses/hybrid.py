@@ -22,9 +22,11 @@ run by `xtoken_loss/chunk_runner.py`):
   Computed in log space (docs/losses.md): `log qn_C = z_C / T - logsumexp(z_C / T)`, the masses by
   log-sum-exp, the KL's gradient as `qn_C - pn_C`; never the log of a probability that may have
   underflowed, so confident (a +100 spike) or widely spread (std 12) logits stay finite in float32.
-- public (`public=True`, the published hybrid): chunk form `"mean_log"` on both sides; the common-set
-  term is `sum_j p_j (log p_j - log q_j)` without renormalising (it can be negative); the sorted
-  uncommon vectors are cut to their `min(|U_s|, |U_t|, tail_cut)` largest entries (tail_cut 8192).
+- public (`public=True`): NeMo-RL's published hybrid, its defaults and common-set rules included,
+  computed by `losses/public.py` (`public_hybrid`, `public_common_set`): chunk form `"mean_log"`; the
+  common-set term `sum_j p_j (log p_j - log q_j)` is not renormalised (it can be negative); the
+  sorted uncommon vectors are cut to their `min(|U_s|, |U_t|, tail_cut)` largest entries (8192);
+  `loss_c = T^2 (KL + L1)`; every valid chunk counts, correct or not; `direction="reverse"` too.
 Sum over valid chunks / `normalizer` (default: the number of valid chunks).
 """
 
@@ -32,13 +34,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from xtoken_core.artifact_format import ROW_EXACT
 from xtoken_core.config import config, option
 from xtoken_core.errors import ArtifactError, LossInputError, LossOptionError
+from xtoken_loss.batch_tokenizers import TokenizerPair, check_batch_tokenizers
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
 from xtoken_loss.losses.uld import ChunkLossOptions
@@ -55,12 +59,28 @@ TEACHER_FORMS = ("logits",)
 @config
 class HybridOptions(ChunkLossOptions):
     """Options of `hybrid_loss` and `gold_loss` / `GOLDLoss` (module doc; public form: chunk form
-    `"mean_log"`, tail cut 8192)."""
+    `"mean_log"`, tail cut 8192, every valid chunk)."""
 
     public_form: ClassVar[str] = "mean_log"
 
+    correct_only: bool | None = option(None, help="count only chunks whose pair is correct (pair_is_correct); None: "
+                                       "yes, except with public=True (NeMo-RL counts every valid chunk)")
+    direction: Literal["forward", "reverse"] = option("forward", help="common-set KL: 'forward' KL(teacher || "
+                                                      "student) or 'reverse' (public form only)")
     common_weight: float = option(1.0, help="weight of the common-set KL")
     uncommon_weight: float = option(1.0, help="weight of the sorted L1 on the uncommon entries")
+
+    def check(self) -> None:
+        if self.public and self.form != "mean_log":
+            raise self.fail(f"public=True is NeMo-RL's hybrid, whose chunk form is 'mean_log'; chunk_form="
+                            f"{self.chunk_form!r} needs public=False")
+        if not self.public and self.direction != "forward":
+            raise self.fail("direction='reverse' exists in the public form only (public=True)")
+
+    @property
+    def only_correct(self) -> bool:
+        """`correct_only` resolved: its value, else True (principled) / False (public)."""
+        return (not self.public) if self.correct_only is None else self.correct_only
 
     @property
     def cut(self) -> int | None:
@@ -83,21 +103,24 @@ class HKLOptions(HybridOptions):
 
 @dataclass(frozen=True, eq=False)
 class CommonSet:
-    """Common pairs `(student_ids[j], teacher_ids[j])`, distinct on each side, sorted by student id."""
+    """Common pairs `(student_ids[j], teacher_ids[j])`, distinct on each side, sorted by student id;
+    `tokenizers`: the pair of the projection it came from (checked against the batch), if recorded."""
 
     student_ids: torch.Tensor  # [m] int64
     teacher_ids: torch.Tensor  # [m] int64
     method: str = ""
+    tokenizers: TokenizerPair | None = None
 
     @property
     def size(self) -> int:
         return int(self.student_ids.shape[0])
 
     def to(self, device) -> CommonSet:
-        return CommonSet(self.student_ids.to(device), self.teacher_ids.to(device), self.method)
+        return CommonSet(self.student_ids.to(device), self.teacher_ids.to(device), self.method, self.tokenizers)
 
     @classmethod
-    def from_pairs(cls, student_ids, teacher_ids, scores=None, *, method: str = "") -> CommonSet:
+    def from_pairs(cls, student_ids, teacher_ids, scores=None, *, method: str = "",
+                   tokenizers: TokenizerPair | None = None) -> CommonSet:
         """Resolve candidate pairs with the collision rule: per teacher id keep the highest `score`
         (all equal when None), ties to the lowest student id; student ids must already be distinct."""
         s = torch.as_tensor(student_ids, dtype=torch.int64).flatten()
@@ -116,7 +139,7 @@ class CommonSet:
         first[1:] = ts[1:] != ts[:-1]
         keep = order[first]
         keep = keep[torch.argsort(s[keep])]
-        return cls(s[keep].contiguous(), t[keep].contiguous(), method)
+        return cls(s[keep].contiguous(), t[keep].contiguous(), method, tokenizers)
 
     @classmethod
     def from_map(cls, student_to_teacher, *, method: str = "map") -> CommonSet:
@@ -138,7 +161,7 @@ def common_by_threshold(projection, threshold: float = DEFAULT_THRESHOLD) -> Com
     top_w, slot = w.max(dim=1)
     rows = (top_w >= th - 1e-6).nonzero().squeeze(1)  # float32 artifacts: 0.6 stored as 0.6000000238
     cols = idx[rows, slot[rows]]
-    return CommonSet.from_pairs(rows, cols, top_w[rows], method=f"max_weight>={th:g}")
+    return CommonSet.from_pairs(rows, cols, top_w[rows], method=f"max_weight>={th:g}", tokenizers=proj.tokenizers)
 
 
 def common_exact(source) -> CommonSet:
@@ -162,7 +185,7 @@ def common_exact(source) -> CommonSet:
                 "pass gold_loss(common=...) a [V_s] exact map"
             )
         rows = (source.row_kind.cpu().to(torch.int64) == ROW_EXACT).nonzero().squeeze(1)
-        return CommonSet.from_pairs(rows, source.indices.cpu()[rows, 0], method="exact")
+        return CommonSet.from_pairs(rows, source.indices.cpu()[rows, 0], method="exact", tokenizers=source.tokenizers)
     return CommonSet.from_map(source, method="exact")
 
 
@@ -182,11 +205,12 @@ def hybrid_loss(
     normalizer=None,
     temperature: float = 1.0,
     public: bool = False,
+    direction: str = "forward",
     common_weight: float = 1.0,
     uncommon_weight: float = 1.0,
     chunk_form: str | None = None,
     tail_cut: int | None = None,
-    correct_only: bool = True,
+    correct_only: bool | None = None,
     position_chunk_size: int | None = None,
     check_inputs: bool = False,
     loss_name: str = "hybrid",
@@ -195,15 +219,27 @@ def hybrid_loss(
     (module doc). Returns `(loss, metrics)`; metrics (means per valid chunk): `common_kl` (without
     T^2), `uncommon_l1`, `teacher_common_mass`, `student_common_mass`."""
     o = check_options(HybridOptions, teacher_index=teacher_index, temperature=temperature, public=public,
-                      common_weight=common_weight, uncommon_weight=uncommon_weight, chunk_form=chunk_form,
-                      tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
-                      check_inputs=check_inputs)
+                      direction=direction, common_weight=common_weight, uncommon_weight=uncommon_weight,
+                      chunk_form=chunk_form, tail_cut=tail_cut, correct_only=correct_only,
+                      position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+    correct_only = o.only_correct
     T, form, tail_cut = float(temperature), o.form, o.cut
     teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
+    normalizer = check_chunk_inputs(loss_name, student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
+                                    correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
+    if public:
+        from xtoken_loss.losses.public import public_hybrid  # public.py imports this module
+
+        return public_hybrid(student_logits, teacher_outputs, batch, common=_as_common(common, student_logits.device),
+                             teacher_index=teacher_index, normalizer=normalizer, temperature=temperature,
+                             direction=direction, common_weight=common_weight, uncommon_weight=uncommon_weight,
+                             tail_cut=o.cut, correct_only=o.only_correct, position_chunk_size=position_chunk_size,
+                             check_inputs=check_inputs, loss_name=loss_name)
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name=loss_name, teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
     Vs, Vt = student_logits.shape[2], zt.shape[2]
     cs = _as_common(common, student_logits.device)
+    check_batch_tokenizers(cs, batch, teacher_index, loss=loss_name, what="the common set's projection")
     if cs.size and (int(cs.student_ids.max()) >= Vs or int(cs.teacher_ids.max()) >= Vt):
         raise LossInputError(
             f"{loss_name}: the common set pairs student ids up to {int(cs.student_ids.max())} with teacher ids up to "
@@ -362,15 +398,17 @@ def hkl_loss(
     """H-KL: `hybrid_loss` with the common set of W rows whose top weight is >= `threshold`.
 
     Pass `projection` (a `Projection`, an artifact directory or `(indices, weights)`), or a
-    precomputed `common` (`common_by_threshold(projection, threshold)`; the module wrapper caches it).
-    Other options as `hybrid_loss`."""
+    precomputed `common` (`common_by_threshold(projection, threshold)`, or with `public=True`
+    `public_common_set(projection, "hkl", threshold)`; the module wrapper caches it). Other options
+    as `hybrid_loss`."""
     if common is None:
         if projection is None:
             raise LossOptionError("hkl: pass projection=... (or a precomputed common=common_by_threshold(...))")
         proj = as_projection(projection, "cpu") if not isinstance(projection, Projection) else projection
         teacher_outputs = as_teacher_outputs(teacher_outputs, loss="hkl", accepts=TEACHER_FORMS)
         proj.check_widths(student_logits.shape[-1], teacher_outputs.width)
-        common = common_by_threshold(proj, threshold)
+        public = options.get("public")
+        common = _public_common(proj, "hkl", threshold) if public else common_by_threshold(proj, threshold)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,
                        loss_name="hkl", **options)
 
@@ -388,8 +426,11 @@ def gold_loss(
     """GOLD hybrid: `hybrid_loss` with the exact-match common set.
 
     Pass `common` (a `CommonSet` or a `[V_s]` map of teacher ids, -1 = none) or `projection` (a
-    loaded `Projection` or an artifact directory; its `row_kind` marks the exact rows). Other options
-    as `hybrid_loss`."""
+    loaded `Projection` or an artifact directory; its `row_kind` marks the exact rows; with
+    `public=True` the published rule instead, `public_common_set(projection, "gold")`, and then
+    `(indices, weights)` too). Other options as `hybrid_loss`."""
+    if common is None and options.get("public") and projection is not None:
+        common = _public_common(projection, "gold")
     if common is None:
         if projection is None or not isinstance(projection, (str, os.PathLike, Projection)):
             raise LossOptionError(
@@ -401,6 +442,12 @@ def gold_loss(
                        loss_name="gold", **options)
 
 
+def _public_common(projection, kind: str, threshold: float = DEFAULT_THRESHOLD) -> CommonSet:
+    from xtoken_loss.losses.public import public_common_set  # public.py imports this module
+
+    return public_common_set(projection, kind, threshold)
+
+
 # --------------------------------------------------------------------------------------------------
 # The multi-teacher loss's per-teacher preparation (registry hook `prepare_teacher`): the common set,
 # computed once per teacher instead of on every call.
@@ -410,14 +457,18 @@ def prepare_hkl_teacher(spec, projection) -> dict:
     """`common` for an H-KL teacher from its loaded projection (unless its options give one)."""
     if "common" in spec.loss_options:
         return {}
-    return {"common": common_by_threshold(projection, spec.loss_options.get("threshold", DEFAULT_THRESHOLD))}
+    threshold = spec.loss_options.get("threshold", DEFAULT_THRESHOLD)
+    if spec.loss_options.get("public"):
+        return {"common": _public_common(projection, "hkl", threshold)}
+    return {"common": common_by_threshold(projection, threshold)}
 
 
 def prepare_gold_teacher(spec, projection) -> dict:
     """`common` for a GOLD teacher: the exact rows of its loaded projection (unless its options give one)."""
     if "common" in spec.loss_options:
         return {}
-    return {"common": common_exact(projection)}
+    return {"common": _public_common(projection, "gold") if spec.loss_options.get("public") else
+            common_exact(projection)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,18 +489,20 @@ class HKLLoss(_HybridModule):
     options_type = HKLOptions
 
     def __init__(self, projection=None, *, common: CommonSet | None = None, threshold: float = DEFAULT_THRESHOLD,
-                 teacher_index: int = 0, temperature: float = 1.0, public: bool = False, common_weight: float = 1.0,
-                 uncommon_weight: float = 1.0, chunk_form: str | None = None, tail_cut: int | None = None,
-                 correct_only: bool = True, position_chunk_size: int | None = None, check_inputs: bool = False):
+                 teacher_index: int = 0, temperature: float = 1.0, public: bool = False, direction: str = "forward",
+                 common_weight: float = 1.0, uncommon_weight: float = 1.0, chunk_form: str | None = None,
+                 tail_cut: int | None = None, correct_only: bool | None = None, position_chunk_size: int | None = None,
+                 check_inputs: bool = False):
         super().__init__(threshold=threshold, teacher_index=teacher_index, temperature=temperature, public=public,
-                         common_weight=common_weight, uncommon_weight=uncommon_weight, chunk_form=chunk_form,
-                         tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
-                         check_inputs=check_inputs)
+                         direction=direction, common_weight=common_weight, uncommon_weight=uncommon_weight,
+                         chunk_form=chunk_form, tail_cut=tail_cut, correct_only=correct_only,
+                         position_chunk_size=position_chunk_size, check_inputs=check_inputs)
         del self.options["threshold"]  # used here, once; the function gets the common set
         if common is None:
             if projection is None:
                 raise LossOptionError("HKLLoss: pass a projection (or a precomputed common=common_by_threshold(...))")
-            common = common_by_threshold(projection, threshold)
+            common = (_public_common(projection, "hkl", threshold) if public
+                      else common_by_threshold(projection, threshold))
         self.register_artifact("common", _as_common(common, "cpu"))
 
 
@@ -461,10 +514,10 @@ class GOLDLoss(_HybridModule):
     options_type = GOLDOptions
 
     def __init__(self, common=None, *, projection=None, teacher_index: int = 0, temperature: float = 1.0,
-                 public: bool = False, common_weight: float = 1.0, uncommon_weight: float = 1.0,
-                 chunk_form: str | None = None, tail_cut: int | None = None, correct_only: bool = True,
-                 position_chunk_size: int | None = None, check_inputs: bool = False):
-        super().__init__(teacher_index=teacher_index, temperature=temperature, public=public,
+                 public: bool = False, direction: str = "forward", common_weight: float = 1.0,
+                 uncommon_weight: float = 1.0, chunk_form: str | None = None, tail_cut: int | None = None,
+                 correct_only: bool | None = None, position_chunk_size: int | None = None, check_inputs: bool = False):
+        super().__init__(teacher_index=teacher_index, temperature=temperature, public=public, direction=direction,
                          common_weight=common_weight, uncommon_weight=uncommon_weight, chunk_form=chunk_form,
                          tail_cut=tail_cut, correct_only=correct_only, position_chunk_size=position_chunk_size,
                          check_inputs=check_inputs)
@@ -475,4 +528,6 @@ class GOLDLoss(_HybridModule):
                     "directory> (its row_kind marks exact rows)"
                 )
             common = projection
+        if public and isinstance(common, (str, os.PathLike, Projection, tuple)):
+            common = _public_common(common, "gold")  # the published rule on the projection
         self.register_artifact("common", common_exact(common))

@@ -25,6 +25,7 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossOptionError
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
@@ -99,6 +100,8 @@ def uld_loss(
                       position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T, form = float(temperature), o.form
     teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS)
+    normalizer = check_chunk_inputs("uld", student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
+                                    correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
 
