@@ -30,7 +30,6 @@ from xtoken_loss.chunked import (
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
-    softmax_rows,
 )
 from xtoken_loss.sorted_l1 import Workspace
 from xtoken_loss.teacher_outputs import as_teacher_outputs
@@ -109,7 +108,6 @@ def run_units(
     normalizer,
     position_chunk_size: int | None,
     metric_names: tuple[str, ...],
-    prob_fn=None,
     row_fn=None,
 ):
     """Sum `unit_fn(log_q_student [n, V_s], log_p_teacher [n, V_t]) -> (loss [n], {name: [n]})` over
@@ -120,8 +118,7 @@ def run_units(
     [n], d loss / d z_s [n, V_s] or None, metrics)`, when given, replaces `unit_fn`: it gets the units'
     logit rows (copies in the compute dtype, not yet divided by the temperature, which it may
     overwrite) and their maxima, and returns the gradient with respect to them, written by hand (no
-    autograd graph). `prob_fn(q, p, want_grad)` is the older variant on the
-    normalised probabilities (`d loss / d q`; the softmax backward is applied here).
+    autograd graph).
 
     Only the units' rows are read (gathered), so nothing at other positions can change the result,
     and their gradient is exactly 0. A read row whose maximum is not finite (NaN or +inf in it, or
@@ -147,7 +144,7 @@ def run_units(
     zs_flat = student_logits.reshape(B * Ls, Vs)
     zt_flat = teacher_logits.reshape(B * Lt, Vt)
     want_grad = needs_grad(student_logits)
-    hand = form == "start" and (row_fn is not None or prob_fn is not None)
+    hand = form == "start" and row_fn is not None
     grad = None
     if want_grad and hand:  # every unit row is written whole; the others are zeroed once
         grad = torch.empty_like(zs_flat)
@@ -175,15 +172,7 @@ def run_units(
             bad |= nonfinite(mx_t) | nonfinite(mx_s)
         if hand:
             with torch.no_grad():
-                if row_fn is not None:
-                    loss_u, gz, extra = row_fn(zs, zt, want_grad, mx_s, mx_t)
-                else:
-                    p, _ = softmax_rows(zt, temperature)
-                    q, _ = softmax_rows(zs, temperature)
-                    loss_u, gz, extra = prob_fn(q, p, want_grad)
-                    if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
-                        gz.sub_((q * gz).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / temperature)
-                    del q, p
+                loss_u, gz, extra = row_fn(zs, zt, want_grad, mx_s, mx_t)
                 if want_grad:
                     grad.index_copy_(0, rows, gz.div_(norm).to(grad.dtype))
                 total += loss_u.sum()

@@ -255,10 +255,7 @@ def hybrid_loss(
         with torch.no_grad():
             lse_p = torch.logsumexp(lp_c, dim=1, keepdim=True)  # log teacher common mass
         lse_q = torch.logsumexp(lq_c, dim=1, keepdim=True)
-        if public:
-            pc = torch.exp(lp_c)
-            kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
-        elif cs.size:
+        if cs.size:
             # KL(p_C / p(C) || q_C / q(C)) from log-probabilities; 0 where the teacher has no common mass
             has = torch.isfinite(lse_p)
             lp_n = torch.where(has, lp_c - lse_p, torch.full_like(lp_c, float("-inf")))
@@ -267,11 +264,7 @@ def hybrid_loss(
             kl = torch.where(pc > 0, pc * (lp_n - lq_n), torch.zeros_like(pc)).sum(dim=1)
         else:
             kl = torch.zeros(log_q.shape[0], dtype=log_q.dtype, device=log_q.device)
-        if public:
-            qu = torch.exp(log_q).index_fill(1, s_ids, 0.0)
-            pu = torch.exp(log_p).index_fill(1, t_ids, 0.0)
-        else:  # the uncommon entries only (zeros would sort to the end anyway)
-            qu, pu = torch.exp(log_q[:, u_s]), torch.exp(log_p[:, u_t])
+        qu, pu = torch.exp(log_q[:, u_s]), torch.exp(log_p[:, u_t])  # the uncommon entries only
         l1 = sorted_l1(qu, pu, cut)
         loss = (T * T * wc) * kl + wu * l1
         with torch.no_grad():
@@ -282,22 +275,6 @@ def hybrid_loss(
                 "student_common_mass": torch.exp(lse_q.detach()).squeeze(1),
             }
         return loss, extra
-
-    def prob_fn(q, p, want_grad):
-        # the public form on normalised probabilities, hand-written gradient d loss / d q
-        qc, pc = q[:, s_ids], p[:, t_ids]  # [n, m]
-        q_mass, p_mass = qc.sum(dim=1), pc.sum(dim=1)
-        lq_c, lp_c = torch.log(qc), torch.log(pc)
-        kl = torch.where(pc > 0, pc * (lp_c - lq_c), torch.zeros_like(pc)).sum(dim=1)
-        d_c = torch.where(pc > 0, -pc / qc, torch.zeros_like(pc))
-        qu = q.index_fill(1, s_ids, 0.0)
-        pu = p.index_fill_(1, t_ids, 0.0)  # p is not needed again
-        l1, g = sorted_l1_signs(qu, pu, want_grad, cut)
-        if want_grad:
-            g.mul_(wu)
-            g[:, s_ids] = (T * T * wc) * d_c
-        extra = {"common_kl": kl, "uncommon_l1": l1, "teacher_common_mass": p_mass, "student_common_mass": q_mass}
-        return (T * T * wc) * kl + wu * l1, g, extra
 
     perm_s, inv_s = _layout(s_ids, u_s)
     perm_t, _ = _layout(t_ids, u_t)
@@ -334,7 +311,7 @@ def hybrid_loss(
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size,
                      metric_names=("common_kl", "uncommon_l1", "teacher_common_mass", "student_common_mass"),
-                     prob_fn=prob_fn if public else None, row_fn=None if public else row_fn)
+                     row_fn=row_fn)
 
 
 def _uncommon(ids: torch.Tensor, width: int) -> torch.Tensor:
