@@ -14,8 +14,15 @@ Llama-3 student, Qwen3 teacher, no truncation). Measured (best of `--repeats`, 2
   + align + truncate + build the CONTRACTS §2 tensors.
 
 Throughput is student tokens per second (wall clock; the CPU-time ratio is printed too, as it is
-less disturbed by other processes on a shared machine). Ends with
-`RESULT vs_trl=<ours / TRL> pipeline_vs_tokenize=<pipeline / tokenize-only throughput>`.
+less disturbed by other processes on a shared machine).
+
+Memory (issue 12 target: at most 1,500 MB each): `xtoken-align align ... --json OUT` on one 20 MB
+text (a one-line `--text-file` built from the corpus) and on a 5 MB JSON Lines file of corpus
+records, each in a fresh subprocess; its peak resident set size (VmHWM, read by the process itself
+as it exits) and wall time.
+
+Ends with `RESULT vs_trl=<ours / TRL> pipeline_vs_tokenize=<pipeline / tokenize-only throughput>
+rss_20mb_text_mb=<MB> rss_5mb_jsonl_mb=<MB>`.
 Run: `python benchmarks/bench_alignment.py` (after `python data/build_tokenizers.py`; needs
 `pip install 'xtoken[bench]'` for TRL).
 """
@@ -25,6 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +44,20 @@ from xtoken_align import load_tokenizer  # noqa: E402
 from xtoken_align.alignment.aligner import align_sides, encode_side  # noqa: E402
 from xtoken_align.batch.collate import AlignmentCollator  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "train.jsonl"
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "data" / "corpus" / "train.jsonl"
+# The command in a fresh interpreter that, on exit, writes its own peak RSS (VmHWM: the high-water
+# mark of this process's memory since exec; a parent's rusage of its child would include the
+# parent's own RSS, which the child's exec inherits as its starting maximum on Linux).
+_CLI = """import atexit, os, sys
+def _peak():
+    with open(os.environ["XTOKEN_BENCH_PEAK"], "w") as out:
+        out.write(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))
+atexit.register(_peak)
+from xtoken_cli.main import align_cli
+sys.argv[0] = "xtoken-align"
+align_cli()
+"""
 
 
 def documents(n_docs: int, doc_bytes: int) -> list[str]:
@@ -49,6 +72,53 @@ def documents(n_docs: int, doc_bytes: int) -> list[str]:
             docs.append("\n\n".join(cur))
             cur, size = [], 0
     return docs
+
+
+def rss_of_align(args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of `xtoken-align align ARGS` in a fresh subprocess (this
+    checkout's packages first on the path). Linux (reads /proc/self/status)."""
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile() as err:  # a file, not a pipe
+        peak = Path(tmp) / "peak_kb"
+        env = dict(os.environ, XTOKEN_BENCH_PEAK=str(peak),
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _CLI, "align", *args], env=env, stdout=subprocess.DEVNULL,
+                              stderr=err)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not peak.exists():
+            err.seek(0)
+            raise SystemExit(f"align {' '.join(args)} failed ({proc.returncode}): "
+                             f"{err.read().decode(errors='replace')[-2000:]}")
+        return int(peak.read_text()) / 1024, wall
+
+
+def memory_figures(student: str, teacher: str) -> tuple[float, float]:
+    """Peak RSS (MB) of `align --json` on one 20 MB text and on a 5 MB JSON Lines file."""
+    texts = [json.loads(line)["text"] for line in CORPUS.read_text(encoding="utf-8").splitlines()]
+    with tempfile.TemporaryDirectory(prefix="bench-align-") as tmp:
+        big, jsonl = Path(tmp) / "one_20mb_text.txt", Path(tmp) / "records_5mb.jsonl"
+        with open(big, "w", encoding="utf-8") as fh:
+            size, k = 0, 0
+            while size < 20_000_000:
+                t = texts[k % len(texts)].replace("\r", " ").replace("\n", " ") + " "
+                fh.write(t)
+                size += len(t.encode())
+                k += 1
+            fh.write("\n")
+        with open(jsonl, "w", encoding="utf-8") as fh:
+            size, k = 0, 0
+            while size < 5_000_000:
+                line = json.dumps({"text": texts[k % len(texts)]}, ensure_ascii=False) + "\n"
+                fh.write(line)
+                size += len(line.encode())
+                k += 1
+        base = ["--student", student, "--teacher", teacher, "--json", str(Path(tmp) / "out.jsonl")]
+        rss_big, t_big = rss_of_align([*base, "--text-file", str(big)])
+        rss_jsonl, t_jsonl = rss_of_align([*base, "--jsonl", str(jsonl)])
+    print(f"align --json, fresh process: one 20 MB text {rss_big:,.0f} MB peak RSS, {t_big:.1f} s; "
+          f"5 MB JSON lines {rss_jsonl:,.0f} MB, {t_jsonl:.1f} s (target <= 1,500 MB each; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    return rss_big, rss_jsonl
 
 
 def best_of(repeats: int, fn) -> float:
@@ -67,7 +137,12 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--doc-bytes", type=int, default=32_000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-speed", action="store_true", help="Only the memory figures.")
     args = ap.parse_args()
+    if args.skip_speed:
+        rss_big, rss_jsonl = memory_figures(args.student, args.teacher)
+        print(f"RESULT rss_20mb_text_mb={rss_big:.0f} rss_5mb_jsonl_mb={rss_jsonl:.0f}")
+        return
     try:
         from trl.experimental.gold.gold_trainer import ULDLoss
     except ImportError:
@@ -140,7 +215,9 @@ def main() -> None:
           f"throughput: {pipe_vs_tok:.3f} (target >= 0.9); vs tokenize-with-offsets: {t_tok_offsets / t_pipe:.3f}")
     print(f"CPU time (all threads, best of {args.repeats * 2}): tokenize-only {c_tok_fast:.4f} s, pipeline "
           f"{c_pipe:.4f} s, ratio {c_tok_fast / c_pipe:.3f} (less sensitive to other load on the machine)")
-    print(f"RESULT vs_trl={vs_trl:.1f} pipeline_vs_tokenize={pipe_vs_tok:.3f}")
+    rss_big, rss_jsonl = memory_figures(args.student, args.teacher)
+    print(f"RESULT vs_trl={vs_trl:.1f} pipeline_vs_tokenize={pipe_vs_tok:.3f} rss_20mb_text_mb={rss_big:.0f} "
+          f"rss_5mb_jsonl_mb={rss_jsonl:.0f}")
 
 
 if __name__ == "__main__":

@@ -14,42 +14,57 @@ field (the CLI prints it as one `error: ...` line, exit 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import click
 
-from xtoken_core.config import FieldInfo, fields_of
+from xtoken_core.config import FieldInfo, fields_of, format_bound
 from xtoken_core.errors import ConfigError
 
 
 def _range_words(f: FieldInfo) -> str:
-    """'a positive integer', 'a number >= 0', 'a number in (0, 1]', ..."""
-    if f.base_type is int and f.min == 1 and f.max is None and f.gt is None:
-        return "a positive integer"
-    word = "an integer" if f.base_type is int else "a number"
-    low = (f"({f.gt:g}" if f.gt is not None else f"[{f.min:g}" if f.min is not None else None)
+    """'a positive integer (<= 256)', 'a number >= 0', 'a number in (0, 1]', 'an integer in [0, 3]', ..."""
+    base = f.base_type
+    if base is int and f.min == 1 and f.gt is None:
+        return "a positive integer" + ("" if f.max is None else f" <= {format_bound(f.max)}")
+    word = "an integer" if base is int else "a number"
+    low = (f"({format_bound(f.gt)}" if f.gt is not None else f"[{format_bound(f.min)}" if f.min is not None else None)
     if low is not None and f.max is not None:
-        return f"{word} in {low}, {f.max:g}]"
+        return f"{word} in {low}, {format_bound(f.max)}]"
     if low is not None:
         return f"{word} {'>' if low[0] == '(' else '>='} {low[1:]}"
-    return f"{word} <= {f.max:g}"
+    return f"{word} <= {format_bound(f.max)}"
 
 
-def _bounded(f: FieldInfo, owner: str) -> click.ParamType:
-    """An `IntRange` / `FloatRange` whose failures are `ConfigError`s naming option and field."""
+def _bounded(f: FieldInfo, owner: str | None) -> click.ParamType:
+    """An `IntRange` / `FloatRange` whose failures (a value out of range, not a number, not finite)
+    are `ConfigError`s naming the option (and the field, when `owner` names a config class)."""
     base = click.IntRange if f.base_type is int else click.FloatRange
     low, low_open = (f.gt, True) if f.gt is not None else (f.min, False)
     words = _range_words(f)
+    field = f" ({owner}.{f.name})" if owner else ""
 
     class Bounded(base):
         def convert(self, value, param, ctx):
             try:
-                return super().convert(value, param, ctx)
+                out = super().convert(value, param, ctx)
+                if isinstance(out, float) and not math.isfinite(out):  # nan passes every comparison
+                    raise click.BadParameter(str(value))
+                return out
             except click.BadParameter:
                 opt = param.opts[0] if param is not None else f.name
-                raise ConfigError(f"{opt} must be {words}, got {value} ({owner}.{f.name})") from None
+                raise ConfigError(f"{opt} must be {words}, got {value}{field}") from None
 
     return Bounded(min=low, max=f.max, min_open=low_open)
+
+
+def bounded(base: type, *, min: float | None = None, max: float | None = None,
+            gt: float | None = None) -> click.ParamType:
+    """The bounded click type of `config_options` for a plain option (not a config field):
+    `type=bounded(int, min=1, max=65536)`; a bad value is one `ConfigError` line naming the option
+    and the range, and `--help` shows the range."""
+    return _bounded(FieldInfo("value", base, dataclasses.MISSING, "", min, max, gt, True), None)
 
 
 def _literal_choice(choices: tuple) -> tuple[click.Choice, Callable]:

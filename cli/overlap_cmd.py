@@ -9,6 +9,7 @@ import click
 
 from xtoken_align import __version__, load_tokenizer
 from xtoken_align.tokenizer.overlap import CATEGORIES, OverlapReport, overlap_report
+from xtoken_cli import outputs
 from xtoken_core.errors import ConfigError, DataFileError
 
 
@@ -62,7 +63,8 @@ def _plot(report: OverlapReport, path: Path) -> None:
     ax.set_title("Vocabulary overlap (canonical bytes, min-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with outputs.atomic_output(path, "wb") as fh:
+        fig.savefig(fh.file, dpi=120, format=path.suffix.lstrip(".").lower() or None)
     plt.close(fig)
 
 
@@ -80,12 +82,14 @@ def overlap_report_cmd(tokenizers: tuple[str, ...], json_path: Path | None, plot
     """
     if len(tokenizers) < 2:
         raise click.UsageError("overlap-report needs at least two tokenizers")
+    outputs.prepare(inputs=[(f"TOKENIZER {t}", outputs.tokenizer_inputs(t)) for t in tokenizers],
+                    files=[("--json", json_path), ("--plot", plot_path)])
     loaded = [load_tokenizer(t, name=t) for t in tokenizers]
     report = overlap_report(loaded)
     _print_report(report, loaded)
     if json_path is not None:
         try:
-            json_path.write_text(json.dumps(report.to_json(loaded, __version__), indent=2) + "\n")
+            outputs.write_text(json_path, json.dumps(report.to_json(loaded, __version__), indent=2) + "\n")
         except OSError as exc:
             raise DataFileError(f"cannot write {json_path}: {exc.strerror}") from None
         click.echo(f"wrote {json_path}")

@@ -12,8 +12,10 @@ import numpy as np
 from xtoken_align import load_tokenizer
 from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.builder import ProjectionConfig
-from xtoken_cli.config_options import config_from, config_options
-from xtoken_core.errors import XTokenError
+from xtoken_cli import outputs
+from xtoken_cli.config_options import bounded, config_from, config_options
+from xtoken_core.artifact_format import projection_sides
+from xtoken_core.errors import ArtifactError, XTokenError
 
 
 class _StepProgress:
@@ -67,18 +69,23 @@ PROJECTION_OPTION_NAMES = {"student_model_vocab_size": "student-vocab-size",
 @click.option("--corpus", type=click.Path(path_type=Path),
               help="UTF-8 corpus (JSON lines with a \"text\" field, or plain text lines) whose co-occurrence "
                    "counts refine the rule-based rows.")
+@click.option("--corpus-format", type=click.Choice(["auto", "jsonl", "text"]), default="auto", show_default=True,
+              help="How --corpus is read: auto = JSON lines for a .jsonl/.ndjson/.json file, else one text per line.")
 @config_options(ProjectionConfig, names=PROJECTION_OPTION_NAMES,
                 help={"both_directions": "Also write the teacher-to-student projection under "
                                          "OUT/teacher_to_student/."})
-def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | None, **options) -> None:
+def build_projection_cmd(student: str, teacher: str, out: Path, corpus: Path | None, corpus_format: str,
+                         **options) -> None:
     """Build a sparse student-to-teacher projection (CONTRACTS §4 artifact) into OUT."""
     from xtoken_align.projection.builder import build_projection, model_vocab_sizes
     from xtoken_align.projection.refine import read_corpus
 
     start = time.perf_counter()
     cfg = config_from(ProjectionConfig, options)
-    art.check_writable(out, marker=art.PROJECTION_JSON)  # fail before the work, not after
-    texts = read_corpus(corpus) if corpus is not None else None
+    outputs.prepare(inputs=[("--student", outputs.tokenizer_inputs(student)),  # fail before the work, not after
+                            ("--teacher", outputs.tokenizer_inputs(teacher)), ("--corpus", corpus)],
+                    artifact=("--out", out, art.PROJECTION_JSON))
+    texts = read_corpus(corpus, corpus_format) if corpus is not None else None
     s_tok = load_tokenizer(student)  # ~0.5 s each: no progress display, so errors stay one line
     t_tok = load_tokenizer(teacher)
     model_vocab_sizes(s_tok, t_tok, cfg)
@@ -106,6 +113,8 @@ def _sample_rows(kind: np.ndarray, code: int, n: int) -> list[int]:
 
 
 def _try_load(side: dict):
+    if not isinstance(side.get("name"), str) or not isinstance(side.get("fingerprint"), str):
+        return None  # a learned projection whose parent named no tokenizers
     try:
         tok = load_tokenizer(side["name"])
     except XTokenError:
@@ -113,20 +122,46 @@ def _try_load(side: dict):
     return tok if tok.fingerprint == side["fingerprint"] else None
 
 
+def _check_inspect_meta(meta: dict, path: Path) -> None:
+    """What `inspect` shows beyond what `read_projection` checks: `method {name, params?}`, `stats`,
+    and each side's `name` / `fingerprint` (strings, or null in a learned projection without a
+    named parent) and `model_vocab_size`."""
+    where = path if path.is_file() else path / art.PROJECTION_JSON
+
+    def fail(what: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {what}; rebuild the artifact")
+
+    method = meta.get("method")
+    if not (isinstance(method, dict) and isinstance(method.get("name"), str)
+            and isinstance(method.get("params", {}), dict)):
+        raise fail("`method` is missing" if method is None else f"`method` must be {{name, params}}, got {method!r}")
+    if not isinstance(meta.get("stats"), dict):
+        raise fail("`stats` is missing or not an object")
+    for side in ("student", "teacher"):
+        d = meta[side]
+        for key in ("name", "fingerprint"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise fail(f"`{side}.{key}` must be a string, got {d[key]!r}")
+        if d.get("model_vocab_size") is not None and not isinstance(d["model_vocab_size"], int):
+            raise fail(f"`{side}.model_vocab_size` must be an integer, got {d['model_vocab_size']!r}")
+
+
 @click.command("inspect")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--samples", default=3, show_default=True, type=int, help="Sample rows shown per row kind.")
+@click.option("--samples", default=3, show_default=True, type=bounded(int, min=0, max=10_000),
+              help="Sample rows shown per row kind.")
 @click.option("--json", "as_json", is_flag=True, help="Print metadata and samples as JSON.")
 def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
     """Show a projection artifact's metadata, statistics and sample rows."""
     proj = art.read_projection(artifact_dir)
     meta = proj.meta
-    rows_side, cols_side = meta.get("rows", "student"), meta.get("columns", "teacher")
+    _check_inspect_meta(meta, artifact_dir)
+    rows_side, cols_side = projection_sides(meta)
     row_tok, col_tok = _try_load(meta[rows_side]), _try_load(meta[cols_side])
     kind = proj.row_kind if proj.row_kind is not None else np.full(proj.num_rows, 255, dtype=np.uint8)
 
-    def name(tok, i):
-        return f"{tok.token_repr(i)!r}" if tok is not None and i < tok.vocab_size else f"#{i}"
+    def name(tok, i):  # token_repr already escapes what is not text: quote it, do not repr() it again
+        return f"'{tok.token_repr(i)}'" if tok is not None and i < tok.vocab_size else f"#{i}"
 
     def describe(i):
         return {"id": i, "token": name(row_tok, i),
@@ -148,11 +183,12 @@ def inspect_cmd(artifact_dir: Path, samples: int, as_json: bool) -> None:
                f"{meta.get('created_with', '?')})")
     for side in ("student", "teacher"):
         d = meta[side]
-        click.echo(f"  {side:<8} {d['name']:<14} vocab {d['vocab_size']:>7}  model vocab {d['model_vocab_size']:>7}  "
-                   f"{d['fingerprint'][:23]}…")
+        fingerprint = f"{d['fingerprint'][:23]}…" if d.get("fingerprint") else "(no fingerprint)"
+        click.echo(f"  {side:<8} {d.get('name') or '?':<14} vocab {d['vocab_size']:>7}  model vocab "
+                   f"{d.get('model_vocab_size') or d['vocab_size']:>7}  {fingerprint}")
     click.echo(f"  rows {rows_side} ids, columns {cols_side} ids; top_k {meta['top_k']}; "
                f"method {meta['method']['name']}")
-    click.echo(f"  params {json.dumps(meta['method']['params'], ensure_ascii=False)}")
+    click.echo(f"  params {json.dumps(meta['method'].get('params', {}), ensure_ascii=False)}")
     click.echo("stats:")
     for k, v in meta["stats"].items():
         click.echo(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")

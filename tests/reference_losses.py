@@ -159,7 +159,9 @@ def reference_kl(student_logits, teacher_outputs, batch, *, temperature=1.0, dir
             if tail == "bucket":
                 Ps = torch.exp(lps)
                 Pvec = torch.cat([Ps, (1 - Ps.sum()).clamp_min(0).reshape(1)])
-                Qvec = torch.cat([qs, (1 - qs.sum()).clamp_min(0).reshape(1)])
+                unlisted = torch.ones(V, dtype=torch.bool)
+                unlisted[ids] = False
+                Qvec = torch.cat([qs, q[unlisted].sum().reshape(1)])  # summed directly: no 1 - sum cancellation
             else:
                 Pvec = torch.softmax(lps / T, dim=0)
                 Qvec = qs / qs.sum()
@@ -247,13 +249,23 @@ def _chunk_positions(batch, i, b, c, length, side):
 
 def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, temperature=1.0,
                   direction="forward", top_k_columns=8192, columns=None, public=False,
-                  correct_only=True, public_eps=1e-10, normalizer=None):
+                  correct_only=None, normalizer=None):
     """P-KL with W dense `[V_s, V_t]` or sparse COO (`sparse_projection`, full-width vocabularies; the
     principled form only); see docs/losses.md for the two forms. Returns (loss, count, columns).
+    The public form is NeMo-RL's, transcribed in `tests/reference_nemo.py` (W's width is the
+    projection's teacher vocabulary); `correct_only=None`: True, public False.
 
     The principled form is computed in log space, as the formulas read: `log q = log (p W)` by
     logsumexp over W's entries, the rest and the normalisers by logsumexp, the KL from the logs; in
     float64 no probability of finite logits underflows before it is logged."""
+    if public:
+        from tests.reference_nemo import nemo_pkl
+
+        return nemo_pkl(student_logits, teacher_logits, batch, W, teacher_index=teacher_index,
+                        temperature=temperature, vocab_topk=1 << 62 if top_k_columns is None else top_k_columns,
+                        reverse_kl=direction == "reverse", exact_token_match_only=bool(correct_only),
+                        columns=columns, normalizer=normalizer)
+    correct_only = True if correct_only is None else correct_only
     i = teacher_index
     zs = student_logits.to(torch.float64)
     zt = teacher_logits.to(torch.float64)
@@ -261,7 +273,6 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
     Lt, Vt = zt.shape[1], zt.shape[2]
     T = float(temperature)
     if W.is_sparse:
-        assert not public, "the sparse W is for the principled form"
         if tuple(W.shape) != (Vs, Vt):
             W = torch.sparse_coo_tensor(W.indices(), W.values(), (Vs, Vt), check_invariants=True).coalesce()
         reach = torch.zeros(Vt, dtype=torch.float64).index_add(0, W.indices()[1], W.values()) > 0
@@ -271,7 +282,7 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
         if W.shape[1] < Vt:
             W = torch.cat([W, torch.zeros(W.shape[0], Vt - W.shape[1], dtype=torch.float64)], dim=1)
         reach = W.sum(dim=0) > 0
-    W_log = W if W.is_sparse or public else W.to_sparse().coalesce()  # same values, cheaper to project
+    W_log = W if W.is_sparse else W.to_sparse().coalesce()  # same values, cheaper to project
     P_slots = batch[f"alignment_{i}_pair_valid"].shape[1]
 
     units = []  # (b, student positions, teacher positions)
@@ -281,18 +292,13 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
                 continue
             if correct_only and not bool(batch[f"alignment_{i}_pair_is_correct"][b, c]):
                 continue
-            s_all, s_start = _chunk_positions(batch, i, b, c, Ls, "student")
-            t_all, t_start = _chunk_positions(batch, i, b, c, Lt, "teacher")
-            if public and s_all and t_all:
-                units.append((b, s_all, t_all))
-            if not public and s_start and t_start:
+            _, s_start = _chunk_positions(batch, i, b, c, Ls, "student")
+            _, t_start = _chunk_positions(batch, i, b, c, Lt, "teacher")
+            if s_start and t_start:
                 units.append((b, s_start[:1], t_start[:1]))
 
     if columns is not None:
-        S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and (public or bool(reach[int(j)]))})
-    elif public:
-        scores = zt.reshape(-1, Vt).max(dim=0).values
-        S = _top_columns(scores, top_k_columns)
+        S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and bool(reach[int(j)])})
     else:
         scores = torch.full((Vt,), float("-inf"), dtype=torch.float64)
         for b, _, t_pos in units:
@@ -307,13 +313,6 @@ def reference_pkl(student_logits, teacher_logits, batch, W, *, teacher_index=0, 
 
     total = torch.zeros((), dtype=torch.float64)
     for b, s_pos, t_pos in units:
-        if public:
-            Q = torch.stack([(torch.softmax(zs[b, p] / T, dim=0) @ W)[S] for p in s_pos]).mean(dim=0)
-            Q = Q / Q.sum()
-            Lc = torch.stack([torch.log_softmax(zt[b, p, S] / T, dim=0) for p in t_pos]).mean(dim=0)
-            logQ = torch.log(torch.clamp(Q, min=public_eps))
-            total = total + (torch.exp(Lc) * (Lc - logQ)).sum()
-            continue
         log_q = log_project(torch.log_softmax(zs[b, s_pos[0]] / T, dim=0), W_log)  # [V_t], unnormalised
         log_Q = torch.cat([log_q[S_idx], _lse(log_q[rest]).reshape(1)])
         log_Q = log_Q - _lse(log_Q)  # renormalised over the mapped mass
@@ -339,10 +338,7 @@ def _sorted_l1(a, b, cut=None):
     n = max(a.shape[0], b.shape[0])
     a = torch.cat([a, torch.zeros(n - a.shape[0], dtype=a.dtype)])
     b = torch.cat([b, torch.zeros(n - b.shape[0], dtype=b.dtype)])
-    total = torch.zeros((), dtype=torch.float64)
-    for j in range(n):
-        total = total + (a[j] - b[j]).abs()
-    return total
+    return (a - b).abs().sum()  # rank by rank
 
 
 def reference_uld(student_logits, teacher_logits, batch, *, teacher_index=0, temperature=1.0, form="start",
@@ -383,40 +379,49 @@ def reference_common_by_threshold(W, threshold=0.6):
 
 
 def reference_hybrid(student_logits, teacher_logits, batch, common, *, teacher_index=0, temperature=1.0,
-                     public=False, common_weight=1.0, uncommon_weight=1.0, tail_cut=None, correct_only=True,
-                     normalizer=None, chunk_form=None):
+                     public=False, common_weight=1.0, uncommon_weight=1.0, tail_cut=None, correct_only=None,
+                     normalizer=None, chunk_form=None, direction="forward"):
     """KL on the common pairs `common = (student ids, teacher ids)` + sorted L1 on the rest.
-    principled: chunk starts, renormalised KL, full sort; public: mean of log-probs, raw partial KL,
-    sorted tails cut to min(|U_s|, |U_t|, tail_cut or 8192)."""
+    principled: chunk starts (or `chunk_form`), renormalised KL, full sort; public: NeMo-RL's, as
+    transcribed in `tests/reference_nemo.py` (every valid chunk unless `correct_only`)."""
+    if public:
+        from tests.reference_nemo import nemo_gold
+
+        return nemo_gold(student_logits, teacher_logits, batch, common, teacher_index=teacher_index,
+                         temperature=temperature, uncommon_topk=8192 if tail_cut is None else tail_cut,
+                         reverse_kl=direction == "reverse", normalizer=normalizer, common_weight=common_weight,
+                         uncommon_weight=uncommon_weight, exact_token_match_only=bool(correct_only))
+    correct_only = True if correct_only is None else correct_only
     i = teacher_index
     zs, zt = student_logits.to(torch.float64), teacher_logits.to(torch.float64)
     Vs, Vt = zs.shape[2], zt.shape[2]
     T = float(temperature)
     s_ids, t_ids = [int(x) for x in common[0]], [int(x) for x in common[1]]
     m = len(s_ids)
-    u_s = [v for v in range(Vs) if v not in set(s_ids)]
-    u_t = [v for v in range(Vt) if v not in set(t_ids)]
-    form = chunk_form or ("mean_log" if public else "start")
-    cut = tail_cut if tail_cut is not None else (8192 if public else None)
+    in_s, in_t = set(s_ids), set(t_ids)
+    u_s = [v for v in range(Vs) if v not in in_s]
+    u_t = [v for v in range(Vt) if v not in in_t]
+    s_ix, t_ix = torch.tensor(s_ids, dtype=torch.int64), torch.tensor(t_ids, dtype=torch.int64)
+    us_ix, ut_ix = torch.tensor(u_s, dtype=torch.int64), torch.tensor(u_t, dtype=torch.int64)
+    form = chunk_form or "start"
+    cut = tail_cut
     if cut is not None:
         cut = min(len(u_s), len(u_t), cut)
     units = chunk_units(batch, i, zs.shape[1], zt.shape[1], correct_only=correct_only, starts=form == "start")
     total = torch.zeros((), dtype=torch.float64)
     for b, _c, sp, tp in units:
-        lq = chunk_log_dist(zs, b, sp, form, T)
-        lp = chunk_log_dist(zt, b, tp, form, T)
+        lq = chunk_log_dist(zs, b, sp, form, T, batch.get("input_ids"))
+        lp = chunk_log_dist(zt, b, tp, form, T, batch.get(f"teacher_{i}_input_ids"))
         kl = torch.zeros((), dtype=torch.float64)
-        if public:
-            for j in range(m):
-                pj = torch.exp(lp[t_ids[j]])
-                if pj > 0:
-                    kl = kl + pj * (lp[t_ids[j]] - lq[s_ids[j]])
-        elif m:
-            P = torch.exp(lp[t_ids])
-            Q = torch.exp(lq[s_ids])
-            if P.sum() > 0:
-                kl = _kl(P / P.sum(), Q / Q.sum(), "forward")
-        l1 = _sorted_l1(torch.exp(lq[u_s]), torch.exp(lp[u_t]), cut)
+        if m and bool(torch.isfinite(lp[t_ix]).any()):
+            # KL(P / P(C) || Q / Q(C)) from the log-probabilities renormalised over C (exact in float64
+            # whatever the spread: no probability is formed before its log)
+            lpn = lp[t_ix] - torch.logsumexp(lp[t_ix], dim=0)
+            lqn = lq[s_ix] - torch.logsumexp(lq[s_ix], dim=0)
+            pn = torch.exp(lpn)
+            pos = pn > 0
+            kl = torch.where(pos, pn * (torch.where(pos, lpn, 0.0) - torch.where(pos, lqn, 0.0)), 0.0).sum()
+        l1 = _sorted_l1(torch.exp(lq[us_ix]), torch.exp(lp[ut_ix]), cut)
         total = total + T * T * common_weight * kl + uncommon_weight * l1
     norm = normalizer if normalizer is not None else max(len(units), 1)
     return total / norm, len(units)

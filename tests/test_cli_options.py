@@ -63,7 +63,7 @@ def test_todays_option_names_keep_working(cmd, names):
 def test_cli_defaults_are_the_configs_defaults():
     params = _params(build_projection_cmd, BASE + ["--out", "x"])
     assert config_from(ProjectionConfig, params) == ProjectionConfig()
-    assert set(params) == {"student", "teacher", "out", "corpus"}  # the rest went into the config
+    assert set(params) == {"student", "teacher", "out", "corpus", "corpus_format"}  # the rest went into the config
     params = _params(align_cmd, BASE)
     assert config_from(CollateConfig, params, ("max_length", "add_special_tokens")) == CollateConfig()
 
@@ -82,12 +82,13 @@ def test_cli_values_reach_the_config():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--top-k", "0"], "--top-k must be a positive integer, got 0 (ProjectionConfig.top_k)"),
+    (["--top-k", "0"], "--top-k must be a positive integer <= 256, got 0 (ProjectionConfig.top_k)"),
+    (["--top-k", "1000000"], "--top-k must be a positive integer <= 256, got 1000000"),
     (["--decay", "1.5"], "--decay must be a number in (0, 1], got 1.5 (ProjectionConfig.decay)"),
     (["--decay", "0"], "--decay must be a number in (0, 1], got 0"),
-    (["--first-weight", "0"], "--first-weight must be a number > 0, got 0"),
-    (["--reverse-weight", "-1"], "--reverse-weight must be a number >= 0, got -1"),
-    (["--max-pieces", "two"], "--max-pieces must be a positive integer, got two"),
+    (["--first-weight", "0"], "--first-weight must be a number in (0, 1000000], got 0"),
+    (["--reverse-weight", "-1"], "--reverse-weight must be a number in [0, 1000000], got -1"),
+    (["--max-pieces", "two"], "--max-pieces must be a positive integer <= 256, got two"),
 ])
 def test_out_of_range_values_are_one_line_config_errors(tmp_path, args, message):
     r = CliRunner().invoke(align_cli, ["build-projection", *BASE, "--out", str(tmp_path / "p"), *args])

@@ -179,7 +179,7 @@ def test_save_writes_the_shared_format(tmp_path):
     assert tensors["row_kind"].tolist() == row_kind.tolist()
     meta = json.loads((out / "projection.json").read_text())
     assert set(meta) == {"schema_version", "kind", "direction", "top_k", "student", "teacher", "method", "parent",
-                         "stats", "created_with"}
+                         "stats", "created_with", "tensors_sha256"}
     assert (meta["schema_version"], meta["kind"], meta["direction"]) == (1, "projection", "student_to_teacher")
     assert meta["method"]["name"] == "learned" and meta["top_k"] == 4
     art = read_projection(out)

@@ -19,6 +19,7 @@ from tests.reference_losses import (
     reference_hybrid,
     synthetic_batch,
 )
+from tests.reference_nemo import nemo_exact_map, nemo_gold
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.losses.hybrid import CommonSet, common_by_threshold, common_exact, gold_loss, hkl_loss, hybrid_loss
 
@@ -27,13 +28,22 @@ def _shapes(batch):
     return batch["input_ids"].shape[1], batch["teacher_0_input_ids"].shape[1]
 
 
-def _check(fn, batch, zs, zt, common_ref, **opt):
+def _check(fn, batch, zs, zt, common_ref, ref_vocab=(None, None), **opt):
+    """`fn` against the reference; `ref_vocab`: the (student, teacher) vocabulary sizes the public
+    reference reads (the projection's, when the public loss builds its common set from one)."""
     zs = zs.clone().requires_grad_()
     loss, metrics = fn(zs, zt, batch, **opt)
     (loss * 1.7).backward()
     zr = zs.detach().clone().requires_grad_()
-    keep = ("temperature", "public", "common_weight", "uncommon_weight", "tail_cut", "normalizer", "chunk_form")
-    ref, count = reference_hybrid(zr, zt, batch, common_ref, **{k: v for k, v in opt.items() if k in keep})
+    if opt.get("public"):
+        ref, count = nemo_gold(zr, zt, batch, common_ref, student_vocab_size=ref_vocab[0],
+                               teacher_vocab_size=ref_vocab[1], temperature=opt.get("temperature", 1.0),
+                               uncommon_topk=opt.get("tail_cut") or 8192,
+                               common_weight=opt.get("common_weight", 1.0),
+                               uncommon_weight=opt.get("uncommon_weight", 1.0))
+    else:
+        keep = ("temperature", "common_weight", "uncommon_weight", "tail_cut", "normalizer", "chunk_form")
+        ref, count = reference_hybrid(zr, zt, batch, common_ref, **{k: v for k, v in opt.items() if k in keep})
     (ref * 1.7).backward()
     assert is_close(loss, ref), (float(loss), float(ref))
     assert torch.allclose(zs.grad, zr.grad, atol=1e-6, rtol=1e-6), (zs.grad - zr.grad).abs().max()
@@ -62,19 +72,23 @@ def test_hkl_matches_reference_synthetic(seed, public):
     idx, w = random_projection(seed, 40, 50)
     zs, zt = random_logits(seed + 1, (3, Ls, 40)), random_logits(seed + 2, (3, Lt, 50))
     ref_common = reference_common_by_threshold(dense_projection(idx, w, 40, 50), 0.6)
+    vocab = (40, int(idx.max()) + 1)  # a projection from bare tensors: its teacher vocabulary ends at its last id
+    if public:
+        ref_common = nemo_exact_map(idx, w, vocab[1], xtoken_loss=True)[:2]
     assert len(ref_common[0]) > 3
-    _check(hkl_loss, batch, zs, zt, ref_common, projection=(idx, w), public=public,
+    _check(hkl_loss, batch, zs, zt, ref_common, vocab, projection=(idx, w), public=public,
            temperature=2.0 if seed else 1.0, tail_cut=17 if public else None, position_chunk_size=2)
 
 
-@pytest.mark.parametrize(("public", "form"), [(True, "start"), (False, "mean_log")])
-def test_hybrid_other_chunk_forms_match_reference(public, form):
+def test_hybrid_other_chunk_forms_match_reference():
     batch = synthetic_batch(7)
     Ls, Lt = _shapes(batch)
     cs = CommonSet.from_map(torch.arange(40) % 45)
     zs, zt = random_logits(1, (3, Ls, 40)), random_logits(2, (3, Lt, 50))
-    _check(hybrid_loss, batch, zs, zt, (cs.student_ids, cs.teacher_ids), common=cs, public=public, chunk_form=form,
+    _check(hybrid_loss, batch, zs, zt, (cs.student_ids, cs.teacher_ids), common=cs, chunk_form="mean_log",
            temperature=1.5)
+    with pytest.raises(LossOptionError, match="mean_log"):  # the public form is NeMo-RL's, chunk means only
+        hybrid_loss(zs, zt, batch, common=cs, public=True, chunk_form="start")
 
 
 @pytest.mark.parametrize("public", [False, True])
@@ -85,7 +99,10 @@ def test_hkl_and_gold_match_reference_real_vocab(public):
     cs = common_by_threshold((idx, w), 0.6)
     ref_common = reference_common_by_threshold(dense_projection(idx, w, Vs, Vt), 0.6)
     assert (cs.student_ids.tolist(), cs.teacher_ids.tolist()) == tuple(ref_common)
-    _, m, count = _check(hkl_loss, batch, zs, zt, ref_common, projection=(idx, w), public=public,
+    vocab = (Vs, int(idx.max()) + 1)
+    if public:
+        ref_common = nemo_exact_map(idx, w, vocab[1], xtoken_loss=True)[:2]
+    _, m, count = _check(hkl_loss, batch, zs, zt, ref_common, vocab, projection=(idx, w), public=public,
                          common_weight=0.7, uncommon_weight=1.3, tail_cut=64 if public else None)
     assert count > 50
     exact = CommonSet.from_map(ex)

@@ -44,7 +44,8 @@ def _problem(seed):
 
 def _reference_count(kind, batch, zs, zt, idx, w, options):
     """The number of units the float64 reference of `kind` sums over with `options`."""
-    correct_only = options.get("correct_only", True)
+    correct_only = options.get("correct_only")  # None: the form's default (public P-KL / hybrids: every chunk)
+    kept = True if correct_only is None else correct_only  # ULD and ALM: correct chunks unless told
     if kind == "ce":
         return reference_ce(zs, batch)[1]
     if kind == "kl":
@@ -55,14 +56,14 @@ def _reference_count(kind, batch, zs, zt, idx, w, options):
                              correct_only=correct_only)[1]
     if kind == "uld":
         form = options.get("chunk_form") or ("chain" if options.get("public") else "start")
-        return reference_uld(zs, zt, batch, form=form, correct_only=correct_only)[1]
+        return reference_uld(zs, zt, batch, form=form, correct_only=kept)[1]
     if kind in ("hkl", "gold"):
         cs = common_by_threshold(Projection.from_tensors(idx, w), 0.3)
         common = (cs.student_ids.tolist(), cs.teacher_ids.tolist())
         return reference_hybrid(zs, zt, batch, common, public=options.get("public", False),
                                 chunk_form=options.get("chunk_form"), correct_only=correct_only)[1]
     if kind == "alm":
-        return reference_alm(zs, zt, batch, correct_only=correct_only)[1]
+        return reference_alm(zs, zt, batch, correct_only=kept)[1]
     raise AssertionError(f"no reference for kind {kind!r}: add one to this test")
 
 
@@ -77,7 +78,7 @@ CASES = [
     ("uld", {"chunk_form": "mean_log", "correct_only": False}),
     ("hkl", {}),
     ("hkl", {"public": True}),
-    ("hkl", {"public": True, "chunk_form": "start"}),
+    ("hkl", {"public": True, "correct_only": True}),
     ("gold", {}),
     ("gold", {"public": True, "correct_only": False}),
     ("alm", {}),
@@ -242,7 +243,7 @@ def test_module_forward_equals_function(kind):
 
 
 def test_option_errors_come_from_the_configs():
-    from xtoken_loss import ALMLoss, KLLoss, PKLLoss, ULDLoss
+    from xtoken_loss import ALMLoss, GOLDLoss, HKLLoss, KLLoss, PKLLoss, ULDLoss
 
     proj, _ = _problem_modules()
     with pytest.raises(LossOptionError, match="temperature"):
@@ -253,8 +254,11 @@ def test_option_errors_come_from_the_configs():
         ULDLoss(tail_cut=0)
     with pytest.raises(LossOptionError, match="tau"):
         ALMLoss(tau=float("inf"))
-    with pytest.raises(LossOptionError, match="forward P-KL only"):
-        PKLLoss(proj, public=True, direction="reverse")
+    PKLLoss(proj, public=True, direction="reverse")  # NeMo-RL's reverse P-KL
+    with pytest.raises(LossOptionError, match="public form only"):
+        HKLLoss(proj, direction="reverse")
+    with pytest.raises(LossOptionError, match="mean_log"):
+        GOLDLoss(torch.arange(VS) % VT, public=True, chunk_form="start")
 
 
 def test_option_configs_round_trip():

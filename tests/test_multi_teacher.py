@@ -447,8 +447,18 @@ def two_llama_teachers(**opts):
             for n, w in (("llama3-a", 0.3), ("llama3-b", 0.7))]
 
 
+def two_llama_batch(batch):
+    """The real batch relabelled as aligned for two same-vocab llama3 teachers (its teacher fingerprint
+    keys say so; the qwen3 token keys left in it are not read by same-vocab teachers)."""
+    out = dict(batch)
+    for i in (0, 1):
+        out[f"teacher_{i}_tokenizer_fingerprint"] = batch["tokenizer_fingerprint"].clone()
+    return out
+
+
 def test_averaged_logits_full_matches_reference():
     batch, _, Vs, _, _ = real_problem()
+    batch = two_llama_batch(batch)
     zs, _, z1 = problem_logits()
     z2 = sharpened_logits(9, batch["input_ids"], batch["token_mask"], Vs, [3.0] * 4)
     mt = build(MultiTeacherConfig(mode="averaged_logits"), teachers=two_llama_teachers(temperature=2.0))
@@ -465,6 +475,7 @@ def test_averaged_logits_full_matches_reference():
 
 def test_averaged_logits_dynamic_weights():
     batch, _, Vs, _, _ = real_problem()
+    batch = two_llama_batch(batch)
     zs, _, z1 = problem_logits()
     z2 = sharpened_logits(9, batch["input_ids"], batch["token_mask"], Vs, [3.0] * 4)
     mt = build(MultiTeacherConfig(mode="averaged_logits", weighting="dynamic", score="entropy", alpha=0.5),
@@ -479,6 +490,7 @@ def test_averaged_logits_dynamic_weights():
 
 def test_averaged_logits_per_sequence_weights():
     batch, _, Vs, _, _ = real_problem()
+    batch = two_llama_batch(batch)
     zs, _, z1 = problem_logits(bonus1=(3.0, 0.0, 1.0, 2.0))
     z2 = sharpened_logits(9, batch["input_ids"], batch["token_mask"], Vs, (0.0, 3.0, 2.0, 1.0))
     mt = build(MultiTeacherConfig(mode="averaged_logits", weighting="dynamic", score="ce", per_sequence=True),
@@ -511,6 +523,7 @@ def test_averaged_logits_topk_same_support():
     """Top-k teachers listing the same tokens: the KL conditioned on that set against the weighted
     mean of their log-probabilities, which equals the conditioned KL against the averaged logits."""
     batch, _, Vs, _, _ = real_problem()
+    batch = two_llama_batch(batch)
     zs, _, z1 = problem_logits()
     z2 = z1 + 0.3 * torch.randn(z1.shape, dtype=torch.float64)
     _, idx = topk_of(z1, 8)
@@ -534,6 +547,7 @@ def test_averaged_logits_topk_same_support():
 
 def test_averaged_logits_topk_refusals():
     batch, _, Vs, _, _ = real_problem()
+    batch = two_llama_batch(batch)
     zs, _, z1 = problem_logits()
     lp1, idx1 = topk_of(z1, 8)
     lp2, idx2 = topk_of(z1 + 2 * torch.randn(z1.shape, dtype=torch.float64), 8)

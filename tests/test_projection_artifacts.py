@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, build, monkeypatch):
 
 def test_refuses_non_artifact_directory(tmp_path, build):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ArtifactError, match="not empty and holds no projection.json"):
+    with pytest.raises(ArtifactError, match="notes.txt, which is not part of a projection artifact"):
         build.save(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -171,7 +172,7 @@ def test_cli_errors_one_line_exit_2(tmp_path, case):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert not (tmp_path / "p").exists()
-    expected = {"unknown_tokenizer": "tokenizer", "top_k": "top_k", "unwritable": "not a writable directory",
+    expected = {"unknown_tokenizer": "tokenizer", "top_k": "top_k", "unwritable": "a_file is not a directory",
                 "corpus_not_utf8": "not UTF-8", "bad_width": "--student-vocab-size", "inspect_missing": "nothing"}
     assert expected[case] in lines[0]
 
@@ -205,7 +206,9 @@ def _write_raw(path, idx, w, kind=None, **meta_over):
     path.mkdir(parents=True)
     tensors = {"indices": idx, "weights": w} if kind is None else {"indices": idx, "weights": w, "row_kind": kind}
     save_file(tensors, str(path / "projection.safetensors"))
+    digest = "sha256:" + hashlib.sha256((path / "projection.safetensors").read_bytes()).hexdigest()
     meta = {"schema_version": 1, "kind": "projection", "direction": "student_to_teacher", "top_k": K,
+            "tensors_sha256": digest,
             "student": {"name": "s", "fingerprint": "sha256:s", "vocab_size": V_S, "model_vocab_size": V_S},
             "teacher": {"name": "t", "fingerprint": "sha256:t", "vocab_size": V_T, "model_vocab_size": V_T_MODEL},
             "method": {"name": "test"}, "stats": {}, "created_with": "test"}

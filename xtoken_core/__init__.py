@@ -4,6 +4,8 @@
 - `artifact_format`: the on-disk artifact format (schema version, file names, row kinds, metadata
   and fingerprint checks, index/weight validation, the atomic directory writer).
 - `config`: the keyword-only dataclass config design (validation, `to_dict` / `from_dict`).
+- `fingerprints`: how a batch records its tokenizers (per-row fingerprint ids, CONTRACTS §2) and
+  the process-wide fingerprint -> name table messages use.
 
 It imports neither torch, numba nor scipy, so both packages can depend on it without pulling in
 each other's dependencies.

@@ -23,6 +23,17 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from xtoken_core.errors import ConfigError
 
+# Upper bounds shared by options and readers, so a typo (an extra digit, a missing unit) is refused
+# before any work instead of failing in an allocation after it. Both lie far above real use: the
+# largest tokenizers have about 262k ids, the longest model contexts about 10M tokens.
+MAX_VOCAB_SIZE = 2**24  # 16,777,216: token ids and model vocabulary (output) widths
+MAX_TOKENS = 2**24  # token budgets per sample (`max_length`)
+
+
+def format_bound(v: float) -> str:
+    """A bound as people write it: 16777216 and 1000000, not 1.67772e+07 and 1e+06; 0.5 as 0.5."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
 
 def config(cls):
     """Class decorator: a keyword-only, frozen dataclass (subclass `Config` for the behaviour)."""
@@ -131,11 +142,11 @@ class Config:
             if base is float and not math.isfinite(value):
                 raise self.error_type(f"{where} must be a finite number, got {value!r}")
             if f.min is not None and value < f.min:
-                raise self.error_type(f"{where} must be >= {f.min:g}, got {value!r}")
+                raise self.error_type(f"{where} must be >= {format_bound(f.min)}, got {value!r}")
             if f.gt is not None and not value > f.gt:
-                raise self.error_type(f"{where} must be > {f.gt:g}, got {value!r}")
+                raise self.error_type(f"{where} must be > {format_bound(f.gt)}, got {value!r}")
             if f.max is not None and value > f.max:
-                raise self.error_type(f"{where} must be <= {f.max:g}, got {value!r}")
+                raise self.error_type(f"{where} must be <= {format_bound(f.max)}, got {value!r}")
 
     def to_dict(self) -> dict:
         """Plain values (nested configs as dicts), in field order."""

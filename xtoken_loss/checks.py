@@ -34,7 +34,7 @@ def check_logits(loss: str, name: str, logits: torch.Tensor, dims: int = 3) -> N
 def check_normalizer(loss: str, normalizer) -> None:
     """Raise unless `normalizer` is None or > 0. Tensors on an accelerator are not read (that would
     sync); a non-positive one there gives a non-finite loss instead of a silent number."""
-    if normalizer is None:
+    if normalizer is None or isinstance(normalizer, DeferredNormalizer):
         return
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
@@ -106,7 +106,118 @@ def check_ids_fit(loss: str, ids: torch.Tensor | None, key: str, width: int, wha
     top = int(ids.max())
     if top >= width:
         raise LossInputError(
-            f"{loss}: batch[{key!r}] holds token id {top}, but {what} is only {width} wide; the logits must "
+            f"{loss}: batch[{key!r}] holds token id {top}, beyond {what} ({width} wide); the logits must "
             "cover the tokenizer the batch was built with"
         )
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry checks every loss runs first (always; no device-to-host sync)
+
+
+class DeferredNormalizer:
+    """`normalizer=None` (the loss's own unit count) carrying a `[]` bool "bad input" flag that could
+    not be read without a sync (an accelerator batch): `chunked.resolve_normalizer` resolves the count
+    and makes it NaN where the flag is set, so the loss and its gradient come out NaN."""
+
+    __slots__ = ("bad",)
+
+    def __init__(self, bad: torch.Tensor):
+        self.bad = bad
+
+
+def with_flag(normalizer, bad: torch.Tensor | None, device=None):
+    """`normalizer` carrying the sync-free flag `bad` (None: nothing to carry): a NaN-where-bad
+    tensor for a given normalizer, a `DeferredNormalizer` for None."""
+    if bad is None:
+        return normalizer
+    if normalizer is None:
+        return DeferredNormalizer(bad)
+    if isinstance(normalizer, DeferredNormalizer):
+        return DeferredNormalizer(normalizer.bad | bad)
+    n = torch.as_tensor(normalizer, device=bad.device)
+    n = n if n.dtype.is_floating_point else n.to(torch.float32)
+    return poison(n, bad)
+
+
+def check_key(loss: str, batch, key: str, shape=None, what: str = ""):
+    """`batch[key]` (a tensor of `shape`, when given), or a `LossInputError` naming the loss and the key."""
+    if not isinstance(batch, dict):
+        raise LossInputError(f"{loss}: batch must be a dict of tensors (CONTRACTS §2), got {type(batch).__name__}")
+    value = batch.get(key)
+    if value is None:
+        raise LossInputError(f"{loss}: batch key {key!r} is missing{what} (CONTRACTS §2 lists the batch keys)")
+    if not isinstance(value, torch.Tensor):
+        raise LossInputError(f"{loss}: batch[{key!r}] must be a tensor, got {type(value).__name__}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise LossInputError(f"{loss}: batch[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return value
+
+
+def check_real_ids(loss: str, batch, key: str, mask_key: str, width: int, what: str,
+                   *, required: bool = False) -> torch.Tensor | None:
+    """Every id of `batch[key]` at a real position (`batch[mask_key]`) lies in `[0, width)`, `width`
+    being that of `what`. Padding ids are never read. CPU: raises `LossInputError` naming the key and
+    the offending id; accelerator: returns a `[]` bool "out of range" flag for `poison` (the caller
+    clamps the ids it gathers with). A missing key raises when `required`, else is not checked."""
+    if batch.get(key) is None and not required:
+        return None
+    mask = check_key(loss, batch, mask_key)
+    ids = check_key(loss, batch, key, tuple(mask.shape))
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise LossInputError(f"{loss}: batch[{key!r}] must hold integer token ids, got {ids.dtype}")
+    real = mask.to(device=ids.device, dtype=torch.bool)
+    if ids.device.type != "cpu":
+        return (real & ((ids < 0) | (ids >= width))).any()
+    if ids.numel() == 0 or not bool(real.any()):
+        return None
+    low = int(torch.where(real, ids, torch.zeros_like(ids)).min())
+    if low < 0:
+        raise LossInputError(f"{loss}: batch[{key!r}] holds token id {low} at a real position ({mask_key} true)")
+    return check_ids_fit(loss, torch.where(real, ids, torch.full_like(ids, -1)), key, width, what)
+
+
+def check_chunk_inputs(loss: str, student_logits, teacher_logits, batch, teacher_index: int, normalizer=None, *,
+                       correct_only: bool = True, student_ids: bool = False, teacher_ids: bool = False):
+    """The always-on entry checks of a chunk loss (P-KL, H-KL, GOLD, ULD, ALM, learned P-KL): both
+    logits floating point and `[B, T, V]` with one batch size (`teacher_logits` None: a top-k teacher,
+    checked by its parser), `normalizer` None or > 0, the alignment keys of teacher `teacher_index`
+    and both token masks present with the logits' shapes, and the batch's real token ids on each side
+    below that side's logits width (`student_ids` / `teacher_ids`: the loss reads them, so they must
+    be there). Returns the normalizer to use (carrying, on an accelerator, the sync-free flag of ids
+    out of range: `with_flag`)."""
+    check_logits(loss, "student_logits", student_logits)
+    B, Ls, Vs = student_logits.shape
+    if teacher_logits is not None:
+        check_logits(loss, "teacher logits", teacher_logits)
+        if teacher_logits.shape[0] != B:
+            raise LossInputError(
+                f"{loss}: teacher logits have batch size {teacher_logits.shape[0]}, the student logits {B}"
+            )
+    check_normalizer(loss, normalizer)
+    i = teacher_index
+    check_key(loss, batch, f"alignment_{i}_student_chunk_id", (B, Ls), f" (teacher {i}'s alignment)")
+    check_key(loss, batch, "token_mask", (B, Ls), " (which student positions are real)")
+    cid_t = check_key(loss, batch, f"alignment_{i}_teacher_chunk_id", None, f" (teacher {i}'s alignment)")
+    Lt = cid_t.shape[1] if cid_t.dim() == 2 else -1
+    if teacher_logits is not None and cid_t.shape != (B, teacher_logits.shape[1]):
+        raise LossInputError(
+            f"{loss}: batch['alignment_{i}_teacher_chunk_id'] has shape {tuple(cid_t.shape)}, expected "
+            f"{(B, teacher_logits.shape[1])} (the teacher logits' [B, T])"
+        )
+    check_key(loss, batch, f"teacher_{i}_token_mask", (B, Lt), " (which teacher positions are real)")
+    pv = check_key(loss, batch, f"alignment_{i}_pair_valid", None, f" (teacher {i}'s alignment)")
+    if pv.dim() != 2 or pv.shape[0] != B:
+        raise LossInputError(
+            f"{loss}: batch['alignment_{i}_pair_valid'] has shape {tuple(pv.shape)}, expected [B={B}, P]"
+        )
+    if correct_only:
+        check_key(loss, batch, f"alignment_{i}_pair_is_correct", tuple(pv.shape),
+                  " (needed with correct_only=True)")
+    bad = check_real_ids(loss, batch, "input_ids", "token_mask", Vs, "the student logits", required=student_ids)
+    if teacher_logits is not None:
+        bad_t = check_real_ids(loss, batch, f"teacher_{i}_input_ids", f"teacher_{i}_token_mask",
+                               teacher_logits.shape[2], "the teacher logits", required=teacher_ids)
+        bad = bad_t if bad is None else bad if bad_t is None else bad | bad_t
+    return with_flag(normalizer, bad)

@@ -9,6 +9,11 @@ their logit rows, computes the per-unit loss and its gradient on that small slic
 into one logits-sized buffer, attached to the loss with `chunked.attach_grad`. Peak extra memory is
 a few `[n, V]` temporaries whatever the number of units; the teacher is a constant. `prepare` holds
 the input checks these losses share.
+
+Only the units' rows are read, so nothing at masked positions can change the loss, the metrics or
+the gradient (exactly 0 there). A read row whose maximum is not finite (NaN, +inf, all -inf) makes
+the loss and the metrics NaN without a host sync (`checks.nonfinite` / `checks.poison`);
+`check_inputs=True` names the first such (sample, position) instead (`checks.check_finite_rows`).
 """
 
 from __future__ import annotations
@@ -18,16 +23,17 @@ from dataclasses import dataclass
 import torch
 
 from xtoken_core.errors import LossInputError
+from xtoken_loss.checks import check_finite_rows, nonfinite, poison
 from xtoken_loss.chunked import (
     attach_grad,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
-    softmax_rows,
 )
+from xtoken_loss.sorted_l1 import Workspace
 from xtoken_loss.teacher_outputs import as_teacher_outputs
-from xtoken_loss.units import ChunkUnits, check_chunk_ids, check_finite, chunk_units, get_key
+from xtoken_loss.units import ChunkUnits, check_chunk_ids, chunk_units, get_key
 
 # --------------------------------------------------------------------------------------------------
 # Units and chunk distributions
@@ -102,16 +108,21 @@ def run_units(
     normalizer,
     position_chunk_size: int | None,
     metric_names: tuple[str, ...],
-    prob_fn=None,
+    row_fn=None,
 ):
     """Sum `unit_fn(log_q_student [n, V_s], log_p_teacher [n, V_t]) -> (loss [n], {name: [n]})` over
     the units, n at a time, with the student gradient computed per group. Returns
     `(loss, metrics)` with the CONTRACTS §5 conventions (sum / normalizer; metric means per unit).
 
-    `prob_fn(q [n, V_s], p [n, V_t], want_grad) -> (loss [n], d loss / d q [n, V_s] or None, metrics)`,
-    when given, replaces `unit_fn` for the `"start"` form: it works on the normalised probabilities
-    with a hand-written gradient (no autograd graph; it may overwrite `p`), and the softmax backward
-    is applied here."""
+    For the `"start"` form, `row_fn(z_s [n, V_s], z_t [n, V_t], want_grad, max_s [n], max_t [n]) -> (loss
+    [n], d loss / d z_s [n, V_s] or None, metrics)`, when given, replaces `unit_fn`: it gets the units'
+    logit rows (copies in the compute dtype, not yet divided by the temperature, which it may
+    overwrite) and their maxima, and returns the gradient with respect to them, written by hand (no
+    autograd graph).
+
+    Only the units' rows are read (gathered), so nothing at other positions can change the result,
+    and their gradient is exactly 0. A read row whose maximum is not finite (NaN or +inf in it, or
+    all -inf) makes the loss and the metrics NaN (`checks.poison`, no host sync)."""
     B, Ls, Vs = student_logits.shape
     _, Lt, Vt = teacher_logits.shape
     dev = student_logits.device
@@ -133,32 +144,47 @@ def run_units(
     zs_flat = student_logits.reshape(B * Ls, Vs)
     zt_flat = teacher_logits.reshape(B * Lt, Vt)
     want_grad = needs_grad(student_logits)
-    grad = torch.zeros_like(zs_flat) if want_grad else None
+    hand = form == "start" and row_fn is not None
+    grad = None
+    if want_grad and hand:  # every unit row is written whole; the others are zeroed once
+        grad = torch.empty_like(zs_flat)
+        other = torch.ones(B * Ls, dtype=torch.bool, device=dev)
+        other[s_side.rows] = False
+        grad.index_fill_(0, other.nonzero().squeeze(1), 0.0)
+    elif want_grad:
+        grad = torch.zeros_like(zs_flat)
     total = torch.zeros((), dtype=cdt, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
     sums = {k: torch.zeros((), dtype=cdt, device=dev) for k in metric_names}
+    work = Workspace()
     for g in range(len(starts) - 1):
         u0, u1 = starts[g], starts[g + 1]
         s0, s1, t0, t1 = sb[g], sb[g + 1], tb[g], tb[g + 1]
         rows = s_side.rows[s0:s1]
-        if prob_fn is not None and form == "start":
+        with torch.no_grad():
+            if hand:  # reused buffers: the row functions work in place on these copies
+                zt = _gather(zt_flat, t_side.rows[t0:t1], work.get("zt", (t1 - t0, Vt), cdt, dev))
+                zs = _gather(zs_flat, rows, work.get("zs", (s1 - s0, Vs), cdt, dev))
+            else:
+                zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
+                zs = zs_flat.detach()[rows].to(cdt)
+            mx_t, mx_s = zt.amax(dim=1), zs.amax(dim=1)
+            bad |= nonfinite(mx_t) | nonfinite(mx_s)
+        if hand:
             with torch.no_grad():
-                p, _ = softmax_rows(zt_flat[t_side.rows[t0:t1]], temperature)
-                q, _ = softmax_rows(zs_flat[rows], temperature)
-                loss_u, g, extra = prob_fn(q, p, want_grad)
-                if want_grad:  # softmax backward: dz = q (g - <q, g>) / T
-                    g.sub_((q * g).sum(dim=1, keepdim=True)).mul_(q).mul_(1.0 / (temperature * norm))
-                    grad[rows] = g.to(grad.dtype)
+                loss_u, gz, extra = row_fn(zs, zt, want_grad, mx_s, mx_t)
+                if want_grad:
+                    grad.index_copy_(0, rows, gz.div_(norm).to(grad.dtype))
                 total += loss_u.sum()
                 for k in metric_names:
                     sums[k] += extra[k].sum()
-            del q, g, p
+            del zs, zt, gz
             continue
         with torch.no_grad():
-            zt = zt_flat[t_side.rows[t0:t1]].to(cdt)
             t_tg = t_side.targets[t0:t1] if t_side.targets is not None else None
             log_p = unit_log_dists(zt, t_side.unit[t0:t1] - u0, u1 - u0, form, temperature, t_tg)
             del zt
-        z = zs_flat.detach()[rows].to(cdt).requires_grad_(want_grad)
+        z = zs.requires_grad_(want_grad)
         s_tg = s_side.targets[s0:s1] if s_side.targets is not None else None
         with torch.enable_grad() if want_grad else torch.no_grad():
             log_q = unit_log_dists(z, s_side.unit[s0:s1] - u0, u1 - u0, form, temperature, s_tg)
@@ -170,11 +196,18 @@ def run_units(
         total += group_total.detach()
         for k in metric_names:
             sums[k] += extra[k].detach().sum()
-        del z, log_q, log_p
+        del z, zs, log_q, log_p
     count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: (v / count).detach() for k, v in sums.items()}
-    loss = total / norm
+    metrics = {k: poison((v / count).detach(), bad) for k, v in sums.items()}
+    loss = poison(total / norm, bad)
     return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
+
+
+def _gather(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of `src` into `buf` (the compute dtype)."""
+    if src.dtype == buf.dtype:
+        return torch.index_select(src, 0, rows, out=buf)
+    return buf.copy_(src.index_select(0, rows))
 
 
 def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index, correct_only, check_inputs,
@@ -190,11 +223,12 @@ def prepare(student_logits, teacher_outputs, batch, *, loss_name, teacher_index,
     if zt.shape[0] != B:
         raise LossInputError(f"{loss_name}: teacher logits batch size {zt.shape[0]} != student batch size {B}")
     if check_inputs:
-        check_finite("student_logits", student_logits)
-        check_finite("teacher logits", zt)
         check_chunk_ids(batch, teacher_index)
     mode = "start" if form == "start" else "mean"
     units = chunk_units(batch, teacher_index, B, Ls, zt.shape[1], mode=mode, correct_only=correct_only,
                         device=student_logits.device)
+    if check_inputs:  # the rows the loss reads only: padding never raises
+        check_finite_rows(loss_name, "student_logits", student_logits, units.student_rows)
+        check_finite_rows(loss_name, "teacher logits", zt, units.teacher_rows)
     return zt, units
 

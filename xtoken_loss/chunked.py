@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from xtoken_core.errors import LossOptionError
+from xtoken_loss.checks import DeferredNormalizer, poison
 
 # Elements per chunk temporary when the caller does not pick a position chunk size: 2**23 float32
 # values = 32 MiB, 65 rows of a 128k vocabulary (fewer, larger steps mean fewer thread barriers).
@@ -131,11 +132,15 @@ def needs_grad(logits: torch.Tensor) -> bool:
 
 def resolve_normalizer(normalizer, num_units: torch.Tensor, cdt) -> torch.Tensor:
     """The loss divisor: the caller's (e.g. a global count under data parallelism), else the local
-    count of valid units, at least 1 (an all-masked batch gives 0 / 1 = 0)."""
+    count of valid units, at least 1 (an all-masked batch gives 0 / 1 = 0). NaN when the entry
+    checks deferred a bad-input flag (`checks.DeferredNormalizer`) or, on an accelerator (where it
+    is not read), the normaliser is not > 0."""
+    if isinstance(normalizer, DeferredNormalizer):
+        return poison(num_units.to(cdt).clamp_min(1.0), normalizer.bad)
     if normalizer is None:
         return num_units.to(cdt).clamp_min(1.0)
     n = torch.as_tensor(normalizer, dtype=cdt, device=num_units.device)
-    return n
+    return poison(n, ~(n > 0)) if n.device.type != "cpu" else n
 
 
 def exp_rows(z: torch.Tensor, temperature: float, out: torch.Tensor):

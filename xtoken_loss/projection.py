@@ -22,6 +22,7 @@ import torch
 
 from xtoken_core import artifact_format as fmt
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.batch_tokenizers import TokenizerPair
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +88,13 @@ class Projection:
     @property
     def device(self) -> torch.device:
         return self.indices.device
+
+    @property
+    def tokenizers(self) -> TokenizerPair | None:
+        """The student and teacher tokenizers (names, fingerprints) the artifact metadata records; None
+        when it records none (built from tensors). Losses compare it with the batch's fingerprint keys
+        (`xtoken_loss.batch_tokenizers`)."""
+        return TokenizerPair.from_metadata(self.metadata)
 
     def to(self, device) -> Projection:
         """The same projection with its tensors (`row_kind` included) on `device`."""

@@ -97,7 +97,8 @@ class LossSpec:
                 "probabilities, so its unit count depends on the logits; read it from the loss (kept_fraction) "
                 "or pass the normalizer yourself"
             )
-        return _count_chunks(batch, teacher_index, o.unit_mode, o.correct_only, device)
+        only_correct = getattr(o, "only_correct", o.correct_only)  # correct_only=None: the form's default
+        return _count_chunks(batch, teacher_index, o.unit_mode, only_correct, device)
 
 
 def _function_options(fn) -> set[str]:
@@ -106,10 +107,10 @@ def _function_options(fn) -> set[str]:
 
 
 def _count_positions(batch: dict, device) -> torch.Tensor:
-    ids = batch.get("input_ids", batch.get("token_mask"))
-    if ids is None:
-        raise LossInputError("count_units: batch needs 'input_ids' or 'token_mask'")
-    return next_token_mask(batch, ids.shape[0], ids.shape[1], "", device or ids.device).sum()
+    tm = batch.get("token_mask")
+    if tm is None:
+        raise LossInputError("count_units: batch key 'token_mask' is missing (which positions are real)")
+    return next_token_mask(batch, tm.shape[0], tm.shape[1], "", device or tm.device).sum()
 
 
 def _count_chunks(batch: dict, i: int, mode: str, correct_only: bool, device) -> torch.Tensor:

@@ -36,12 +36,11 @@ def get_key(batch: dict, key: str, shape=None, *, required: bool = True):
 def next_token_mask(batch: dict, batch_size: int, length: int, prefix: str = "", device=None) -> torch.Tensor:
     """`[B, T]` bool: position p predicts a real token (token p and p+1 real, sample kept).
 
-    `prefix` is `""` for the student, `"teacher_{i}_"` for cross-tokenizer teacher i. A batch without
-    `token_mask` counts every position as real; without `sample_mask`, every sample as kept.
+    `prefix` is `""` for the student, `"teacher_{i}_"` for cross-tokenizer teacher i. The token mask
+    is required (a loss cannot tell padding from text without it: CONTRACTS §2); a batch without
+    `sample_mask` keeps every sample.
     """
-    tm = get_key(batch, f"{prefix}token_mask", (batch_size, length), required=False)
-    if tm is None:
-        tm = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    tm = get_key(batch, f"{prefix}token_mask", (batch_size, length))
     tm = tm.to(device=device, dtype=torch.bool)
     out = torch.zeros_like(tm)
     out[:, :-1] = tm[:, :-1] & tm[:, 1:]

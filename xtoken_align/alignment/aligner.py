@@ -142,17 +142,17 @@ def _char_to_byte(text: str) -> np.ndarray:
     return out
 
 
-def _with_added(encoded, add: np.ndarray, prefix: tuple, suffix: tuple):
-    """Flat ids with the post-processor's prefix/suffix ids added to the samples flagged in `add`:
-    (ids [N], offsets [B + 1], n_pre [B], n_suf [B])."""
+def _with_added(encoded, add_pre: np.ndarray, add_suf: np.ndarray, prefix: tuple, suffix: tuple):
+    """Flat ids with the post-processor's prefix ids added to the samples flagged in `add_pre` and
+    its suffix ids to those flagged in `add_suf`: (ids [N], offsets [B + 1], n_pre [B], n_suf [B])."""
     id_lists = [e.ids for e in encoded]
-    n_pre = np.where(add, len(prefix), 0).astype(np.int64)
-    n_suf = np.where(add, len(suffix), 0).astype(np.int64)
+    n_pre = np.where(add_pre, len(prefix), 0).astype(np.int64)
+    n_suf = np.where(add_suf, len(suffix), 0).astype(np.int64)
     lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists)) + n_pre + n_suf
     offsets = cb.offsets_from_counts(lengths)
     pre, suf, none = list(prefix), list(suffix), []
-    parts = chain.from_iterable((pre if x else none, ids, suf if x else none)
-                                for ids, x in zip(id_lists, add.tolist()))
+    parts = chain.from_iterable((pre if x else none, ids, suf if y else none)
+                                for ids, x, y in zip(id_lists, add_pre.tolist(), add_suf.tolist()))
     return np.fromiter(chain.from_iterable(parts), np.int64, int(offsets[-1])), offsets, n_pre, n_suf
 
 
@@ -194,12 +194,26 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
     (BOS/EOS) are added at zero width, except to empty texts (an empty text has no tokens and no
     chunks). Returns the side and the texts' UTF-8 bytes.
     """
+    add = np.broadcast_to(np.asarray(add_special_tokens, bool), (len(texts),))
+    side, raw, _ = encode_parts(info, texts, add_prefix=add, add_suffix=add)
+    return side, raw
+
+
+def encode_parts(info: TokenizerInfo, texts: list[str], *, add_prefix, add_suffix, force_offsets=False
+                 ) -> tuple[SideBatch, list[bytes], np.ndarray]:
+    """`encode_side` with the prefix (BOS) and suffix (EOS) tokens chosen separately (bools, or one
+    per text; never added to an empty text), as the windows of a longer text need
+    (`alignment.windows`). `force_offsets` (per text) places those texts from the tokenizer's
+    offsets even where the tokens spell the text, as the whole text is placed when any part of it
+    needs that fallback. Also returns `[B] bool`: the texts placed from the offsets."""
     tables = side_tables(info)
     raw = _utf8(texts)
     encoded = info.backend.encode_batch_fast(texts, add_special_tokens=False)
-    add = np.broadcast_to(np.asarray(add_special_tokens, bool), (len(texts),))
-    add = add & np.array([len(r) > 0 for r in raw], bool)
-    ids, offsets, n_pre, n_suf = _with_added(encoded, add, tables.prefix_ids, tables.suffix_ids)
+    nonempty = np.array([len(r) > 0 for r in raw], bool)
+    add_pre = np.broadcast_to(np.asarray(add_prefix, bool), (len(texts),)) & nonempty
+    add_suf = np.broadcast_to(np.asarray(add_suffix, bool), (len(texts),)) & nonempty
+    force = np.broadcast_to(np.asarray(force_offsets, bool), (len(texts),))
+    ids, offsets, n_pre, n_suf = _with_added(encoded, add_pre, add_suf, tables.prefix_ids, tables.suffix_ids)
     text = np.frombuffer(b"".join(raw), np.uint8)
     text_off = np.zeros(len(raw) + 1, np.int64)
     np.cumsum([len(r) for r in raw], out=text_off[1:])
@@ -213,18 +227,21 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
                              f"vocabulary of {info.vocab_size}")
     K.walk_batch(ids, offsets, n_pre, n_suf, tables.surf_data, tables.surf_off, tables.special,
                  info.prefix_space, text, text_off, starts, ends, faithful, ok)
-    failed = np.flatnonzero(~ok).tolist()
+    failed = np.flatnonzero(~ok & ~force).tolist()
     if failed and info.exactness == "exact_nfc":  # tokens spell NFC(text): map, no re-tokenizing
         failed = [b for b in failed if not _place_nfc_sample(info, tables, b, texts[b], ids, offsets,
                                                              n_pre, n_suf, starts, ends, faithful)]
+    failed = sorted(failed + np.flatnonzero(force).tolist())
     if failed:  # a normalizer changed the text: use the tokenizer's own offsets for those samples
         again = info.backend.encode_batch([texts[b] for b in failed], add_special_tokens=False)
         byte_starts = np.zeros(n, np.int64)
         for b, enc in zip(failed, again):
             _place_by_offsets(info, tables, b, enc, texts[b], len(raw[b]), ids, offsets, n_pre,
                               n_suf, text, text_off, byte_starts, starts, ends, faithful)
+    by_offsets = np.zeros(len(texts), bool)
+    by_offsets[failed] = True
     side = SideBatch(ids, offsets, starts, ends, faithful, tables.keys[ids], fallback=~ok)
-    return side, raw
+    return side, raw, by_offsets
 
 
 def to_axis(side: SideBatch, segments: list[np.ndarray]) -> SideBatch:

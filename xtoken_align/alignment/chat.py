@@ -18,6 +18,47 @@ from xtoken_core.errors import AlignmentError
 
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
+# The roles chat templates know: the Hugging Face chat format's four, OpenAI's `developer` (gpt-oss),
+# Llama-3.1's `ipython` (tool output) and the legacy `function`.
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+
+
+_JSON_WORDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
+               type(None): "null"}
+
+
+def check_conversation(messages, where: str = "conversation") -> None:
+    """Raise a one-line `AlignmentError` unless `messages` is a non-empty list of
+    `{"role": <one of ROLES>, "content": <str>}` dicts; `where` names the sample in the message
+    (`"sample 3"`, `"data.jsonl line 4"`).
+
+    A content that is not a string (a number, None, a list of parts) would be rendered into the
+    template but count 0 bytes on the common axis, so it is refused rather than silently dropped;
+    an empty message is `""`.
+    """
+    if not isinstance(messages, list):
+        raise AlignmentError(f"{where}: a conversation must be a list of {{'role': ..., 'content': ...}} "
+                             f"messages, got {type(messages).__name__}")
+    if not messages:
+        raise AlignmentError(f"{where}: the conversation has no messages")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise AlignmentError(f"{where}: a conversation must be a list of {{'role': ..., 'content': ...}} "
+                                 f"dicts; message {k} is {_JSON_WORDS.get(type(m), type(m).__name__)}")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            got = "no 'role'" if "role" not in m else f"unknown role {role!r}"
+            raise AlignmentError(f"{where}, message {k}: {got}; a role is one of {', '.join(ROLES)}")
+        if "content" not in m:
+            raise AlignmentError(f"{where}, message {k} ({role}): no 'content'; give a string (\"\" for an "
+                                 f"empty message)")
+        content = m["content"]
+        if not isinstance(content, str):
+            shown = ("a list (structured contents are not aligned: give the text as a string)"
+                     if isinstance(content, list) else repr(content) if content is None
+                     or isinstance(content, (bool, int, float)) else type(content).__name__)
+            raise AlignmentError(f"{where}, message {k} ({role}): 'content' must be a string, got {shown}")
+
 
 def _template_kwargs(info: TokenizerInfo) -> dict[str, str]:
     out = {}
@@ -49,17 +90,18 @@ def _render(info: TokenizerInfo, messages: list[dict]) -> str:
     return rendered[0]
 
 
-def render_conversation(info: TokenizerInfo, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:
+def render_conversation(info: TokenizerInfo, messages: list[dict], *, where: str = "conversation"
+                        ) -> tuple[str, list[tuple[int, int, int]]]:
     """The conversation rendered by `info`'s template, and where each message's content lies in it:
     `(message index, byte start, byte end)` in render order (first occurrence of each message).
 
     Contents are located by rendering once with placeholder contents; if the template transforms
     contents (strips, splits), messages it changed are searched verbatim in the real render, and a
-    content not found there is left to the scaffolding.
+    content not found there is left to the scaffolding. `messages` must pass `check_conversation`
+    (`where` names the sample in its errors).
     """
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise AlignmentError("a conversation must be a list of {'role': ..., 'content': ...} dicts")
-    text_idx = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str) and m["content"]]
+    check_conversation(messages, where)
+    text_idx = [i for i, m in enumerate(messages) if m["content"]]
     marked = [dict(m, content=f"\ue000{i}\ue001") if i in set(text_idx) else m
               for i, m in enumerate(messages)]
     real = _render(info, messages)

@@ -1,12 +1,15 @@
 """Precomputed alignments on disk (`xtoken-align align --out DIR`), read back by a data pipeline.
 
 A directory in the shared artifact format (`xtoken_core.artifact_format`: schema version, file
-names, metadata and fingerprint checks), written atomically (temporary sibling directory + rename,
-`artifact_format.atomic_dir`):
+names, metadata and fingerprint checks), written by `artifact_format.atomic_dir`
+(own files only, each replaced atomically with `alignment.json` last, under a writer lock):
 - `alignment.json`: `schema_version` (1), `kind` ("alignment"), `student` and `teacher`
   (`{name, fingerprint, vocab_size, model_vocab_size}`), `num_samples`, `shards` (`[{file,
   num_samples}]`), `options` (how the batch was made: max_length, add_special_tokens, ...),
-  `stats`, `created_with`.
+  `stats`, `created_with`. Each shard entry records `tensors_sha256` (`"sha256:<hex>"` of the
+  file), checked when the shard is read (a swapped or edited shard is refused; an artifact without
+  the keys loads with an `ArtifactWarning`); so are the offsets and the ids against the recorded
+  vocab sizes.
 - `alignment-00000.safetensors`, ...: per shard, flat arrays with per-sample offsets:
   `student_input_ids [N_s]` int64, `student_token_bytes [N_s]` int32, `student_offsets [n + 1]`
   int64, the same three for `teacher_`, `chunks [C, 7]` int64 (rows `byte_start, byte_end,
@@ -14,8 +17,9 @@ names, metadata and fingerprint checks), written atomically (temporary sibling d
   [n + 1]` int64, `num_bytes [n]` int64.
 
 Token-level chunk ids and exact masks are not stored: chunks tile both token sequences in order, so
-they are rebuilt on reading. Reading checks the schema, the kind and, when tokenizers are given,
-their fingerprints (`ArtifactError` naming what differs).
+they are rebuilt on reading; the batch's tokenizer fingerprint keys come from `alignment.json`.
+Reading checks the schema, the kind and, when tokenizers are given, their fingerprints
+(`ArtifactError` naming what differs).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from xtoken_core.artifact_format import (
     ALIGNMENT_JSON,
     ALIGNMENT_KIND,
     SCHEMA_VERSION,
+    TENSORS_SHA256,
     alignment_shard_name,
     atomic_dir,
     check_tokenizers,
@@ -42,10 +47,13 @@ from xtoken_core.artifact_format import (
     read_meta,
     read_tensors,
     tokenizer_meta,
+    warn_unchecked,
     write_meta,
     write_tensors,
+    writer_active,
 )
 from xtoken_core.errors import ArtifactError
+from xtoken_core.fingerprints import register_name
 
 _REQUIRED = {
     "student_input_ids": np.int64, "student_token_bytes": np.int32, "student_offsets": np.int64,
@@ -96,8 +104,8 @@ def write_alignment_artifact(out: str | Path, student: TokenizerInfo, teacher: T
                 return
             arrays = _shard_arrays(pending, teacher_index)
             name = alignment_shard_name(len(shards))
-            write_tensors(tmp / name, arrays, kind=ALIGNMENT_KIND)
-            shards.append({"file": name, "num_samples": pending_n})
+            digest = write_tensors(tmp / name, arrays, kind=ALIGNMENT_KIND)
+            shards.append({"file": name, "num_samples": pending_n, TENSORS_SHA256: digest})
             pending, pending_n = [], 0
 
         for batch in batches:
@@ -147,12 +155,16 @@ class AlignmentArtifact:
     def _shard(self, k: int) -> dict[str, np.ndarray]:
         if k not in self._shards:
             entry = self.meta["shards"][k]
-            arrays = read_tensors(self.path / entry["file"], _REQUIRED)
-            n = entry["num_samples"]
-            for name in ("student_offsets", "teacher_offsets", "chunk_offsets"):
-                if arrays[name].shape != (n + 1,):
-                    raise ArtifactError(f"{self.path / entry['file']}: {name} has shape "
-                                        f"{arrays[name].shape}, expected ({n + 1},)")
+            file = self.path / entry["file"]
+            try:
+                arrays = read_tensors(file, _REQUIRED, sha256=entry.get(TENSORS_SHA256),
+                                      described_by=self.path / ALIGNMENT_JSON)
+            except ArtifactError:
+                if writer_active(self.path) or _rewritten(self.path, self.meta):
+                    raise ArtifactError(f"{file}: {self.path} was rewritten since it was opened (or is being "
+                                        f"rewritten); open the artifact again") from None
+                raise
+            _check_shard(arrays, int(entry["num_samples"]), self.meta, file)
             self._shards[k] = arrays
         return self._shards[k]
 
@@ -185,7 +197,14 @@ class AlignmentArtifact:
         pair = _pair(chunks, offsets_from_counts(parts["c_n"]))
         if len(pair.a_chunk) != len(student.ids) or len(pair.b_chunk) != len(teacher.ids):
             raise ArtifactError(f"{self.path}: chunks do not tile the stored tokens (corrupt shard)")
-        return AlignedBatch(student, [teacher], [pair], np.asarray(parts["nb"], np.int64))
+        return AlignedBatch(student, [teacher], [pair], np.asarray(parts["nb"], np.int64),
+                            self.fingerprint("student"), [self.fingerprint("teacher")])
+
+    def fingerprint(self, side: str) -> str | None:
+        """The recorded fingerprint of the `"student"` or `"teacher"` tokenizer (None if absent)."""
+        entry = self.meta.get(side)
+        fp = entry.get("fingerprint") if isinstance(entry, dict) else None
+        return None if fp is None else str(fp)
 
     def batch(self, indices, *, max_length: int | None = None, teacher_max_length: int | None = None,
               student: TokenizerInfo | None = None, teacher: TokenizerInfo | None = None
@@ -195,6 +214,31 @@ class AlignmentArtifact:
         aligned = truncate(self.aligned(indices), max_length,
                            teacher_max_length if teacher_max_length is not None else max_length)
         return to_tensors(aligned, pad_id(student) if student else 0, [pad_id(teacher) if teacher else 0])
+
+
+def _rewritten(path: Path, meta: dict) -> bool:
+    try:
+        return read_meta(path / ALIGNMENT_JSON, kind=ALIGNMENT_KIND) != meta
+    except ArtifactError:
+        return True
+
+
+def _check_shard(a: dict[str, np.ndarray], n: int, meta: dict, file: Path) -> None:
+    """The shard's arrays fit together and the ids fit the tokenizers recorded in `meta`."""
+    for side, ids, offsets in (("student", "student_input_ids", "student_offsets"),
+                               ("teacher", "teacher_input_ids", "teacher_offsets"), (None, "chunks", "chunk_offsets")):
+        off = a[offsets]
+        if off.shape != (n + 1,):
+            raise ArtifactError(f"{file}: {offsets} has shape {off.shape}, expected ({n + 1},)")
+        if off[0] != 0 or off[-1] != len(a[ids]) or bool((np.diff(off) < 0).any()):
+            raise ArtifactError(f"{file}: {offsets} must rise from 0 to {len(a[ids])} (the length of {ids})")
+        vocab = (meta.get(side) or {}).get("vocab_size") if side else None
+        if isinstance(vocab, int) and len(a[ids]) and (int(a[ids].min()) < 0 or int(a[ids].max()) >= vocab):
+            raise ArtifactError(f"{file}: {ids} must be in [0, {vocab}) (the {side} tokenizer's vocab size), "
+                                f"found {int(a[ids].min())}..{int(a[ids].max())}")
+    if a["num_bytes"].shape != (n,) or a["chunks"].ndim != 2 or a["chunks"].shape[1:] != (7,):
+        raise ArtifactError(f"{file}: num_bytes must be [{n}] and chunks [C, 7], got {list(a['num_bytes'].shape)} "
+                            f"and {list(a['chunks'].shape)}")
 
 
 def _side(ids: np.ndarray, offsets: np.ndarray, token_bytes: np.ndarray) -> SideBatch:
@@ -220,8 +264,14 @@ def read_alignment_artifact(path: str | Path, *, student: TokenizerInfo | str | 
     path = Path(path)
     meta = read_meta(path / ALIGNMENT_JSON, kind=ALIGNMENT_KIND)
     check_tokenizers(meta, path, student=student, teacher=teacher)
+    for side in ("student", "teacher"):
+        entry = meta.get(side)
+        if isinstance(entry, dict):
+            register_name(entry.get("fingerprint"), entry.get("name"))
     if not isinstance(meta.get("shards"), list):
         raise ArtifactError(f"{path / ALIGNMENT_JSON}: 'shards' is missing")
+    if any(isinstance(sh, dict) and TENSORS_SHA256 not in sh for sh in meta["shards"]):
+        warn_unchecked(path / ALIGNMENT_JSON, "its shards")
     return AlignmentArtifact(path, meta)
 
 
@@ -246,7 +296,8 @@ def batch_from_artifacts(artifacts: list[AlignmentArtifact], indices, *, max_len
             raise ArtifactError(f"{a.path} holds other student tokens than {artifacts[0].path} for these "
                                 f"samples (built from other data or with another max_length?)")
     combined = AlignedBatch(first, [p.teachers[0] for p in parts], [p.pairs[0] for p in parts],
-                            parts[0].num_bytes)
+                            parts[0].num_bytes, parts[0].student_fingerprint,
+                            [p.teacher_fingerprints[0] for p in parts])
     combined = truncate(combined, max_length,
                         teacher_max_length if teacher_max_length is not None else max_length)
     pads = [pad_id(t) for t in teachers] if teachers else [0] * len(artifacts)

@@ -7,7 +7,9 @@ Steps: tokenize every side (`alignment.encode_side`), put conversations on their
 (`alignment_chat`), align the student with each cross-tokenizer teacher (`alignment.align_sides`),
 truncate all sides at one shared chunk boundary (`truncate`), pad into tensors (`to_tensors`).
 A teacher whose fingerprint equals the student's is same-vocab: it reads the student's
-`input_ids` and gets no keys of its own.
+`input_ids` and gets no token or alignment keys of its own. Every side's tokenizer fingerprint is
+recorded per row (`tokenizer_fingerprint`, `teacher_{i}_tokenizer_fingerprint`, `[B]` int64; see
+`xtoken_core.fingerprints`), so a loss can refuse a projection built for other tokenizers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, en
 from xtoken_align.alignment.chat import common_segments, render_conversation
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
 from xtoken_align.tokenizer.loader import TokenizerInfo
-from xtoken_core.config import Config, config, option
+from xtoken_core import fingerprints
+from xtoken_core.config import MAX_TOKENS, Config, config, option
 from xtoken_core.errors import AlignmentError, ConfigError
 
 
@@ -42,10 +45,11 @@ class CollateConfig(Config):
 
     error_type: ClassVar[type[ConfigError]] = CollateConfigError
 
-    max_length: int | None = option(None, min=1, help="Student token budget per sample (None: no truncation); "
-                                                       "every side is cut at one shared chunk boundary.")
-    teacher_max_length: int | None = option(None, min=1, help="Each teacher's token budget (None: same as "
-                                                               "max_length).")
+    max_length: int | None = option(None, min=1, max=MAX_TOKENS,
+                                    help="Student token budget per sample (None: no truncation); every side is "
+                                         "cut at one shared chunk boundary.")
+    teacher_max_length: int | None = option(None, min=1, max=MAX_TOKENS,
+                                            help="Each teacher's token budget (None: same as max_length).")
     add_special_tokens: bool = option(True, help="Add each tokenizer's post-processor tokens (BOS/EOS) to plain "
                                                  "texts, as tokenizer(text) does.")
     text_field: str = option("text", help="Key read for a text when samples are dicts.")
@@ -65,6 +69,9 @@ class AlignedBatch:
     teachers: list[SideBatch | None]
     pairs: list[PairBatch | None]
     num_bytes: np.ndarray  # [B] int64: axis bytes of each sample
+    # the tokenizers aligned (TokenizerInfo.fingerprint; None: not known, no batch key written)
+    student_fingerprint: str | None = None
+    teacher_fingerprints: list[str | None] | None = None  # one per teacher, same-vocab ones included
 
 
 def _sample_input(sample, config: CollateConfig):
@@ -155,6 +162,8 @@ def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerI
         teachers=[None if t.fingerprint == student.fingerprint else sides[t.fingerprint] for t in teachers],
         pairs=[None if t.fingerprint == student.fingerprint else pairs[t.fingerprint] for t in teachers],
         num_bytes=num_bytes,
+        student_fingerprint=student.fingerprint,
+        teacher_fingerprints=[t.fingerprint for t in teachers],
     )
 
 
@@ -224,7 +233,8 @@ def truncate(batch: AlignedBatch, max_length: int | None, teacher_max_length: in
                                  "(internal error; please report it)")
         teachers.append(t_new)
         pairs.append(p_new)
-    return AlignedBatch(s_new, teachers, pairs, np.asarray(num_bytes, np.int64))
+    return AlignedBatch(s_new, teachers, pairs, np.asarray(num_bytes, np.int64), batch.student_fingerprint,
+                        batch.teacher_fingerprints)
 
 
 class _Padder:
@@ -280,7 +290,13 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
         "token_bytes": _pad(s.token_bytes, s.offsets, 0, np.int32),
         "num_bytes": torch.from_numpy(np.asarray(batch.num_bytes, np.int64)),
     }
+    rows = len(n_s)
+    if batch.student_fingerprint is not None:
+        out[fingerprints.STUDENT_KEY] = _fingerprint_rows(batch.student_fingerprint, rows)  # [B]
+    teacher_fps = batch.teacher_fingerprints or [None] * len(batch.teachers)
     for i, (t, p) in enumerate(zip(batch.teachers, batch.pairs)):
+        if teacher_fps[i] is not None:  # same-vocab teachers too: the key says which tokenizer they share
+            out[fingerprints.teacher_key(i)] = _fingerprint_rows(teacher_fps[i], rows)  # [B]
         if p is None:
             continue
         fill = teacher_pad_ids[i] if teacher_pad_ids else 0
@@ -300,6 +316,11 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
     return out
 
 
+def _fingerprint_rows(fingerprint: str, rows: int) -> torch.Tensor:
+    """`[rows]` int64: the batch form of a tokenizer fingerprint (`xtoken_core.fingerprints`)."""
+    return torch.full((rows,), fingerprints.fingerprint_id(fingerprint), dtype=torch.int64)
+
+
 class AlignmentCollator:
     """Callable collator: `collator(samples) -> dict[str, torch.Tensor]` (CONTRACTS §2).
 
@@ -312,6 +333,8 @@ class AlignmentCollator:
         self.student = student
         self.teachers = list(teachers)
         self.config = config
+        for info in (student, *self.teachers):  # so a loss refusing a batch can name its tokenizers
+            fingerprints.register_name(info.fingerprint, info.name)
 
     def align(self, samples: list) -> AlignedBatch:
         """Aligned and truncated, not yet padded."""

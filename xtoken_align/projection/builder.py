@@ -31,10 +31,16 @@ from xtoken_align.projection import artifacts as art
 from xtoken_align.projection.rules import ByteSplitter, Pieces, decay_weights, decompose, exact_map, special_map
 from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core.artifact_format import STUDENT_TO_TEACHER, TEACHER_TO_STUDENT
-from xtoken_core.config import Config, config, option
+from xtoken_core.config import MAX_VOCAB_SIZE, Config, config, option
 from xtoken_core.errors import ConfigError
 
 METHOD_NAME = "xtoken_rule_based"
+
+# Upper bounds of the options (with `xtoken_core.config.MAX_VOCAB_SIZE` for the model widths): a
+# projection holds rows x top_k entries (12 bytes each while built), so top_k 256 over 262k rows
+# is already ~800 MB; a decomposition has at most a token's byte length of pieces.
+MAX_TOP_K = 256
+MAX_PIECES = 256
 
 Progress = Callable[..., None]  # progress(step, completed=None, total=None)
 
@@ -47,20 +53,23 @@ class ProjectionConfig(Config):
     `corpus` when refined); `from_params` rebuilds the config from those recorded params.
     """
 
-    top_k: int = option(4, min=1, help="Entries kept per row.")
-    first_weight: float = option(0.9, gt=0, help="Weight of a decomposition's first piece (before normalising).")
+    top_k: int = option(4, min=1, max=MAX_TOP_K, help="Entries kept per row.")
+    first_weight: float = option(0.9, gt=0, max=1e6, help="Weight of a decomposition's first piece (before "
+                                                          "normalising).")
     decay: float = option(0.1, gt=0, max=1, help="Factor per further piece: piece i gets "
                                                  "first_weight * decay**(i-1).")
-    max_pieces: int = option(4, min=1, help="Pieces of a decomposition that get weight.")
+    max_pieces: int = option(4, min=1, max=MAX_PIECES, help="Pieces of a decomposition that get weight.")
     reverse: bool = option(True, help="Reverse pass: teacher tokens split by the student tokenizer add weight.")
-    reverse_weight: float = option(1.0, min=0, help="Scale of the reverse pass relative to a forward "
-                                                    "decomposition.")
-    prior_strength: float = option(4.0, min=0, help="Corpus blend: pseudo-count of the rule-based prior per row.")
-    student_model_vocab_size: int | None = option(None, help="Student model output width (rows), if wider than "
-                                                             "the tokenizer; padded rows are empty.")
-    teacher_model_vocab_size: int | None = option(None, help="Teacher model output width, if wider than the "
-                                                             "tokenizer (e.g. 151936 for Qwen3); padded teacher "
-                                                             "ids get no weight.")
+    reverse_weight: float = option(1.0, min=0, max=1e6, help="Scale of the reverse pass relative to a forward "
+                                                             "decomposition.")
+    prior_strength: float = option(4.0, min=0, max=1e9, help="Corpus blend: pseudo-count of the rule-based prior "
+                                                             "per row.")
+    student_model_vocab_size: int | None = option(None, min=1, max=MAX_VOCAB_SIZE,
+                                                  help="Student model output width (rows), if wider than the "
+                                                       "tokenizer; padded rows are empty.")
+    teacher_model_vocab_size: int | None = option(None, min=1, max=MAX_VOCAB_SIZE,
+                                                  help="Teacher model output width, if wider than the tokenizer "
+                                                       "(e.g. 151936 for Qwen3); padded teacher ids get no weight.")
     both_directions: bool = option(False, help="Also build the teacher-to-student projection.")
 
     @classmethod

@@ -15,40 +15,48 @@ keep the keys they always had.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
-from xtoken_align.textio import read_utf8
+from xtoken_align.textio import check_text, iter_jsonl, iter_lines
 from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core.errors import DataFileError
 
 BATCH = 256
 
 
-def read_corpus(path: Path) -> list[str]:
-    """Texts of a corpus file: JSON lines with a `"text"` field (`.jsonl`), else one text per
-    non-empty line. Raises `DataFileNotFoundError` if the file is missing, `DataFileError` if it is
-    not UTF-8 or a JSON line is malformed."""
+CORPUS_FORMATS = ("auto", "jsonl", "text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def read_corpus(path: Path, corpus_format: str = "auto") -> list[str]:
+    """Texts of a corpus file. `corpus_format` "jsonl": one JSON object per line with a string
+    `"text"`; "text": one text per non-empty line; "auto" (default): "jsonl" for a `.jsonl`,
+    `.ndjson` or `.json` file, else "text" (the content is never guessed from: a plain text whose first line
+    starts with `{` is text). Read like every user text (`xtoken_align.textio`): a leading
+    byte-order mark dropped, lines end at `\\n`. Raises `DataFileNotFoundError` if the file is
+    missing, `DataFileError` if it is not UTF-8, a JSON line is malformed or a text holds a lone
+    surrogate."""
     path = Path(path)
-    content = read_utf8(path, "corpus")
-    lines = [ln for ln in content.splitlines() if ln.strip()]
-    if path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{")):
-        texts = []
-        for n, ln in enumerate(lines, 1):
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(f"corpus {path} line {n} is not valid JSON ({exc.msg}); "
-                                    f"give JSON lines with a \"text\" field or plain text") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataFileError(f"corpus {path} line {n} has no string \"text\" field")
-            texts.append(obj["text"])
-        return texts
-    return lines
+    if corpus_format not in CORPUS_FORMATS:
+        raise DataFileError(f"corpus format must be one of {', '.join(CORPUS_FORMATS)}, got {corpus_format!r}")
+    auto = corpus_format == "auto"
+    if auto:
+        corpus_format = "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
+    if corpus_format == "text":
+        return [line for _, line in iter_lines(path, "corpus") if line.strip()]
+    texts = []
+    hint = (f"; {path.name} is read as JSON lines with a \"text\" field" + (" by its extension" if auto else "")
+            + " (--corpus-format text reads one text per line)")
+    for n, obj in iter_jsonl(path, "corpus", hint):
+        if not isinstance(obj.get("text"), str):
+            raise DataFileError(f"corpus {path} line {n} has no string \"text\" field")
+        check_text(obj["text"], f"corpus {path} line {n}: \"text\"")
+        texts.append(obj["text"])
+    return texts
 
 
 def _first_token_pairs(student: TokenizerInfo, teacher: TokenizerInfo, texts: list[str]

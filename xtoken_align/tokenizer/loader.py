@@ -21,7 +21,9 @@ from tokenizers import Tokenizer
 from xtoken_align.tokenizer import canonical_bytes as cb
 from xtoken_align.tokenizer.fixtures import resolve_fixture
 from xtoken_align.tokenizer.special_roles import special_roles
+from xtoken_core.config import MAX_VOCAB_SIZE
 from xtoken_core.errors import TokenizerLoadError, TokenizerNotFoundError
+from xtoken_core.fingerprints import register_name
 
 KINDS = ("byte_level", "tiktoken", "sentencepiece", "sentencepiece_byte_fallback", "wordpiece")
 EXACTNESS = ("exact", "exact_nfc", "lossy")
@@ -134,10 +136,122 @@ class TokenizerInfo:
 def _read_json(path: Path, what: str, raw: bytes | None = None) -> dict:
     try:
         return json.loads(path.read_bytes() if raw is None else raw)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenizerLoadError(f"cannot read {what} {path}: {exc}") from None
+    except OSError as exc:
+        raise TokenizerLoadError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TokenizerLoadError(f"cannot read {what} {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise TokenizerLoadError(f"{path} is not valid JSON ({exc}); is it a tokenizer.json?") from None
+        hint = "; is it a tokenizer.json?" if what == "tokenizer file" else ""
+        raise TokenizerLoadError(f"{path} is not valid JSON ({exc}){hint}") from None
+
+
+# --- checking what was read ----------------------------------------------------------------------
+# The loader reads a handful of entries of tokenizer.json and tokenizer_config.json; each is checked
+# here first, so a file that is valid JSON but not what a Hugging Face tokenizer writes is a
+# one-line `TokenizerLoadError` naming the file and the entry, not an AttributeError/KeyError.
+
+def _type_name(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _bad(path: Path, where: str, expected: str, value) -> TokenizerLoadError:
+    shown = repr(value) if not isinstance(value, (dict, list)) else _type_name(value)
+    return TokenizerLoadError(f"{path}: {where} must be {expected}, got {shown}")
+
+
+def _is_id(value) -> bool:
+    return type(value) is int and 0 <= value < MAX_VOCAB_SIZE
+
+
+_ID_WORDS = f"a token id (an integer in [0, {MAX_VOCAB_SIZE}))"
+
+
+def _check_components(path: Path, where: str, obj) -> None:
+    """A normalizer / pre-tokenizer / decoder spec: null, or an object (nested lists of objects)."""
+    if obj is None:
+        return
+    if not isinstance(obj, dict):
+        raise _bad(path, where, "an object or null", obj)
+    if "type" in obj and not isinstance(obj["type"], str):
+        raise _bad(path, f"{where}.type", "a string", obj["type"])
+    for key in ("normalizers", "pretokenizers", "decoders", "processors"):
+        if key in obj:
+            subs = obj[key]
+            if not isinstance(subs, list):
+                raise _bad(path, f"{where}.{key}", "a list", subs)
+            for k, sub in enumerate(subs):
+                if not isinstance(sub, dict):  # a null inside the list is not a component either
+                    raise _bad(path, f"{where}.{key}[{k}]", "an object", sub)
+                _check_components(path, f"{where}.{key}[{k}]", sub)
+            return
+
+
+def _check_spec(spec, path: Path) -> None:
+    """Raise `TokenizerLoadError` unless `spec` has the shape the loader reads (module comment above)."""
+    if not isinstance(spec, dict) or "model" not in spec:
+        raise TokenizerLoadError(f"{path} is not a tokenizer.json (no 'model' entry)")
+    model = spec["model"]
+    if not isinstance(model, dict):
+        raise _bad(path, "model", "an object", model)
+    if "type" in model and not isinstance(model["type"], str):
+        raise _bad(path, "model.type", "a string", model["type"])
+    if "vocab" not in model:
+        raise TokenizerLoadError(f"{path}: model has no 'vocab' (is it a tokenizer.json written by the "
+                                 f"tokenizers library?)")
+    vocab = model["vocab"]
+    if isinstance(vocab, dict):
+        bad = next((kv for kv in vocab.items() if not _is_id(kv[1])), None)
+        if bad is not None:
+            raise _bad(path, f"model.vocab[{bad[0]!r}]", _ID_WORDS, bad[1])
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        for k, entry in enumerate(vocab):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise _bad(path, f"model.vocab[{k}]", "a [piece, score] pair", entry)
+        if len(vocab) > MAX_VOCAB_SIZE:
+            raise TokenizerLoadError(f"{path}: model.vocab has {len(vocab)} entries, more than the "
+                                     f"{MAX_VOCAB_SIZE} xtoken reads")
+    else:
+        raise _bad(path, "model.vocab", "an object (piece -> id) or a list of [piece, score] pairs", vocab)
+    for key in ("unk_token", "continuing_subword_prefix"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise _bad(path, f"model.{key}", "a string or null", model[key])
+    added = spec.get("added_tokens")
+    if added is not None and not isinstance(added, list):
+        raise _bad(path, "added_tokens", "a list", added)
+    for k, tok in enumerate(added or []):
+        if not isinstance(tok, dict):
+            raise _bad(path, f"added_tokens[{k}]", "an object with 'id' and 'content'", tok)
+        for key in ("id", "content"):
+            if key not in tok:
+                raise TokenizerLoadError(f"{path}: added_tokens[{k}] has no {key!r}; each added token needs "
+                                         f"an 'id' and a 'content'")
+        if not _is_id(tok["id"]):
+            raise _bad(path, f"added_tokens[{k}].id", _ID_WORDS, tok["id"])
+        if not isinstance(tok["content"], str):
+            raise _bad(path, f"added_tokens[{k}].content", "a string", tok["content"])
+        if "special" in tok and not isinstance(tok["special"], bool):
+            raise _bad(path, f"added_tokens[{k}].special", "true or false", tok["special"])
+    if not vocab and not added:
+        raise TokenizerLoadError(f"{path}: the tokenizer has no tokens (model.vocab and added_tokens are empty)")
+    for key in ("normalizer", "pre_tokenizer", "decoder"):
+        _check_components(path, key, spec.get(key))
+
+
+def _check_config(config, path: Path) -> dict:
+    """`tokenizer_config.json`: an object whose `chat_template`, if any, is a string or a list of
+    `{name, template}` objects."""
+    if not isinstance(config, dict):
+        raise TokenizerLoadError(f"{path}: a tokenizer config must be a JSON object, got {_type_name(config)}")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        ok = isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)
+        if not ok:
+            raise TokenizerLoadError(f"{path}: chat_template must be a string or a list of {{name, template}} "
+                                     f"objects, got {_type_name(template)}")
+    return config
 
 
 def _locate(name_or_path: str) -> tuple[Path, Path | None]:
@@ -322,15 +436,16 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
     Hugging Face fast tokenizer (its subclass `TokenizerNotFoundError` when there is none to read: no
     such path, an unbuilt fixture, a Hub name neither cached nor reachable).
     """
+    if not str(name_or_path).strip():
+        raise TokenizerNotFoundError("empty tokenizer name: give a path, a bundled fixture name or a Hub name")
     tj_path, cfg_path = _locate(str(name_or_path))
     try:
         raw_spec = tj_path.read_bytes()
     except OSError as exc:
         raise TokenizerLoadError(f"cannot read tokenizer file {tj_path}: {exc.strerror}") from None
     spec = _read_json(tj_path, "tokenizer file", raw_spec)
-    if not isinstance(spec, dict) or "model" not in spec:
-        raise TokenizerLoadError(f"{tj_path} is not a tokenizer.json (no 'model' entry)")
-    config = _read_json(cfg_path, "tokenizer config") if cfg_path is not None else {}
+    _check_spec(spec, tj_path)
+    config = _check_config(_read_json(cfg_path, "tokenizer config"), cfg_path) if cfg_path is not None else {}
     kind = _kind(spec)
     added = spec.get("added_tokens") or []
     ids = [i for _, i in _vocab_items(spec["model"])] + [t["id"] for t in added]
@@ -344,7 +459,7 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
     if unk_id is not None:
         specials.setdefault(unk_id, unk)
         all_added.setdefault(unk, unk_id)
-    return TokenizerInfo(
+    info = TokenizerInfo(
         name=name or str(name_or_path),
         source=str(tj_path),
         kind=kind,
@@ -361,3 +476,5 @@ def load_tokenizer(name_or_path: str, *, name: str | None = None) -> TokenizerIn
         _prefix_always=any(c.get("type") == "Prepend" for c in _components(spec.get("normalizer"))),
         config=config,
     )
+    register_name(info.fingerprint, info.name)  # batches name their tokenizers by fingerprint
+    return info

@@ -54,9 +54,9 @@ def _token_content(value) -> str | None:
     """A `tokenizer_config.json` special-token entry is a string or an AddedToken dict."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict):
-        return value.get("content")
-    return None
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None  # anything else names no token
 
 
 def special_roles(config: dict, special_ids: dict[str, int]) -> dict[str, int]:

@@ -32,6 +32,14 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.checks import (
+    check_chunk_inputs,
+    check_finite_rows,
+    check_key,
+    check_logits,
+    nonfinite,
+    poison,
+)
 from xtoken_loss.chunked import (
     attach_grad,
     check_options,
@@ -43,7 +51,7 @@ from xtoken_loss.chunked import (
 )
 from xtoken_loss.modules import LossModule
 from xtoken_loss.teacher_outputs import TOPK_KEYS, as_teacher_outputs
-from xtoken_loss.units import check_chunk_ids, check_finite, chunk_units, get_key, next_token_mask
+from xtoken_loss.units import check_chunk_ids, chunk_units, next_token_mask
 
 DEFAULT_TAU = 100.0
 TEACHER_FORMS = ("logits", "topk")  # top-k: `target_logprob` (+ the top-k pair when debiasing the teacher)
@@ -148,8 +156,7 @@ def alm_loss(
                                  needs=("target_logprob",) + (TOPK_KEYS if debias_teacher else ()))
     form = teacher.form
     t_main = teacher.logits if form == "logits" else teacher.target_logprob
-    if student_logits.dim() != 3:
-        raise LossInputError(f"alm: student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    check_logits("alm", "student_logits", student_logits)
     B, Ls, Vs = student_logits.shape
     if t_main.shape[0] != B or t_main.dim() != (3 if form == "logits" else 2):
         raise LossInputError(
@@ -157,32 +164,47 @@ def alm_loss(
             f"fit batch size {B} ([B, T_t, V_t] logits or [B, T_t] target_logprob)"
         )
     Lt = t_main.shape[1]
+    i = teacher_index
+    normalizer = check_chunk_inputs("alm", student_logits, t_main if form == "logits" else None, batch, i, normalizer,
+                                    correct_only=correct_only, student_ids=True, teacher_ids=form == "logits")
+    check_key("alm", batch, f"alignment_{i}_teacher_chunk_id", (B, Lt))
     dev = student_logits.device
     cdt = compute_dtype(student_logits.dtype)
-    i = teacher_index
-    ids_s = get_key(batch, "input_ids", (B, Ls)).to(dev).reshape(-1)
+    ids_s = batch["input_ids"].to(dev).reshape(-1)
+    if dev.type != "cpu":
+        ids_s = ids_s.clamp(0, Vs - 1)  # out-of-range ids poison the loss (the normaliser carries the flag)
     if check_inputs:
-        check_finite("student_logits", student_logits)
-        check_finite("teacher outputs", t_main)
         check_chunk_ids(batch, i)
     units = chunk_units(batch, i, B, Ls, Lt, mode="mean", correct_only=correct_only, device=dev)
     U = units.student_count.shape[0]
     n = rows_per_chunk(position_chunk_size, Vs)
+    if check_inputs:  # the rows the loss reads
+        check_finite_rows("alm", "student_logits", student_logits, units.student_rows)
+        if form == "logits":
+            check_finite_rows("alm", "teacher logits", t_main, units.teacher_rows)
+        else:
+            check_finite_rows("alm", "target_logprob", t_main[..., None], units.teacher_rows)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)  # a read row is not finite (no sync)
 
     # Teacher: l_t per unit (and the boundary mass at each unit's last token).
     tr, tu = units.teacher_rows, units.teacher_unit
     if form == "logits":
         Vt = t_main.shape[2]
         zt = t_main.reshape(B * Lt, Vt)
-        ids_t = get_key(batch, f"teacher_{i}_input_ids", (B, Lt)).to(dev).reshape(-1)
+        ids_t = batch[f"teacher_{i}_input_ids"].to(dev).reshape(-1)
+        if dev.type != "cpu":
+            ids_t = ids_t.clamp(0, Vt - 1)
         t_lp = torch.empty(tr.shape[0], dtype=cdt, device=dev)
         with torch.no_grad():
             for r0 in range(0, tr.shape[0], n):
                 rows = tr[r0 : r0 + n]
                 z = zt[rows].to(cdt)
-                t_lp[r0 : r0 + n] = torch.log_softmax(z, dim=1).gather(1, ids_t[rows + 1][:, None]).squeeze(1)
+                lse = torch.logsumexp(z, dim=1)
+                bad |= nonfinite(lse)  # NaN, +inf or all -inf in a read row
+                t_lp[r0 : r0 + n] = z.gather(1, ids_t[rows + 1][:, None]).squeeze(1) - lse
     else:
         t_lp = t_main.reshape(-1).to(cdt)[tr]
+        bad |= torch.isnan(t_lp).any() | (t_lp == float("inf")).any()
     l_t = torch.zeros(U, dtype=cdt, device=dev).index_add_(0, tu, t_lp)
 
     # Debiasing: which units to keep.
@@ -190,13 +212,16 @@ def alm_loss(
     if debias_gamma is not None:
         gamma = float(debias_gamma)
         if teacher_boundary_tokens is not None:
-            keep &= _teacher_boundary_ok(teacher, form, t_main, batch, units, teacher_boundary_tokens,
-                                         gamma, i, B, Lt, n, cdt)
+            ok, t_bad = _teacher_boundary_ok(teacher, form, t_main, batch, units, teacher_boundary_tokens,
+                                             gamma, i, B, Lt, n, cdt)
+            keep &= ok
+            bad |= t_bad
         if student_boundary_tokens is not None:
             mask = _boundary_mask(student_boundary_tokens, Vs, dev, "student_boundary_tokens")
             q, has_next = _last_rows(units.student_rows, units.student_unit, U, next_token_mask(batch, B, Ls, "", dev))
             mass = _mass_at(student_logits.reshape(B * Ls, Vs), q, mask, n, cdt)
             keep &= ~has_next | (mass >= gamma)
+            bad |= (has_next & torch.isnan(mass)).any()  # a broken boundary row must not just drop its chunk
     num_units = keep.sum()
     norm = resolve_normalizer(normalizer, num_units, cdt)
 
@@ -212,6 +237,7 @@ def alm_loss(
             rows = sr[r0 : r0 + n]
             z = zs[rows]
             p, lse = softmax_rows(z, 1.0)
+            bad |= nonfinite(lse)
             s_lp[r0 : r0 + n] = z.gather(1, tgt[r0 : r0 + n, None]).squeeze(1).to(cdt) - lse
             if want_grad:
                 grad.index_copy_(0, rows, p.to(grad.dtype))
@@ -224,7 +250,7 @@ def alm_loss(
         div = torch.where(keep, div, torch.zeros_like(div))
         total_var = div.sum()
         (d_ls,) = torch.autograd.grad(total_var, ls_var) if want_grad else (None,)
-    total = total_var.detach()
+    total = poison(total_var.detach(), bad)
 
     if want_grad:  # grad row r = c_r * (onehot(y_r) - p_r), c_r = d loss / d l_s(unit of r) / norm
         c_all = (d_ls / norm)[su]  # [N_s]
@@ -236,11 +262,10 @@ def alm_loss(
                 h.scatter_add_(1, tgt[r0 : r0 + n, None], c[:, None])
                 grad.index_copy_(0, rows, h.to(grad.dtype))
     cnt = num_units.to(cdt).clamp_min(1)
-    kf = keep.to(cdt)
     metrics = {
         "alm": (total / cnt).detach(),
-        "student_chunk_logprob": ((l_s * kf).sum() / cnt).detach(),
-        "teacher_chunk_logprob": ((l_t * kf).sum() / cnt).detach(),
+        "student_chunk_logprob": (poison(torch.where(keep, l_s, 0.0).sum(), bad) / cnt).detach(),
+        "teacher_chunk_logprob": (poison(torch.where(keep, l_t, 0.0).sum(), bad) / cnt).detach(),
         "kept_fraction": (num_units.to(cdt) / max(U, 1)).detach(),
     }
     loss = total / norm
@@ -283,9 +308,9 @@ def _teacher_boundary_ok(teacher, form, t_main, batch, units, tokens, gamma, i, 
         t = torch.as_tensor(tokens, device=dev)
         width = max(width, t.shape[0] if t.dtype == torch.bool else (int(t.max()) + 1 if t.numel() else 1))
         mask = _boundary_mask(tokens, width, dev, "teacher_boundary_tokens")
-        listed = (idx >= 0) & mask[idx.clamp(min=0)]
+        listed = (idx >= 0) & mask[idx.clamp(min=0, max=width - 1)]
         mass = torch.where(listed, torch.exp(lpq), torch.zeros_like(lpq)).sum(dim=1)
-    return ~has_next | (mass >= gamma)
+    return ~has_next | (mass >= gamma), (has_next & torch.isnan(mass)).any()
 
 
 

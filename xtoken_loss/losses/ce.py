@@ -11,6 +11,15 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.checks import (
+    check_finite_rows,
+    check_key,
+    check_logits,
+    check_normalizer,
+    check_real_ids,
+    nonfinite,
+    poison,
+)
 from xtoken_loss.chunked import (
     attach_grad,
     check_options,
@@ -21,7 +30,7 @@ from xtoken_loss.chunked import (
     softmax_rows,
 )
 from xtoken_loss.modules import LossModule
-from xtoken_loss.units import check_finite, get_key, next_token_mask
+from xtoken_loss.units import next_token_mask
 
 TEACHER_FORMS = ()  # uses no teacher
 
@@ -47,26 +56,29 @@ def ce_loss(
 ):
     """`sum over next-token positions of -log softmax(z_p)[input_ids[p + 1]] / normalizer`.
 
-    Returns `(loss, metrics)`; metrics: `ce` (mean nats per valid position).
+    Returns `(loss, metrics)`; metrics: `ce` (mean nats per valid position). `input_ids` and
+    `token_mask` are required; a NaN / +inf in a row the loss reads gives a NaN loss.
     """
     check_options(CEOptions, position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     if batch is None:
-        raise LossInputError("ce_loss needs the batch (input_ids, token_mask, sample_mask)")
-    if student_logits.dim() != 3:
-        raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+        raise LossInputError("ce: ce_loss needs the batch (input_ids, token_mask, sample_mask)")
+    check_logits("ce", "student_logits", student_logits)
+    check_normalizer("ce", normalizer)
     B, L, V = student_logits.shape
-    ids = get_key(batch, "input_ids", (B, L)).to(student_logits.device)
-    if check_inputs:
-        check_finite("student_logits", student_logits)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-            raise LossInputError(f"input_ids must lie in [0, {V - 1}] (the student logits width)")
+    check_key("ce", batch, "token_mask", (B, L), " (which positions are real)")
+    bad = check_real_ids("ce", batch, "input_ids", "token_mask", V, "the student logits", required=True)
     dev = student_logits.device
+    ids = batch["input_ids"].to(dev)
+    if bad is not None:
+        ids = ids.clamp(0, V - 1)  # an accelerator batch: out-of-range ids poison the loss instead
     cdt = compute_dtype(student_logits.dtype)
     valid = next_token_mask(batch, B, L, "", dev)
     target = torch.zeros_like(ids)
     target[:, :-1] = ids[:, 1:]
     target = torch.where(valid, target, torch.zeros_like(target)).flatten()  # [N]
     valid = valid.flatten()
+    if check_inputs:
+        check_finite_rows("ce", "student_logits", student_logits, valid.nonzero().squeeze(1))
     num_units = valid.sum()
     norm = resolve_normalizer(normalizer, num_units, cdt)
     zs = student_logits.reshape(B * L, V)
@@ -81,14 +93,16 @@ def ce_loss(
             w, t = valid[r0:r1], target[r0:r1]
             z = zs[r0:r1]
             p, lse = softmax_rows(z, 1.0, out=grad[r0:r1] if direct else None)
+            bad = nonfinite(torch.where(w, lse, torch.zeros_like(lse))) | (False if bad is None else bad)
             loss_row = lse - z.gather(1, t[:, None]).squeeze(1).to(cdt)
             total += torch.where(w, loss_row, torch.zeros_like(loss_row)).sum()
             if want_grad:
-                scale = torch.where(w, 1.0 / norm, torch.zeros((), dtype=cdt, device=dev))
                 p.scatter_add_(1, t[:, None], -torch.ones_like(loss_row)[:, None])
-                p.mul_(scale[:, None])
+                p.mul_(1.0 / norm)
+                p.masked_fill_(~w[:, None], 0.0)  # padding: exactly 0, whatever its logits hold
                 if not direct:
                     grad[r0:r1] = p
+    total = poison(total, bad)
     loss = total / norm
     metrics = {"ce": (total / num_units.to(cdt).clamp_min(1)).detach()}
     return attach_grad(student_logits, loss, grad.view(B, L, V) if want_grad else None), metrics

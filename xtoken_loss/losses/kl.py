@@ -22,10 +22,10 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
+from xtoken_loss.checks import check_finite_rows, check_key, check_logits, check_normalizer, check_real_ids, poison
 from xtoken_loss.chunked import (
     attach_grad,
     check_options,
-    coarse_divergence,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
@@ -34,7 +34,7 @@ from xtoken_loss.chunked import (
 )
 from xtoken_loss.modules import LossModule
 from xtoken_loss.teacher_outputs import as_teacher_outputs
-from xtoken_loss.units import check_finite, next_token_mask
+from xtoken_loss.units import next_token_mask
 
 TEACHER_FORMS = ("logits", "topk")
 
@@ -69,25 +69,27 @@ def kl_loss(
     """Same-vocab KD: `sum over valid positions of T^2 KL / normalizer`.
 
     `direction="forward"` is KL(teacher || student), `"reverse"` KL(student || teacher). Valid
-    positions are next-token positions (see `units.next_token_mask`). Returns `(loss, metrics)`;
-    metrics: `kl` (mean KL per valid position, without the T^2 factor).
+    positions are next-token positions (see `units.next_token_mask`; `token_mask` is required).
+    Returns `(loss, metrics)`; metrics: `kl` (mean KL per valid position, without the T^2 factor).
+    A NaN / +inf in a row the loss reads gives a NaN loss (docs/losses.md, "Robustness").
     """
     check_options(KLOptions, temperature=temperature, direction=direction, tail=tail,
                   position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T = float(temperature)
-    if student_logits.dim() != 3:
-        raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    check_logits("kl", "student_logits", student_logits)
+    check_normalizer("kl", normalizer)
     B, L, V = student_logits.shape
     teacher = as_teacher_outputs(teacher_outputs, loss="kl", accepts=TEACHER_FORMS)
     form = teacher.form
     t_main, t_idx = (teacher.logits, None) if form == "logits" else (teacher.topk_logprobs, teacher.topk_indices)
     if t_main.shape[:2] != (B, L):
         raise LossInputError(
-            f"teacher outputs have shape {tuple(t_main.shape)}, expected [B={B}, T={L}, ...] like the student logits"
+            f"kl: teacher outputs have shape {tuple(t_main.shape)}, expected [B={B}, T={L}, ...] like the student "
+            "logits"
         )
     if form == "logits" and t_main.shape[2] > V:
         raise LossInputError(
-            f"teacher logits are {t_main.shape[2]} wide, the student's {V}; a same-vocab teacher must not be wider "
+            f"kl: teacher logits are {t_main.shape[2]} wide, the student's {V}; a same-vocab teacher must not be wider "
             "(slice its logits to the shared vocabulary)"
         )
     if form == "topk" and tail == "bucket" and T != 1.0:
@@ -95,15 +97,22 @@ def kl_loss(
             "temperature != 1 with top-k teacher log-probs needs tail='renormalize': the teacher's mass outside "
             "its top-k at another temperature is unknown"
         )
-    if check_inputs:
-        check_finite("student_logits", student_logits)
-        check_finite("teacher logits" if form == "logits" else "topk_logprobs", t_main)
-        if form == "topk" and t_idx.numel() and (int(t_idx.max()) >= V or int(t_idx.min()) < -1):
-            raise LossInputError(f"topk_indices must lie in [-1, {V - 1}]")
+    check_key("kl", batch, "token_mask", (B, L), " (which positions are real)")
+    bad = check_real_ids("kl", batch, "input_ids", "token_mask", V, "the student logits")
 
     dev = student_logits.device
     cdt = compute_dtype(student_logits.dtype)
     valid = next_token_mask(batch, B, L, "", dev).flatten()  # [N]
+    if form == "topk":
+        bad = _or(bad, _check_topk_indices(t_idx, valid.view(B, L), V))
+    if check_inputs:
+        rows = valid.nonzero().squeeze(1)
+        check_finite_rows("kl", "student_logits", student_logits, rows)
+        if form == "logits":
+            check_finite_rows("kl", "teacher logits", t_main, rows)
+        else:  # a row of only empty slots (-inf everywhere) is allowed
+            listed = (t_main.reshape(B * L, -1)[rows] != float("-inf")).any(dim=1)
+            check_finite_rows("kl", "topk_logprobs", t_main, rows[listed])
     num_units = valid.sum()
     norm = resolve_normalizer(normalizer, num_units, cdt)
     zs = student_logits.reshape(B * L, V)
@@ -113,87 +122,162 @@ def kl_loss(
     grad = torch.zeros_like(student_logits).view(B * L, V) if want_grad else None
     direct = want_grad and grad.dtype == cdt  # write p straight into the gradient buffer
     n = rows_per_chunk(position_chunk_size, V)
+    buf = None if direct or form == "logits" else torch.empty(min(n, B * L), V, dtype=cdt, device=dev)
     total = torch.zeros((), dtype=cdt, device=dev)
+    scale = T / norm
     with torch.no_grad():
         for r0 in range(0, B * L, n):
             r1 = min(r0 + n, B * L)
             w = valid[r0:r1]
-            p, lse_s = softmax_rows(zs[r0:r1], T, out=grad[r0:r1] if direct else None)
+            out = grad[r0:r1] if direct else None
             if form == "logits":
-                loss_row, coef = _full_rows(zs[r0:r1], zt[r0:r1], p, lse_s, T, direction, V)
+                p, lse_s = softmax_rows(zs[r0:r1], T, out=out)
+                loss_row, coef, row_bad = _full_rows(zs[r0:r1], zt[r0:r1], p, lse_s, T, direction, V)
             else:
-                loss_row, coef = _topk_rows(p, zt[r0:r1], idx[r0:r1], T, direction, tail)
+                out = out if out is not None else buf[: r1 - r0]
+                loss_row, coef, row_bad = _topk_rows(zs[r0:r1], zt[r0:r1], idx[r0:r1], T, direction, tail, out)
+                p = out
+            bad = _or(bad, (w & row_bad).any())
             total += torch.where(w, loss_row, torch.zeros_like(loss_row)).sum()
             if want_grad:
-                scale = torch.where(w, T / norm, torch.zeros((), dtype=cdt, device=dev))  # [n]
                 coef(p, scale)  # p becomes the gradient rows
+                p.masked_fill_(~w[:, None], 0.0)  # padding: exactly 0, whatever its logits hold
                 if not direct:
                     grad[r0:r1] = p
+    total = poison(total, bad)
     loss = total * (T * T) / norm
     metrics = {"kl": (total / num_units.to(cdt).clamp_min(1)).detach()}
     return attach_grad(student_logits, loss, grad.view(B, L, V) if want_grad else None), metrics
 
 
+def _or(a, b):
+    return b if a is None else a if b is None else a | b
+
+
+def _check_topk_indices(idx: torch.Tensor, valid: torch.Tensor, V: int):
+    """Top-k indices at valid positions must lie in [-1, V) (no sync: on an accelerator a flag)."""
+    live = torch.where(valid[..., None], idx, torch.full_like(idx, -1))
+    if idx.device.type != "cpu":
+        return ((live < -1) | (live >= V)).any()
+    if live.numel() and (int(live.min()) < -1 or int(live.max()) >= V):
+        raise LossInputError(
+            f"kl: topk_indices hold ids in [{int(live.min())}, {int(live.max())}] at valid positions; they must lie in "
+            f"[-1, {V - 1}] (-1: empty slot; the student logits are {V} wide)"
+        )
+    return None
+
+
 def _full_rows(z, zt, p, lse_s, T, direction, V):
-    """Loss rows and the in-place gradient step for full teacher logits."""
+    """Loss rows, the in-place gradient step and the rows' non-finite flags for full teacher logits."""
     if zt.shape[1] < V:
         zt = torch.nn.functional.pad(zt, (0, V - zt.shape[1]), value=float("-inf"))
     pt, lse_t = softmax_rows(zt, T)
+    row_bad = ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))  # NaN / +inf / all -inf in a row
     if direction == "forward":
         diff = torch.where(pt > 0, zt.to(p.dtype) - z.to(p.dtype), torch.zeros_like(pt))
         loss_row = (pt * diff).sum(dim=1) / T - lse_t + lse_s
 
         def coef(p, scale):
-            p.sub_(pt).mul_(scale[:, None])
+            p.sub_(pt).mul_(scale)
 
-        return loss_row, coef
+        return loss_row, coef, row_bad
     ell = torch.where(p > 0, (z.to(p.dtype) - zt.to(p.dtype)) / T + (lse_t - lse_s)[:, None], torch.zeros_like(p))
     loss_row = (p * ell).sum(dim=1)
 
     def coef(p, scale):
         ell.sub_(loss_row[:, None])
-        p.mul_(ell).mul_(scale[:, None])
+        p.mul_(ell).mul_(scale)
 
-    return loss_row, coef
+    return loss_row, coef, row_bad
 
 
-def _topk_rows(p, lp, idx, T, direction, tail):
+def _topk_rows(z, lp, idx, T, direction, tail, out):
+    """Top-k teacher rows, in log space: the student's log-masses on the listed tokens are
+    `z_j / T - lse` and, for the bucket, its rest is the log-sum-exp of the unlisted logits (its own
+    maximum as the shift), so neither underflows on confident logits. Fills `out [n, V]` with what
+    `coef` turns into the gradient rows. Returns `(loss [n], coef, row_bad [n])`."""
+    cdt = out.dtype
+    n, V = z.shape
+    neg_inf = float("-inf")
     idx = idx.to(torch.int64)
-    ok = (idx >= 0) & (lp > float("-inf"))
-    safe_idx = idx.clamp(min=0)
-    lp = lp.to(p.dtype)
-    a = p.gather(1, safe_idx) * ok  # [n, k]
-    neg_inf = torch.full_like(lp, float("-inf"))
-    if tail == "bucket":
-        lp_s = torch.where(ok, lp, neg_inf)
-        # Both rests are differences of sums near 1: below the rounding floor they are 0, so a
-        # top-k that lists the whole vocabulary is the full KL, not +inf from noise.
-        floor = lp.shape[1] * torch.finfo(p.dtype).eps
-        p_rest = 1.0 - torch.exp(lp_s).sum(dim=1)
-        p_rest = torch.where(p_rest > floor, p_rest, torch.zeros_like(p_rest))
-        a_rest = p.sum(dim=1) - a.sum(dim=1)
-        a_rest = torch.where(a_rest > floor, a_rest, torch.zeros_like(a_rest))
-        a_aug = torch.cat([a, a_rest[:, None]], dim=1)
-        log_p = torch.cat([lp_s, torch.log(p_rest)[:, None]], dim=1)
+    lp = lp.to(cdt)
+    listed = idx >= 0
+    row_bad = (listed & (torch.isnan(lp) | (lp == float("inf")))).any(dim=1)
+    ok = listed & (lp > neg_inf)
+    safe = idx.clamp(0, V - 1)
+    zl = torch.where(ok, z.gather(1, safe).to(cdt) / T, torch.full_like(lp, neg_inf))  # [n, k]
+    any_ok = ok.any(dim=1)
+    if tail == "renormalize":
+        row_bad |= ~torch.isfinite(z.amax(dim=1))  # the row is the model's output: NaN anywhere is a broken row
+        lq = torch.where(ok, zl - torch.logsumexp(zl, dim=1, keepdim=True), zl)
+        lt = torch.where(ok, torch.log_softmax(torch.where(ok, lp / T, zl), dim=1), zl)  # zl: -inf off ok
+        q, pt = torch.exp(lq), torch.exp(lt)  # 0 on empty slots
+        if direction == "forward":
+            loss_row = torch.where(pt > 0, pt * (lt - lq), torch.zeros_like(pt)).sum(dim=1)
+            g_l = q * pt.sum(dim=1, keepdim=True) - pt
+        else:
+            loss_row = torch.where(q > 0, q * (lq - lt), torch.zeros_like(q)).sum(dim=1)
+            g_l = torch.where(q > 0, q * (lq - lt - loss_row[:, None]), torch.zeros_like(q))
+        loss_row = torch.where(any_ok, loss_row, torch.zeros_like(loss_row))
+        g_l = torch.where(ok & any_ok[:, None], g_l, torch.zeros_like(g_l))
+
+        def coef(p, scale):
+            p.zero_().scatter_add_(1, safe, g_l * scale)
+
+        return loss_row, coef, row_bad
+
+    # bucket: the listed tokens plus one rest outcome on both sides
+    e = out
+    e.copy_(z)
+    e.scatter_reduce_(1, safe, torch.where(ok, torch.full_like(lp, neg_inf), torch.full_like(lp, float("inf"))),
+                      reduce="amin")  # listed entries -inf (an empty slot leaves its column alone)
+    mx_raw = e.amax(dim=1)
+    row_bad |= ~torch.isfinite(torch.maximum(mx_raw, zl.amax(dim=1)))  # the row's max: NaN, +inf or all -inf
+    mx = torch.where(torch.isfinite(mx_raw), mx_raw, torch.zeros_like(mx_raw))
+    e.sub_(mx[:, None])
+    if T != 1.0:
+        e.div_(T)
+    e.exp_()  # unlisted numerators exp((z - mx) / T); listed entries 0
+    s_r = e.sum(dim=1)
+    lr = mx / T + torch.log(s_r)  # log-sum-exp of the unlisted z / T (-inf: no unlisted mass)
+    lse = torch.logsumexp(torch.cat([zl, lr[:, None]], dim=1), dim=1)
+    la, la_r = zl - lse[:, None], lr - lse  # student log-masses: listed, rest
+    # teacher: listed log-probabilities and the rest 1 - sum exp(lp), from log(listed mass) =
+    # m + log1p(sum of the others relative to the largest), exact to the inputs' rounding
+    lpm = torch.where(ok, lp, torch.full_like(lp, neg_inf))
+    m = lpm.amax(dim=1)
+    m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    rel = torch.exp(lpm - m0[:, None]).scatter(1, lpm.argmax(dim=1, keepdim=True), 0.0)
+    log_listed = m + torch.log1p(rel.sum(dim=1))
+    p_rest = (-torch.expm1(log_listed)).clamp_min(0.0)
+    # a rest below the rounding noise of that difference is 0 when the student has no unlisted mass
+    # (the top-k lists every token it can emit): the full KL, not +inf from noise
+    floor = lp.shape[1] * torch.finfo(cdt).eps
+    p_rest = torch.where((s_r > 0) | (p_rest > floor), p_rest, torch.zeros_like(p_rest))
+    lt_r = torch.log(p_rest)
+    pt = torch.exp(lpm)
+    a, a_r = torch.exp(la), torch.exp(la_r)
+    c_u = torch.exp(mx / T - lse)  # turns an unlisted numerator into its probability
+    if direction == "forward":
+        loss_row = torch.where(pt > 0, pt * (lpm - la), torch.zeros_like(pt)).sum(dim=1) + torch.where(
+            p_rest > 0, p_rest * (lt_r - la_r), torch.zeros_like(p_rest))
+        mass = pt.sum(dim=1) + p_rest
+        g_l = torch.where(ok, a * mass[:, None] - pt, torch.zeros_like(pt))  # listed: A_j sum P - P_j
+        g_u = c_u * mass - torch.where(s_r > 0, p_rest / s_r, torch.zeros_like(s_r))  # unlisted, per numerator
     else:
-        a_aug = a
-        log_p = torch.log_softmax(torch.where(ok, lp / T, neg_inf), dim=1)
-        log_p = torch.where(ok, log_p, neg_inf)  # rows with no listed token stay all -inf, not NaN
-    loss_row, d_a = coarse_divergence(a_aug, log_p, direction)
-    loss_row = torch.where(ok.any(dim=1), loss_row, torch.zeros_like(loss_row))
+        loss_row = torch.where(a > 0, a * (la - lpm), torch.zeros_like(a)).sum(dim=1) + torch.where(
+            a_r > 0, a_r * (la_r - lt_r), torch.zeros_like(a_r))
+        g_l = torch.where(ok & (a > 0), a * (la - lpm - loss_row[:, None]), torch.zeros_like(a))
+        g_u = torch.where(s_r > 0, c_u * (la_r - lt_r - loss_row), torch.zeros_like(s_r))
+
+    loss_row = torch.where(any_ok, loss_row, torch.zeros_like(loss_row))  # all mass in the rest on both sides: 0
+    g_u = torch.where(any_ok, g_u, torch.zeros_like(g_u))
 
     def coef(p, scale):
-        k = a.shape[1]
-        d_s = d_a[:, :k]
-        d_rest = d_a[:, k] if tail == "bucket" else torch.zeros_like(loss_row)
-        c = (a * d_s).sum(dim=1) + (a_aug[:, k] * d_rest if tail == "bucket" else 0.0)
-        d_s = torch.where(ok, d_s, torch.zeros_like(d_s))
-        # p * (g - c) with g = d_rest off the listed tokens and d_j on token idx_j
-        p.mul_((d_rest - c)[:, None])
-        p.scatter_add_(1, safe_idx, a * (d_s - d_rest[:, None]) * ok)
-        p.mul_(scale[:, None])
+        p.mul_((g_u * scale)[:, None])  # listed entries stay 0
+        p.scatter_add_(1, safe, g_l * scale)
 
-    return loss_row, coef
+    return loss_row, coef, row_bad
 
 
 class KLLoss(LossModule):

@@ -33,7 +33,8 @@ from torch import nn
 from xtoken_core import artifact_format as fmt
 from xtoken_core.config import config
 from xtoken_core.errors import LossInputError, LossOptionError, ProjectionArtifactError
-from xtoken_loss.checks import check_finite_rows, nonfinite, poison
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
+from xtoken_loss.checks import check_chunk_inputs, check_finite_rows, nonfinite, poison
 from xtoken_loss.chunked import (
     check_options,
     compute_dtype,
@@ -214,7 +215,10 @@ def learned_pkl_loss(
                   top_k_columns=top_k_columns, correct_only=correct_only, position_chunk_size=position_chunk_size,
                   check_inputs=check_inputs)
     T = float(temperature)
+    check_batch_tokenizers(projection, batch, teacher_index, loss="learned_pkl")
     zt = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS).logits
+    normalizer = check_chunk_inputs("learned_pkl", student_logits, zt, batch, teacher_index, normalizer,
+                                    correct_only=correct_only)
     B, Ls, Vs = student_logits.shape
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device

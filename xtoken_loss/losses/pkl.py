@@ -14,12 +14,13 @@ Principled (default, `public=False`)
   distributions: >= 0, and 0 exactly when they agree on S and on the rest.
 - S: the `top_k_columns` reachable columns with the highest teacher log-probability at any counted
   position (padding never counts), max-reduced over `process_group` so every rank picks the same S.
-Public (`public=True`, reproduces the published P-KL)
+Public (`public=True`): NeMo-RL's published P-KL, its defaults included (`losses/public.py`)
 - Chunk distributions averaged over every position whose next token is in the chunk: the student's
-  projected probabilities arithmetically (then renormalised over S), the teacher's log-softmax over S
-  only (a geometric mean, not renormalised), so the "KL" can be negative.
-- S: top `top_k_columns` columns by raw teacher logit over *all* positions, padding included.
-- log Q clamped at `public_eps` where the projected student mass on a column is zero.
+  projected probabilities arithmetically (then renormalised over S, `log(Q / (sum Q + eps) + eps)`),
+  the teacher's log-softmax over S only (a geometric mean, not renormalised), so the "KL" can be
+  negative. Every valid chunk counts, correct or not (`correct_only=None`).
+- S: top `top_k_columns` columns by raw teacher logit over *all* positions, padding included, of the
+  teacher logits cut to the projection's teacher vocabulary.
 
 Both: sum over valid chunks of `T^2 * KL`, divided by `normalizer` (default: the number of valid
 chunks). Teacher outputs are treated as constants (no gradient).
@@ -44,24 +45,23 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
-from xtoken_loss.checks import check_finite_rows, nonfinite, poison
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
+from xtoken_loss.checks import check_chunk_inputs, check_finite_rows, nonfinite, poison
 from xtoken_loss.chunked import (
     DEFAULT_CHUNK_ELEMENTS,
     attach_grad,
     check_options,
     compute_dtype,
-    gather_rows,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
     shift_rows,
-    softmax_rows,
 )
+from xtoken_loss.losses.public import public_pkl
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import (
     as_projection,
     log_slot_masses,
-    project_probs,
     reduce_column_scores,
     restrict_projection,
     top_columns,
@@ -99,12 +99,15 @@ class PrincipledPKLOptions(Config):
 class PKLOptions(PrincipledPKLOptions):
     """Options of `pkl_loss` / `PKLLoss` (module doc); the projection and `columns` are passed beside."""
 
-    public: bool = option(False, help="reproduce the published P-KL (chunk means, raw-logit column choice)")
-    public_eps: float = option(1e-10, help="public form: clamp of the projected student probability", gt=0)
+    correct_only: bool | None = option(None, help="count only chunks whose pair is correct (pair_is_correct); None: "
+                                       "yes, except with public=True (NeMo-RL counts every valid chunk)")
+    public: bool = option(False, help="NeMo-RL's published P-KL, its defaults included (docs/losses.md)")
+    public_eps: float = option(1e-10, help="public form: the eps of log(Q / (sum Q + eps) + eps)", gt=0)
 
-    def check(self) -> None:
-        if self.public and self.direction != "forward":
-            raise self.fail("pkl: public=True reproduces the published forward P-KL only; use direction='forward'")
+    @property
+    def only_correct(self) -> bool:
+        """`correct_only` resolved: its value, else True (principled) / False (public)."""
+        return (not self.public) if self.correct_only is None else self.correct_only
 
     @property
     def unit_mode(self) -> str:
@@ -125,7 +128,7 @@ def pkl_loss(
     top_k_columns: int | None = DEFAULT_TOP_K_COLUMNS,
     columns: torch.Tensor | None = None,
     public: bool = False,
-    correct_only: bool = True,
+    correct_only: bool | None = None,
     process_group=None,
     position_chunk_size: int | None = None,
     public_eps: float = 1e-10,
@@ -136,15 +139,27 @@ def pkl_loss(
     `projection`: a `Projection` (see `load_projection`), an artifact directory, or
     `(indices, weights)`. `top_k_columns=None` uses every reachable teacher column (exact, slower);
     `columns` fixes the teacher column set instead of choosing it. `direction="reverse"` gives
-    KL(student || teacher) (principled form only). Metrics (means over valid chunks): `kl` (without
+    KL(student || teacher). `correct_only` (None: True, with `public=True` False) counts only the
+    chunks whose pair is correct. Metrics (means over valid chunks): `kl` (without
     T^2), `teacher_mass_in_columns`; principled form also `teacher_reachable_mass` and
     `student_mapped_mass`.
     """
-    check_options(PKLOptions, teacher_index=teacher_index, temperature=temperature, direction=direction,
-                  top_k_columns=top_k_columns, public=public, correct_only=correct_only,
-                  position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
+    o = check_options(PKLOptions, teacher_index=teacher_index, temperature=temperature, direction=direction,
+                      top_k_columns=top_k_columns, public=public, correct_only=correct_only,
+                      position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
+    correct_only = o.only_correct
     T = float(temperature)
     zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
+    proj = as_projection(projection, student_logits.device)
+    check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")  # a batch for other tokenizers: say so first
+    normalizer = check_chunk_inputs("pkl", student_logits, zt, batch, teacher_index, normalizer,
+                                    correct_only=correct_only)
+    if public:
+        return public_pkl(student_logits, zt, batch, projection=proj, teacher_index=teacher_index,
+                          normalizer=normalizer, temperature=temperature, direction=direction,
+                          top_k_columns=top_k_columns, columns=columns, correct_only=correct_only,
+                          process_group=process_group, position_chunk_size=position_chunk_size, eps=public_eps,
+                          check_inputs=check_inputs)
     if student_logits.dim() != 3 or zt.dim() != 3:
         raise LossInputError(
             f"pkl: student logits {tuple(student_logits.shape)} and teacher logits {tuple(zt.shape)} must be [B, T, V]"
@@ -154,13 +169,10 @@ def pkl_loss(
         raise LossInputError(f"pkl: teacher logits batch size {zt.shape[0]} != student batch size {B}")
     Lt, Vt = zt.shape[1], zt.shape[2]
     dev = student_logits.device
-    proj = as_projection(projection, dev)
     proj.check_widths(Vs, Vt)
     if check_inputs:
         check_chunk_ids(batch, teacher_index)
-    units = chunk_units(
-        batch, teacher_index, B, Ls, Lt, mode="mean" if public else "start", correct_only=correct_only, device=dev
-    )
+    units = chunk_units(batch, teacher_index, B, Ls, Lt, mode="start", correct_only=correct_only, device=dev)
     if check_inputs:  # the rows the loss reads only: padding never raises
         check_finite_rows("pkl", "student_logits", student_logits, units.student_rows)
         check_finite_rows("pkl", "teacher logits", zt, units.teacher_rows)
@@ -172,11 +184,7 @@ def pkl_loss(
     want_grad = needs_grad(student_logits)
     args = (zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt)
     with torch.no_grad():
-        if public:
-            total, grad, metrics = _public(*args, top_k_columns, columns, process_group, public_eps)
-            bad = None
-        else:
-            total, grad, metrics, bad = _principled(*args, top_k_columns, columns, process_group, direction)
+        total, grad, metrics, bad = _principled(*args, top_k_columns, columns, process_group, direction)
     count = units.num_units.to(cdt).clamp_min(1)
     metrics = {k: poison(v / count, bad).detach() for k, v in metrics.items()}
     loss = poison(total * (T * T) / norm, bad)
@@ -527,80 +535,6 @@ def _zero_outside(grad: torch.Tensor, slices) -> None:
         grad[r:].zero_()
 
 
-def _public(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, columns, group, eps):
-    dev = zs_flat.device
-    Vs, Vt = zs_flat.shape[1], zt_flat.shape[1]
-    U = units.student_count.shape[0]
-    if columns is not None:
-        cols = torch.unique(torch.as_tensor(columns, dtype=torch.int64, device=dev))
-    else:
-        # Published rule: raw teacher logit, max over every position of the microbatch (padding too).
-        scores = torch.full((Vt,), float("-inf"), dtype=cdt, device=dev)
-        for r0 in range(0, zt_flat.shape[0], n):
-            torch.maximum(scores, zt_flat[r0 : r0 + n].amax(dim=0).to(cdt), out=scores)
-        scores = reduce_column_scores(scores, group)
-        cols = top_columns(scores, top_k)
-    restr = restrict_projection(proj, cols, Vs, Vt, cdt)
-    k = cols.shape[0]
-
-    # Teacher: mean over the chunk's positions of the log-softmax over S.
-    lsum = torch.zeros(U, k, dtype=cdt, device=dev)
-    tr, tu = units.teacher_rows, units.teacher_unit
-    for r0 in range(0, tr.shape[0], n):
-        zt_s = zt_flat[tr[r0 : r0 + n, None], cols[None, :]].to(cdt)
-        lsum.index_add_(0, tu[r0 : r0 + n], torch.log_softmax(zt_s / T, dim=1))
-    log_pt = lsum.div_(units.teacher_count.to(cdt)[:, None])  # [U, k], in place
-
-    # Student: projected probabilities summed over the chunk's positions (pass 1, no gradient).
-    sr, su = units.student_rows, units.student_unit
-    qsum = torch.zeros(U, k, dtype=cdt, device=dev)
-    sbuf = torch.empty(min(n, sr.shape[0]), Vs, dtype=cdt, device=dev)
-    for r0 in range(0, sr.shape[0], n):
-        z = gather_rows(zs_flat, sr[r0 : r0 + n], sbuf)
-        p, _ = softmax_rows(z, T, out=z)
-        a, _, _ = project_probs(p, restr)
-        qsum.index_add_(0, su[r0 : r0 + n], a)
-
-    # Chunk-level KL and d loss / d qsum (T^2 / norm included), a block of chunks at a time so the
-    # [U, k] temporaries stay bounded; d loss / d qsum overwrites qsum.
-    total = torch.zeros((), dtype=cdt, device=dev)
-    mass = torch.zeros((), dtype=cdt, device=dev)
-    nu = max(1, (1 << 20) // max(k, 1))
-    for u0 in range(0, U, nu):
-        qs, lp = qsum[u0 : u0 + nu], log_pt[u0 : u0 + nu]
-        zsum = qs.sum(dim=1, keepdim=True)
-        zsum = torch.where(zsum > 0, zsum, torch.ones_like(zsum))
-        q = qs / zsum
-        unclamped = q > eps
-        log_q = torch.log(torch.where(unclamped, q, torch.full_like(q, eps)))
-        pt = torch.exp(lp)
-        total += (pt * (lp - log_q)).sum()
-        mass += pt.sum()
-        if want_grad:
-            pu = torch.where(unclamped, pt, torch.zeros_like(pt))
-            d = pu.sum(dim=1, keepdim=True) / zsum - pu / torch.where(unclamped, qs, torch.ones_like(qs))
-            qs.copy_(d.mul_(T * T / norm))
-    metrics = {"kl": total.clone(), "teacher_mass_in_columns": mass}
-    if not want_grad:
-        return total, None, metrics
-    d_q = qsum
-
-    # Pass 2: recompute p and push the gradient back.
-    grad = torch.zeros_like(zs_flat)
-    for r0 in range(0, sr.shape[0], n):
-        rows = sr[r0 : r0 + n]
-        z = gather_rows(zs_flat, rows, sbuf)
-        p, _ = softmax_rows(z, T, out=z)
-        a, _, pe = project_probs(p, restr)
-        d = d_q[su[r0 : r0 + n]]  # [n, k]
-        c = (a * d).sum(dim=1)
-        h = p.mul_(-c[:, None])
-        h.scatter_add_(1, restr.entry_rows.expand(h.shape[0], -1), pe * d[:, restr.entry_slots])
-        h.div_(T)
-        grad.index_copy_(0, rows, h if h.dtype == grad.dtype else h.to(grad.dtype))
-    return total, grad, metrics
-
-
 class PKLLoss(LossModule):
     """`pkl_loss` with fixed options. `projection`: a `Projection`, an artifact directory, or
     `(indices, weights)`, loaded once and kept as non-persistent buffers (moved by `.to()`)."""
@@ -610,7 +544,7 @@ class PKLLoss(LossModule):
 
     def __init__(self, projection, *, teacher_index: int = 0, temperature: float = 1.0, direction: str = "forward",
                  top_k_columns: int | None = DEFAULT_TOP_K_COLUMNS, columns: torch.Tensor | None = None,
-                 public: bool = False, correct_only: bool = True, process_group=None,
+                 public: bool = False, correct_only: bool | None = None, process_group=None,
                  position_chunk_size: int | None = None, public_eps: float = 1e-10, check_inputs: bool = False):
         super().__init__(teacher_index=teacher_index, temperature=temperature, direction=direction,
                          top_k_columns=top_k_columns, columns=columns, public=public, correct_only=correct_only,

@@ -25,10 +25,11 @@ import torch
 
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossOptionError
+from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
 from xtoken_loss.modules import LossModule
-from xtoken_loss.sorted_l1 import sorted_l1, sorted_l1_grad, sorted_l1_parts
+from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
 from xtoken_loss.teacher_outputs import as_teacher_outputs
 
 TEACHER_FORMS = ("logits",)
@@ -99,6 +100,8 @@ def uld_loss(
                       position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T, form = float(temperature), o.form
     teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS)
+    normalizer = check_chunk_inputs("uld", student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
+                                    correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
                         correct_only=correct_only, check_inputs=check_inputs, form=form)
 
@@ -106,13 +109,34 @@ def uld_loss(
         l1 = sorted_l1(torch.exp(log_q), torch.exp(log_p), tail_cut)
         return l1, {"uld": l1}
 
-    def prob_fn(q, p, want_grad):
-        l1, s, sgn = sorted_l1_parts(q, p, tail_cut)
-        return l1, sorted_l1_grad(q, s, sgn) if want_grad else None, {"uld": l1}
+    work = Workspace()
+
+    def row_fn(zs, zt, want_grad, mx_s, mx_t):
+        # the "start" form on logit rows (in place): dz = q (sigma - <q, sigma>) / T, sigma = d L1 / d q
+        q, p = _softmax_(zs, mx_s, T), _softmax_(zt, mx_t, T)
+        l1, g = sorted_l1_signs(q, p, want_grad, tail_cut, work=work, overwrite_t=True)
+        if want_grad:
+            c = torch.linalg.vecdot(q, g)[:, None]
+            g = g.sub_(c).mul_(q)
+            if T != 1.0:
+                g.mul_(1.0 / T)
+        return l1, g, {"uld": l1}
 
     return run_units(student_logits, zt, units, batch, teacher_index, unit_fn, form=form, temperature=T,
                      normalizer=normalizer, position_chunk_size=position_chunk_size, metric_names=("uld",),
-                     prob_fn=prob_fn)
+                     row_fn=row_fn)
+
+
+def _softmax_(z: torch.Tensor, mx: torch.Tensor, T: float) -> torch.Tensor:
+    """`softmax(z / T)` in place, given the row maxima `mx` (rows without a finite maximum are
+    poisoned by the runner; here they only must not fail)."""
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    z.sub_(mx[:, None])
+    if T != 1.0:
+        z.mul_(1.0 / T)
+    z.exp_()
+    s = z.sum(dim=1)
+    return z.mul_(torch.where(s > 0, 1.0 / s, torch.zeros_like(s))[:, None])
 
 
 class ULDLoss(LossModule):

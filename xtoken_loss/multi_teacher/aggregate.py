@@ -28,9 +28,11 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from xtoken_core import fingerprints
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss import registry
+from xtoken_loss.batch_tokenizers import check_batch_fingerprints
 from xtoken_loss.chunked import compute_dtype
 from xtoken_loss.multi_teacher.scores import (
     SCORES,
@@ -317,6 +319,7 @@ class MultiTeacherLoss(nn.Module):
         kept = batch.get("sample_mask")
         kept = torch.ones(B, dtype=torch.bool, device=dev) if kept is None else kept.to(device=dev, dtype=torch.bool)
         projections = [self._projection(i, dev) for i in range(n)]
+        self._check_batch_tokenizers(batch)
 
         # 1. Local statistics, reduced in one collective: scores, accuracy, unit counts, seq weights.
         pieces: dict[str, torch.Tensor] = {}
@@ -421,6 +424,22 @@ class MultiTeacherLoss(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # pieces
 
+    def _check_batch_tokenizers(self, batch) -> None:
+        """Refuse a batch aligned for other tokenizers than the configured student / teachers (their
+        fingerprints, where given; the loss of each projection teacher checks its projection too)."""
+        expected = [(fingerprints.STUDENT_KEY, "student", self.student_fingerprint)]
+        for i, t in enumerate(self.teachers):
+            fp = t.fingerprint if t.fingerprint is not None else (self.student_fingerprint if t.is_same_vocab else None)
+            expected.append((fingerprints.teacher_key(i), f"teacher {i}", fp))
+
+        def configured():
+            return "the loss is configured for " + " and ".join(
+                f"{role} {fingerprints.describe(fp)}" for _, role, fp in expected if fp is not None)
+
+        check_batch_fingerprints(batch, expected, loss="multi_teacher", what=configured,
+                                 fix="give the TeacherSpecs in the batch's teacher order (teacher i reads "
+                                     "teacher_{i}_*) with their tokenizers' fingerprints")
+
     def _projection(self, i: int, device) -> Projection | None:
         p = self.projections[i]
         if p is not None and p.device != torch.device(device):
@@ -437,8 +456,11 @@ class MultiTeacherLoss(nn.Module):
         if "projection" in opts and projections[i] is not None:
             opts["projection"] = projections[i]  # on the logits' device
         group = _resolve_group(self.process_group)
-        if group is not None and "process_group" not in opts and _names_param(fn, "process_group"):
-            opts["process_group"] = group  # e.g. the P-KL's top-k column choice over the global batch
+        # e.g. the P-KL's top-k column choice over the global batch; the public forms choose theirs per
+        # microbatch as NeMo-RL does, unless the teacher's options name a group
+        if group is not None and "process_group" not in opts and _names_param(fn, "process_group") \
+                and not opts.get("public"):
+            opts["process_group"] = group
         opts.update(extra)
         return fn(student_logits, outputs, batch, normalizer=normalizer, **opts)
 

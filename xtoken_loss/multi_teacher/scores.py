@@ -31,6 +31,7 @@ import math
 import torch
 
 from xtoken_core.errors import LossInputError
+from xtoken_loss.batch_tokenizers import check_batch_tokenizers
 from xtoken_loss.chunked import check_choice, compute_dtype, rows_per_chunk, softmax_rows
 from xtoken_loss.projection import Projection, restrict_projection
 from xtoken_loss.teacher_outputs import as_teacher_outputs
@@ -194,6 +195,7 @@ def projection_accuracy_counts(
     """
     dev = student_logits.device
     B, Ls, Vs = student_logits.shape
+    check_batch_tokenizers(projection, batch, teacher_index, loss="projection_accuracy")
     teacher = as_teacher_outputs(teacher_outputs, loss="projection_accuracy", accepts=TEACHER_FORMS)
     zt, lp, idx = teacher.logits, teacher.topk_logprobs, teacher.topk_indices
     Lt = teacher.length
