@@ -79,29 +79,6 @@ def softmax_rows(z: torch.Tensor, temperature: float, out: torch.Tensor | None =
     return out, lse
 
 
-def coarse_divergence(a: torch.Tensor, log_p: torch.Tensor, direction: str):
-    """KL between a teacher distribution `exp(log_p) [n, m]` (normalised) and the student
-    distribution `a / a.sum(1)` (a: unnormalised student masses on the same m outcomes).
-
-    Returns `(loss [n], d_a [n, m])` with `d_a = d loss / d a`. Exact for zeros: a teacher outcome
-    of probability 0 adds nothing to the forward KL, a student outcome of mass 0 nothing to the
-    reverse KL; mass on one side where the other has none gives +inf, the true value.
-    """
-    m = a.sum(dim=1, keepdim=True)
-    m = torch.where(m > 0, m, torch.ones_like(m))
-    log_q = torch.log(a) - torch.log(m)
-    if direction == "forward":
-        p = torch.exp(log_p)
-        pos = p > 0
-        terms = torch.where(pos, p * (log_p - log_q), torch.zeros_like(p))
-        d_a = 1.0 / m - torch.where(pos, p / a, torch.zeros_like(p))
-        return terms.sum(dim=1), d_a
-    q = a / m
-    ell = torch.where(q > 0, log_q - log_p, torch.zeros_like(q))
-    loss = (q * ell).sum(dim=1)
-    return loss, (ell - loss[:, None]) / m
-
-
 class PrecomputedGrad(torch.autograd.Function):
     """Attach a gradient computed in the forward pass to `loss`: backward returns
     `grad_logits * grad_output` (in place when grad_output is not 1)."""
@@ -143,32 +120,6 @@ def resolve_normalizer(normalizer, num_units: torch.Tensor, cdt) -> torch.Tensor
     return poison(n, ~(n > 0)) if n.device.type != "cpu" else n
 
 
-def exp_rows(z: torch.Tensor, temperature: float, out: torch.Tensor):
-    """`out = exp((z - max) / temperature)` row-wise (unnormalised softmax) in the compute dtype, and
-    the row maxima (0 for rows that are all -inf, whose `out` row is then all 0). `out` may be a
-    slice of the gradient buffer. Softmax = out / out.sum(1); lse = max / T + log(out.sum(1))."""
-    mx = z.amax(dim=1).to(out.dtype)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    torch.sub(z, mx[:, None], out=out)
-    if temperature != 1.0:
-        out.div_(temperature)
-    out.exp_()
-    return out, mx
-
-
-def gather_rows(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` of `src [N, V]` copied into the reusable buffer `buf [n, V]` (compute dtype);
-    returns the filled `[len(rows), V]` view. Reusing one buffer per call avoids paying for fresh
-    pages on every chunk."""
-    out = buf[: rows.shape[0]]
-    if src.dtype == buf.dtype:
-        torch.index_select(src, 0, rows, out=out)
-    else:
-        out.copy_(src.index_select(0, rows))
-    return out
-
-
-
 def shift_rows(z: torch.Tensor, temperature: float, out: torch.Tensor):
     """`out = (z - m) / temperature` row-wise in `out`'s dtype, with m the row maximum (0 where it is
     not finite): the log of the unnormalised softmax, <= 0 on finite rows, never underflowing.
@@ -195,7 +146,7 @@ def safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def log_divergence(log_a: torch.Tensor, log_p: torch.Tensor, direction: str):
-    """`coarse_divergence` in log space: KL between the teacher distribution `exp(log_p) [n, m]`
+    """KL in log space between the teacher distribution `exp(log_p) [n, m]`
     (normalised) and the student's `a / sum(a)` given as `log_a [n, m]` (unnormalised log-masses).
 
     Returns `(kl [n], log_q [n, m], g [n, m])`: `log_q = log_a - logsumexp(log_a)` and the gradient
