@@ -216,23 +216,24 @@ def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k
     scores = torch.full((Vt,), float("-inf"), dtype=cdt, device=dev)
     reach_w = reach.to(cdt)
     slices = _slices_with_rows(t_is_unit, n)
-    if slices:
-        tbuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev)
-        ebuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev)
+    tbuf = torch.empty(min(n, Nt), Vt, dtype=cdt, device=dev) if slices else None
     for r0, r1, others in slices:
-        out, mx = shift_rows(zt_flat[r0:r1], T, tbuf[: r1 - r0])
-        e = torch.clamp(out, min=low, out=ebuf[: r1 - r0]).exp_()  # no denormals (slow on CPUs)
-        shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) / T
+        z = zt_flat[r0:r1]
+        out, mx = shift_rows(z, T, tbuf[: r1 - r0])
+        e = out.clamp_min_(low).exp_()  # no denormals (slow on CPUs): adds < V tiny, within `floor`
+        safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         log_s = e.sum(dim=1).log_()
-        lse_all[r0:r1] = shift + log_s
-        log_reach_all[r0:r1] = shift + torch.log(e @ reach_w)
+        lse_all[r0:r1] = safe / T + log_s
+        log_reach_all[r0:r1] = safe / T + torch.log(e @ reach_w)
         max_all[r0:r1] = mx
         if columns is None:
-            lp = out.sub_(log_s[:, None])  # log-probabilities
+            lp = torch.sub(z, (safe + T * log_s)[:, None], out=e)  # log-probabilities (z - m) / T - log s
+            if T != 1.0:
+                lp.div_(T)
             for a, b in others:
                 lp[a:b].fill_(float("-inf"))
             torch.maximum(scores, lp.amax(dim=0), out=scores)
-    tbuf = ebuf = None
+    tbuf = None
     max_u = max_all[trows]
     bad = nonfinite(max_u)
     if columns is not None:
