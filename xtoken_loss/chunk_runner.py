@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from xtoken_core.errors import LossInputError
-from xtoken_loss.checks import check_finite_rows, nonfinite, poison
+from xtoken_loss.checks import check_finite_rows, nonfinite
 from xtoken_loss.chunked import (
-    attach_grad,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
+    unit_result,
 )
 from xtoken_loss.sorted_l1 import Workspace
 from xtoken_loss.teacher_outputs import as_teacher_outputs
@@ -197,10 +197,7 @@ def run_units(
         for k in metric_names:
             sums[k] += extra[k].detach().sum()
         del z, zs, log_q, log_p
-    count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: poison((v / count).detach(), bad) for k, v in sums.items()}
-    loss = poison(total / norm, bad)
-    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
+    return unit_result(student_logits, total, norm, sums, units, bad, grad)
 
 
 def _gather(src: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:

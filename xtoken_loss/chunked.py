@@ -103,6 +103,17 @@ def attach_grad(logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | N
     return PrecomputedGrad.apply(logits, loss, grad)
 
 
+def unit_result(student_logits: torch.Tensor, total: torch.Tensor, norm: torch.Tensor, sums: dict, units, bad,
+                grad: torch.Tensor | None):
+    """The `(loss, metrics)` of a chunk-unit loss (CONTRACTS §5): `total / norm` with the precomputed
+    gradient `grad [B * T, V]` (None: none wanted) attached, and each metric sum divided by the
+    number of valid units (`units.num_units`, at least 1); all NaN when `bad` (`checks.poison`)."""
+    count = units.num_units.to(total.dtype).clamp_min(1)
+    metrics = {k: poison((v / count).detach(), bad) for k, v in sums.items()}
+    loss = poison(total / norm, bad)
+    return attach_grad(student_logits, loss, None if grad is None else grad.view(student_logits.shape)), metrics
+
+
 def needs_grad(logits: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and logits.requires_grad
 

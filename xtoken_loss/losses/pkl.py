@@ -46,16 +46,16 @@ import torch
 from xtoken_core.config import Config, config, option
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.batch_tokenizers import check_batch_tokenizers
-from xtoken_loss.checks import check_chunk_inputs, check_finite_rows, nonfinite, poison
+from xtoken_loss.checks import check_chunk_inputs, check_finite_rows, nonfinite
 from xtoken_loss.chunked import (
     DEFAULT_CHUNK_ELEMENTS,
-    attach_grad,
     check_options,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
     shift_rows,
+    unit_result,
 )
 from xtoken_loss.losses.public import public_pkl
 from xtoken_loss.modules import LossModule
@@ -185,10 +185,7 @@ def pkl_loss(
     args = (zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt)
     with torch.no_grad():
         total, grad, metrics, bad = _principled(*args, top_k_columns, columns, process_group, direction)
-    count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: poison(v / count, bad).detach() for k, v in metrics.items()}
-    loss = poison(total * (T * T) / norm, bad)
-    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if grad is not None else None), metrics
+    return unit_result(student_logits, total * (T * T), norm, metrics, units, bad, grad)
 
 
 def _principled(zs_flat, zt_flat, units, proj, norm, T, n, want_grad, cdt, top_k, columns, group, direction):

@@ -39,15 +39,15 @@ import torch
 
 from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss.batch_tokenizers import check_batch_tokenizers
-from xtoken_loss.checks import nonfinite, poison
+from xtoken_loss.checks import nonfinite
 from xtoken_loss.chunk_runner import prepare
 from xtoken_loss.chunked import (
-    attach_grad,
     compute_dtype,
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
     softmax_rows,
+    unit_result,
 )
 from xtoken_loss.losses.hybrid import CommonSet
 from xtoken_loss.projection import (
@@ -170,10 +170,7 @@ def public_pkl(
     with torch.no_grad():
         total, grad, metrics, bad = _pkl(zs_flat, zt_flat, V, units, proj, norm, T, n, want_grad, cdt,
                                          top_k_columns, columns, process_group, direction, eps)
-    count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: poison(v / count, bad).detach() for k, v in metrics.items()}
-    loss = poison(total * (T * T) / norm, bad)
-    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if grad is not None else None), metrics
+    return unit_result(student_logits, total * (T * T), norm, metrics, units, bad, grad)
 
 
 def _choose_columns(zt_flat, V, k, n, group, cdt):
@@ -392,10 +389,7 @@ def public_hybrid(
                 d.sub_(p * d.sum(dim=1, keepdim=True))
                 grad.index_copy_(0, s_rows, d if d.dtype == grad.dtype else d.to(grad.dtype))
             del a, b, ls
-    count = units.num_units.to(cdt).clamp_min(1)
-    metrics = {k: poison(v / count, bad).detach() for k, v in sums.items()}
-    loss = poison(total / norm, bad)
-    return attach_grad(student_logits, loss, grad.view(B, Ls, Vs) if want_grad else None), metrics
+    return unit_result(student_logits, total, norm, sums, units, bad, grad)
 
 
 def _hybrid_units(a, b, s_ids, t_ids, u_s, u_t, cut, direction, wc, wu, want_grad):
