@@ -166,20 +166,6 @@ def _rows_in_units(shifted: torch.Tensor, unit_of: torch.Tensor, P: int):
     return (b * T + p)[keep], unit[keep]
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise `LossInputError` if `tensor` holds NaN or +inf (-inf, a masked entry, is allowed).
-
-    Syncs with the device; losses call it only with `check_inputs=True`."""
-    if tensor.dtype.is_floating_point:
-        if bool(torch.isnan(tensor).any()):
-            raise LossInputError(
-                f"{name} contains NaN; check the model's forward pass (mixed-precision overflow, a bad "
-                "batch) before the loss"
-            )
-        if bool((tensor == float("inf")).any()):
-            raise LossInputError(f"{name} contains +inf; only -inf (a masked entry) is allowed in logits")
-
-
 def check_chunk_ids(batch: dict, teacher_index: int) -> None:
     """Raise unless every chunk id is -1 or a valid slot of `pair_valid` (syncs; check mode only)."""
     i = teacher_index
