@@ -120,6 +120,13 @@ def test_every_decoder_block_is_an_fsdp_module(dist):
     logits = m(input_ids=ids(), use_cache=False).logits
     assert logits.shape == (2, 12, V) and torch.isfinite(logits).all()
 
+    teacher = freeze(build_causal_lm(spec(), vocab_size=V, seed=1))
+    teacher = shard_model(teacher, mixed_precision=False, activation_checkpointing=False)
+    assert all(isinstance(layer, FSDPModule) for layer in [teacher, *teacher.model.layers])
+    with torch.no_grad():
+        assert torch.isfinite(teacher(input_ids=ids()).logits).all()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
 
 def loss_and_grads(model, x):
     model.train()
@@ -215,14 +222,15 @@ def test_checkpoint_round_trip_and_retention(dist, tmp_path):
     assert latest_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_export_reloads_with_transformers(dist, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_reloads_with_transformers(dist, tmp_path, tied):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = get_tokenizer("llama3")
     full_v = info.vocab_size
     text_ids = np.unique(np.array(info.encode("The cat sat on the mat. Hello world!")))
     used = np.unique(np.concatenate([text_ids, [0, full_v - 1]]))
-    student = build_causal_lm(spec(), vocab_size=full_v, seed=0)
+    student = build_causal_lm(spec("qwen3" if tied else "llama", tie_word_embeddings=tied), vocab_size=full_v, seed=0)
     restrict_rows(student, used)
     student = shard_model(student, mixed_precision=False, activation_checkpointing=False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
@@ -239,6 +247,7 @@ def test_export_reloads_with_transformers(dist, tmp_path):
     real = torch.as_tensor(used)[compact]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.vocab_size == full_v
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
     with torch.no_grad():
         logits = reloaded(input_ids=real).logits  # [B, T, V_full]
     torch.testing.assert_close(logits[..., used], want, rtol=0, atol=1e-5)

@@ -117,6 +117,9 @@ def save_checkpoint(
         raise ConfigError(f"checkpoint.keep: expected an integer >= 1, found {keep!r}")
     root = Path(run_dir) / CHECKPOINTS
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
+    # Checked by every rank (a shared file system) before any writes, so that no rank waits alone.
+    if final.exists() and not _is_complete(final):
+        raise CheckpointError(f"checkpoint: {final} exists but is not a checkpoint written by us; move it away")
     if dist.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left over by a run that died while writing this step
@@ -132,8 +135,6 @@ def save_checkpoint(
     dist.barrier()
     if dist.is_main:
         if final.exists():
-            if not _is_complete(final):
-                raise CheckpointError(f"checkpoint: {final} exists but is not a checkpoint; move it away")
             old = root / f".step-{step}.old"
             if old.exists():
                 shutil.rmtree(old)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from xtoken_core.errors import ConfigError
 
 from .distributed import Dist
-from .models import expanded_state_dict, vocab_row_keys
+from .models import check_used_ids, expanded_state_dict, vocab_row_keys
 
 MARKER = ".xtoken-export"
 TOKENIZER_FILES = (
@@ -55,10 +55,10 @@ def _tokenizer_files(tokenizer_source: str | Path) -> list[Path]:
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not (out_dir / MARKER).is_file():
+def _check_ours(path: Path) -> None:
+    if path.exists() and not (path / MARKER).is_file():
         raise ConfigError(
-            f"export: {out_dir} exists and was not written by an xtoken export (no {MARKER} file); "
+            f"export: {path} exists and was not written by an xtoken export (no {MARKER} file); "
             "move it away or choose another output directory"
         )
 
@@ -79,8 +79,16 @@ def export_hf(
     out_dir = Path(out_dir)
     if (used_ids is None) != (full_vocab_size is None):
         raise ConfigError("export: give used_ids and full_vocab_size together (or neither)")
+    if used_ids is not None:
+        used_ids = check_used_ids(used_ids, full_vocab_size)
+        if used_ids.numel() != model.config.vocab_size:
+            raise ConfigError(
+                f"export: used_ids has {used_ids.numel()} ids but the model has {model.config.vocab_size} output rows"
+            )
     files = _tokenizer_files(tokenizer_source)
-    _check_out_dir(out_dir)
+    tmp, old = out_dir.parent / f".{out_dir.name}.tmp", out_dir.parent / f".{out_dir.name}.old"
+    for path in (out_dir, tmp, old):  # every rank checks before the collective gather: no rank waits alone
+        _check_ours(path)
     row_keys = vocab_row_keys(model)
     # Collective: every rank takes part in the all-gathers; with cpu_offload only rank 0 keeps the result.
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -92,13 +100,10 @@ def export_hf(
         dtype = next(t.dtype for t in state.values() if t.is_floating_point())
         full = AutoModelForCausalLM.from_config(config, dtype=dtype)
         full.load_state_dict(state, strict=True)
-        tmp, old = out_dir.parent / f".{out_dir.name}.tmp", out_dir.parent / f".{out_dir.name}.old"
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in (tmp, old):
-            if leftover.exists() and (leftover / MARKER).is_file():
+        for leftover in (tmp, old):  # ours (checked above): a previous export that died
+            if leftover.exists():
                 shutil.rmtree(leftover)
-            elif leftover.exists():
-                raise ConfigError(f"export: {leftover} exists and is not ours; move it away")
         tmp.mkdir()
         (tmp / MARKER).write_text("written by xtoken-train's export; a later export may replace this folder\n")
         full.save_pretrained(tmp, safe_serialization=True)

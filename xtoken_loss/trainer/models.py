@@ -120,7 +120,9 @@ def build_causal_lm(
     return model
 
 
-def _check_used_ids(used_ids: np.ndarray | torch.Tensor, rows: int) -> torch.Tensor:
+def check_used_ids(used_ids: np.ndarray | torch.Tensor, rows: int) -> torch.Tensor:
+    """`used_ids` as a CPU int64 tensor [V_used], checked: 1-D, non-empty, strictly increasing, in
+    [0, rows)."""
     if torch.is_tensor(used_ids):
         ids = used_ids.detach().to("cpu", torch.long)
     else:
@@ -158,7 +160,7 @@ def restrict_rows(model: nn.Module, used_ids: np.ndarray | torch.Tensor) -> nn.M
     if isinstance(model, FSDPModule):
         raise ConfigError("restrict_rows: call it before shard_model")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    ids = _check_used_ids(used_ids, emb.weight.shape[0])
+    ids = check_used_ids(used_ids, emb.weight.shape[0])
     tied = head is not None and head.weight is emb.weight
     emb.weight = nn.Parameter(emb.weight[ids].clone(), requires_grad=emb.weight.requires_grad)  # [V_used, H]
     emb.num_embeddings = ids.numel()
@@ -169,7 +171,7 @@ def restrict_rows(model: nn.Module, used_ids: np.ndarray | torch.Tensor) -> nn.M
         if tied:
             head.weight = emb.weight
         else:
-            _check_used_ids(ids, head.weight.shape[0])
+            check_used_ids(ids, head.weight.shape[0])
             head.weight = nn.Parameter(head.weight[ids].clone(), requires_grad=head.weight.requires_grad)
         if getattr(head, "bias", None) is not None:
             head.bias = nn.Parameter(head.bias[ids].clone(), requires_grad=head.bias.requires_grad)
@@ -186,7 +188,7 @@ def expanded_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A copy of a full (unsharded) `state_dict` of a restricted model whose `row_keys` tensors
     ([V_used, ...]) are scattered back to [full_vocab_size, ...] at rows `used_ids`; other rows 0."""
-    ids = _check_used_ids(used_ids, full_vocab_size)
+    ids = check_used_ids(used_ids, full_vocab_size)
     out = dict(state_dict)
     for key in row_keys:
         if key not in out:
