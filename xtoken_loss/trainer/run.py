@@ -1,0 +1,373 @@
+"""`train(cfg)`: one run of the reference trainer, from a validated `TrainConfig` to `final/`.
+
+Order: preflight (tokenizers, artifacts, run directory: no model loaded) -> process group ->
+cached inputs (teacher pre-training, vocabulary remaps, projections) -> models (built, restricted,
+sharded; teachers frozen) -> optimizer, schedule, resume -> the loop (data, step, metrics, eval,
+checkpoints) -> final checkpoint, evaluation and the Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xtoken_core.errors import ConfigError, XTokenError
+from xtoken_loss.losses.learned_pkl import LearnedProjection, learned_pkl_loss
+from xtoken_loss.multi_teacher.aggregate import MultiTeacherLoss
+from xtoken_loss.multi_teacher.teachers import TeacherSpec
+from xtoken_loss.projection import load_projection
+from xtoken_loss.trainer import checkpoint as ckpt
+from xtoken_loss.trainer import data as data_mod
+from xtoken_loss.trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    OptimConfig,
+    ScheduleConfig,
+    StudentConfig,
+    TrainConfig,
+    TrainConfigError,
+    read_yaml,
+    resume_changes,
+    to_yaml,
+)
+from xtoken_loss.trainer.distributed import init_distributed
+from xtoken_loss.trainer.evaluate import evaluate
+from xtoken_loss.trainer.export import export_hf
+from xtoken_loss.trainer.metrics import MetricsLog, Progress
+from xtoken_loss.trainer.models import build_causal_lm, freeze, restrict_rows, shard_model
+from xtoken_loss.trainer.prepare import (
+    RUN_MARKER,
+    Sides,
+    auto_projection,
+    cache_root,
+    config_key,
+    file_digest,
+    preflight,
+)
+from xtoken_loss.trainer.schedule import build_scheduler
+from xtoken_loss.trainer.step import StepRunner, TeacherRuntime
+from xtoken_loss.trainer.vocab_remap import build_remap, remap_projection
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (rank 0 prints it as a table)."""
+
+    output_dir: Path
+    steps: int
+    first_eval: dict | None
+    last_eval: dict | None
+    teacher_names: list[str]
+
+
+# -------------------------------------------------------------------------------------------------
+# teacher pre-training (the demo's tiny teachers must know something)
+
+def pretrain_config(cfg: TrainConfig, i: int) -> TrainConfig:
+    """The CE-only run that pre-trains teacher i, in the cache, keyed by what determines it."""
+    t = cfg.teachers[i]
+    p = t.pretrain
+    key_src = {
+        "model": t.model, "tokenizer": t.tokenizer, "pretrain": p.to_dict(),
+        "train": file_digest(cfg.data.train), "eval": file_digest(cfg.data.eval) if cfg.data.eval else None,
+        "max_length": cfg.data.max_length, "train_on": cfg.data.train_on, "restrict": cfg.student.restrict_vocab,
+    }
+    out = cache_root() / "teachers" / f"{t.name}-{config_key(key_src)}"
+    return TrainConfig(
+        output_dir=str(out), max_steps=p.max_steps, seed=p.seed, resume=True,
+        student=StudentConfig(tokenizer=t.tokenizer, model=t.model, restrict_vocab=cfg.student.restrict_vocab),
+        teachers=(),
+        data=dataclasses.replace(cfg.data, batch_size=p.batch_size or cfg.data.batch_size),
+        optim=OptimConfig(lr=p.lr),
+        schedule=ScheduleConfig(total_steps=p.max_steps, warmup_steps=min(p.warmup_steps, p.max_steps)),
+        parallel=cfg.parallel,
+        checkpoint=CheckpointConfig(every=max(p.max_steps // 2, 1)),
+        eval=EvalConfig(every=None, max_batches=cfg.eval.max_batches, batch_size=cfg.eval.batch_size),
+        log=LogConfig(progress=cfg.log.progress),
+    )
+
+
+def teacher_sources(cfg: TrainConfig, dist) -> list:
+    """Each teacher's model: its configured name/path/mapping, or its cached pre-trained `final/`."""
+    out = []
+    for i, t in enumerate(cfg.teachers):
+        if t.pretrain is None:
+            out.append(t.model)
+            continue
+        pcfg = pretrain_config(cfg, i)
+        final = Path(pcfg.output_dir) / "final"
+        if not (final / "config.json").exists():
+            if dist.is_main:
+                print(f"pre-training teacher {t.name!r} ({t.pretrain.max_steps} steps, CE) into {pcfg.output_dir}",
+                      flush=True)
+            train(pcfg, dist=dist, label=f"pretrain {t.name}")
+        out.append(str(final))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# models
+
+def _model_width(source, tok) -> int:
+    if isinstance(source, str):
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(source).vocab_size)
+    return tok.vocab_size
+
+
+def build_side(source, tok, remap, *, seed: int, dist, cfg: TrainConfig, trainable: bool, offload: bool = False):
+    """One model: built (`source` a mapping) or loaded, restricted to `remap`'s rows, sharded."""
+    if isinstance(source, str):
+        model = build_causal_lm(source, vocab_size=tok.vocab_size, seed=seed)
+        if remap is not None:
+            restrict_rows(model, remap.used_ids)
+    else:
+        model = build_causal_lm(source, vocab_size=remap.size if remap is not None else tok.vocab_size, seed=seed)
+    if not trainable:
+        freeze(model)
+    mp = cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto"
+                                                    and dist.device.type == "cuda")
+    shard_model(model, mixed_precision=mp, activation_checkpointing=trainable and cfg.student.activation_checkpointing,
+                cpu_offload=offload)
+    return model
+
+
+# -------------------------------------------------------------------------------------------------
+# the run
+
+def _learned_loss_fn(lp):
+    """The §5 loss function of a teacher whose projection W is trained (`LearnedProjection`)."""
+    def fn(s, o, b, *, normalizer=None, teacher_index=0, projection=None, **opts):
+        return learned_pkl_loss(s, o, b, projection=lp, normalizer=normalizer, teacher_index=teacher_index, **opts)
+    return fn
+
+
+def _at(where: str, fn):
+    """`fn()`, with a config error's message prefixed by the config key it concerns."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        raise TrainConfigError(f"{where}: {exc}") from None
+
+
+def _rng_state() -> dict:
+    """This process's RNG states as plain values and tensors (the checkpoint loads them with
+    `weights_only=True`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+
+
+def _check_resume(cfg: TrainConfig, out: Path) -> None:
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    changed = resume_changes(read_yaml(saved_path), cfg.to_dict())
+    if changed:
+        raise TrainConfigError(
+            f"resume=true: {', '.join(changed)} differ from the run in {out} (a resume may change only max_steps and "
+            "the log/eval/checkpoint keys); start a new output_dir to change them")
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
+    """Run `cfg` (module doc). Collective under torchrun: every rank calls it."""
+    sides: Sides = preflight(cfg)
+    if dist is None:
+        dist = init_distributed(cfg.parallel.device)
+    out = Path(cfg.output_dir)
+    latest = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if latest is not None:
+        _check_resume(cfg, out)
+
+    files = [cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
+    remaps: dict[str, object] = {}
+    if cfg.student.restrict_vocab:
+        cache = cache_root() / "remaps"
+        for tok in [sides.student] + sides.teachers:
+            if tok.fingerprint not in remaps:
+                if dist.is_main:
+                    build_remap(tok, files, cache_dir=cache)
+                dist.barrier()
+                remaps[tok.fingerprint] = build_remap(tok, files, cache_dir=cache)
+    s_remap = remaps.get(sides.student.fingerprint)
+    t_remaps = [None if t.same_vocab else remaps.get(tok.fingerprint) for t, tok in zip(cfg.teachers, sides.teachers)]
+
+    # the loss (projections built or loaded and remapped): its errors come before any model
+    specs, extra_params, learned, proj_record = [], [], {}, []
+    for i, (t, tok) in enumerate(zip(cfg.teachers, sides.teachers)):
+        remap = remaps.get(tok.fingerprint)
+        projection = None
+        if t.projection is not None:
+            path = Path(t.projection) if t.projection != "auto" else auto_projection(
+                sides.student, tok, _model_width(t.model, tok), dist)
+            projection = load_projection(path, student_fingerprint=sides.student.fingerprint,
+                                         teacher_fingerprint=tok.fingerprint)
+            proj_record.append({"teacher": t.name, "path": str(path),
+                                "tensors_sha256": (projection.metadata or {}).get("tensors_sha256")})
+            if s_remap is not None or remap is not None:
+                projection = remap_projection(projection, s_remap, remap)
+        fp = remap.fingerprint if remap is not None else tok.fingerprint
+        spec_kwargs = dict(name=t.name, loss=t.loss, weight=t.weight, fingerprint=fp,
+                           projection=projection, loss_options=dict(t.loss_options))
+        if t.projection_trainable:
+            lp = LearnedProjection(projection).to(dist.device)
+            learned[t.name] = lp
+            extra_params += list(lp.parameters())
+            spec_kwargs["loss_fn"] = _learned_loss_fn(lp)
+        specs.append(_at(f"teachers.{i}", lambda: TeacherSpec(**spec_kwargs)))
+    s_fp = s_remap.fingerprint if s_remap is not None else sides.student.fingerprint
+    kd_loss = _at("loss.multi_teacher", lambda: MultiTeacherLoss(specs, cfg.loss.multi_teacher,
+                                                                 student_fingerprint=s_fp)) if specs else None
+
+    # models (teachers pre-trained first where configured)
+    sources = teacher_sources(cfg, dist)
+    torch.manual_seed(cfg.seed)
+    student = build_side(cfg.student.model, sides.student, s_remap, seed=cfg.seed, dist=dist, cfg=cfg, trainable=True)
+    runtimes = []
+    for i, (t, tok, src) in enumerate(zip(cfg.teachers, sides.teachers, sources)):
+        model = build_side(src, tok, remaps.get(tok.fingerprint), seed=cfg.seed, dist=dist, cfg=cfg,
+                           trainable=False, offload=t.offload)
+        runtimes.append(TeacherRuntime(t.name, i, t.loss, t.same_vocab, model, dict(t.loss_options)))
+
+    # optimizer, schedule
+    o = cfg.optim
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    if extra_params:
+        groups.append({"params": extra_params, "lr": o.projection_lr or o.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=cfg.schedule.total_steps,
+                                warmup_steps=cfg.schedule.warmup_steps, min_lr_ratio=cfg.schedule.min_lr_ratio)
+    model_parts = {"student": student, **{f"projection_{k}": v for k, v in learned.items()}}
+    record = {"teachers": [{"name": t.name, "tokenizer": tok.fingerprint, "model": str(src)}
+                           for t, tok, src in zip(cfg.teachers, sides.teachers, sources)],
+              "projections": proj_record}
+    runner = StepRunner(student=student, teachers=runtimes, kd_loss=kd_loss, kd_weight=cfg.loss.kd_weight,
+                        ce_weight=cfg.loss.ce_weight, optimizer=optimizer, scheduler=scheduler,
+                        grad_clip=o.grad_clip, max_bad_steps=o.max_bad_steps, dist=dist, extra_params=extra_params)
+
+    start = 0
+    if latest is not None:
+        extra = ckpt.load_checkpoint(latest, model=model_parts, optimizer=optimizer, dist=dist)
+        if extra.get("record") != record:
+            raise TrainConfigError(f"resume=true: the teachers or projections differ from those of the checkpoint "
+                                   f"{latest} (tokenizer, model or projection files changed); start a new output_dir")
+        scheduler.load_state_dict(extra["scheduler"])
+        runner.bad_in_a_row = extra["bad_in_a_row"]
+        runner.skipped_total = extra["skipped_total"]
+        start = int(extra["step"])
+        _set_rng_state(extra["rng"])
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MARKER).write_text("created by xtoken-train\n")
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    dist.barrier()
+
+    # data
+    collate = data_mod.TrainCollate(sides.student, sides.teachers, max_length=cfg.data.max_length,
+                                    train_on=cfg.data.train_on, student_remap=s_remap, teacher_remaps=t_remaps)
+    samples = data_mod.read_samples(cfg.data.train, max_chars=4 * cfg.data.max_length)
+    eval_list = []
+    if cfg.data.eval:
+        eval_samples = data_mod.read_samples(cfg.data.eval, max_chars=4 * cfg.data.max_length)
+        eval_list = list(data_mod.eval_batches(eval_samples, collate, cfg.eval.batch_size))
+    per_rank, rem = divmod(cfg.data.batch_size, dist.world_size)
+    if rem:
+        raise TrainConfigError(f"data.batch_size={cfg.data.batch_size} does not divide over {dist.world_size} ranks")
+    micro = cfg.data.microbatch_size or per_rank
+    plan = data_mod.GlobalBatchPlan(data_mod.sample_lengths(samples), cfg.data.batch_size, cfg.seed,
+                                    bucket_batches=cfg.data.bucket_batches)
+    loader = data_mod.make_train_loader(samples, plan, collate, start_step=start, rank=dist.rank,
+                                        world_size=dist.world_size, microbatch_size=micro,
+                                        num_workers=cfg.data.num_workers)
+
+    log = MetricsLog(out, enabled=dist.is_main, resume_step=start if latest is not None else None)
+    ev = lambda step, first=False: evaluate(student, runtimes, kd_loss, eval_list, dist,  # noqa: E731
+                                            max_batches=cfg.eval.max_batches, with_teacher_bpb=first)
+    first_eval = last_eval = None
+    if eval_list and start == 0 and cfg.max_steps > 0:
+        first_eval = {"step": 0, **ev(0, first=True)}
+        log.write(first_eval)
+    progress = Progress(total=cfg.max_steps, start=start, enabled=dist.is_main and cfg.log.progress, label=label)
+    step = start
+    last_saved = start if latest is not None else None
+    try:
+        it = iter(loader)
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            microbatches = [_to_device(mb, dist.device) for mb in next(it)]
+            data_s = time.perf_counter() - t0
+            step += 1
+            result = runner.run(microbatches)
+            step_s = time.perf_counter() - t0
+            tokens = sum(float(mb["token_mask"].sum()) for mb in microbatches)
+            nbytes = sum(float(mb["num_bytes"][mb["sample_mask"].bool()].sum()) for mb in microbatches)
+            tb = dist.all_reduce_sum(torch.tensor([tokens, nbytes], dtype=torch.float64, device=dist.device)).tolist()
+            m = {"step": step, **result.metrics, "time/data": data_s, "time/step": step_s,
+                 "tokens_per_s": tb[0] / step_s, "bytes_per_s": tb[1] / step_s, "world_size": dist.world_size}
+            if step % cfg.log.every == 0 or step == cfg.max_steps:
+                log.write(m)
+            progress.update(step, f"loss {m['loss']:.3f} {m['tokens_per_s']:.0f} tok/s")
+            if eval_list and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
+                last_eval = {"step": step, **ev(step)}
+                log.write(last_eval)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
+                ckpt.save_checkpoint(out, step, model=model_parts, optimizer=optimizer, keep=cfg.checkpoint.keep,
+                                     dist=dist, extra={
+                                         "step": step, "sample_position": step * cfg.data.batch_size,
+                                         "scheduler": scheduler.state_dict(), "bad_in_a_row": runner.bad_in_a_row,
+                                         "skipped_total": runner.skipped_total, "rng": _rng_state(),
+                                         "record": record, "world_size": dist.world_size})
+                last_saved = step
+    finally:
+        progress.close()
+    del last_saved
+    if eval_list:
+        last_eval = {"step": step, **ev(step, first=first_eval is None)}
+        log.write(last_eval)
+    final = out / "final"
+    export_hf(student, final, tokenizer_source=sides.student.source,
+              used_ids=None if s_remap is None else s_remap.used_ids,
+              full_vocab_size=None if s_remap is None else sides.student.vocab_size, dist=dist)
+    for name, lp in learned.items():
+        if dist.is_main:
+            lp.save(out / f"projection-{name}", overwrite=True)
+    return RunSummary(out, step, first_eval, last_eval, [t.name for t in cfg.teachers])
+
+
+def summary_table(s: RunSummary) -> str:
+    """Held-out bits per byte of the student (start -> end) and of each teacher."""
+    lines = [f"held-out bits per byte ({s.output_dir}, step {s.steps}):"]
+    first, last = s.first_eval or {}, s.last_eval or {}
+    if "eval/bpb" in last:
+        start = f"{first['eval/bpb']:.3f} -> " if "eval/bpb" in first else ""
+        lines.append(f"  student            {start}{last['eval/bpb']:.3f}")
+    src = first if any(k.endswith("/bpb") and "teacher" in k for k in first) else last
+    for j, name in enumerate(s.teacher_names):
+        v = src.get(f"eval/teacher_{j}/bpb")
+        if v is not None:
+            lines.append(f"  teacher {name:<10} {v:.3f}")
+    return "\n".join(lines)
+
+
+__all__ = ["train", "RunSummary", "summary_table", "pretrain_config", "DataConfig", "XTokenError"]

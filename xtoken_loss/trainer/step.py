@@ -1,0 +1,208 @@
+"""One optimizer step: microbatches, normalisation over the whole step, the non-finite guard.
+
+Normalisation (as torchtitan does it): before any forward, every loss term's units are counted over
+*all* microbatches of the step and all-reduced over the ranks — the student's next-token positions
+for CE, each teacher's own units (chunks or positions, `LossSpec.count_units`) for its KD. Each
+microbatch's loss is its *summed* terms divided by those global counts, so the backward passes add
+up, over microbatches and ranks, to the gradient of
+
+    loss = ce_weight * CE_sum / N_ce + kd_weight * sum_i w_i * KD_i_sum / N_i
+
+FSDP's own division of gradients by the world size is off (`models.shard_model`), gradients are
+synchronised on the last microbatch only, and the reported loss is the same global quantity. A
+step whose loss or gradient norm is not finite is skipped (no parameter update), counted, and after
+`optim.max_bad_steps` consecutive ones the run stops with a message.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from xtoken_core.errors import XTokenError
+from xtoken_loss import registry
+from xtoken_loss.losses.ce import ce_loss
+
+
+class TrainingDiverged(XTokenError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TeacherRuntime:
+    """A frozen teacher as the step uses it."""
+
+    name: str
+    index: int  # place in the batch's teacher order (`teacher_{index}_*` keys)
+    kind: str  # loss kind (registry)
+    same_vocab: bool
+    model: nn.Module
+    loss_options: dict = field(default_factory=dict)
+
+
+def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` for a model: padding ids replaced by 0 (after a vocabulary remap
+    the tokenizer's pad id may lie outside the model's rows; padded positions are masked anyway)."""
+    mask = batch[f"{prefix}token_mask"].bool()
+    ids = torch.where(mask, batch[f"{prefix}input_ids"], torch.zeros_like(batch[f"{prefix}input_ids"]))
+    return ids, mask.long()
+
+
+def teacher_logits(t: TeacherRuntime, batch: dict) -> torch.Tensor:
+    """The teacher's logits on its own tokens (`[B, T_t, V_t]`), no gradient."""
+    prefix = "" if t.same_vocab else f"teacher_{t.index}_"
+    ids, mask = model_inputs(batch, prefix)
+    with torch.no_grad():
+        return t.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def count_step_units(microbatches: list[dict], teachers: list[TeacherRuntime], dist) -> torch.Tensor:
+    """`[1 + n]` float64: the step's CE positions, then each teacher's units, summed over the
+    microbatches and all-reduced over the ranks."""
+    counts = torch.zeros(1 + len(teachers), dtype=torch.float64)
+    ce = registry.REGISTRY["ce"]
+    for mb in microbatches:
+        counts[0] += float(ce.count_units(mb))
+        for j, t in enumerate(teachers):
+            spec = registry.REGISTRY[t.kind]
+            counts[1 + j] += float(spec.count_units(mb, teacher_index=t.index, **t.loss_options))
+    return dist.all_reduce_sum(counts.to(dist.device)).cpu()
+
+
+class Timer:
+    """Seconds per phase; synchronises CUDA before reading the clock so the phases are honest."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = {}
+
+    def mark(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, name: str, start: float) -> float:
+        now = self.mark()
+        self.times[name] = self.times.get(name, 0.0) + now - start
+        return now
+
+
+@dataclass
+class StepResult:
+    metrics: dict
+    skipped: bool
+
+
+class StepRunner:
+    """Runs optimizer steps (module doc). `extra_params`: trainable parameters outside the FSDP
+    student (a learned projection), replicated on every rank: their gradients are all-reduced here."""
+
+    def __init__(self, *, student: nn.Module, teachers: list[TeacherRuntime], kd_loss, kd_weight: float,
+                 ce_weight: float, optimizer, scheduler, grad_clip: float | None, max_bad_steps: int, dist,
+                 extra_params: list[nn.Parameter] = ()):
+        self.student, self.teachers, self.kd_loss = student, teachers, kd_loss
+        self.kd_weight, self.ce_weight = kd_weight, ce_weight
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.grad_clip, self.max_bad_steps = grad_clip, max_bad_steps
+        self.dist = dist
+        self.extra_params = list(extra_params)
+        self.bad_in_a_row = 0
+        self.skipped_total = 0
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad] + self.extra_params
+
+    def microbatch_loss(self, mb: dict, counts: torch.Tensor, timer: Timer):
+        """The microbatch's loss (summed terms / global counts) and its metric pieces."""
+        t0 = timer.mark()
+        outs = [teacher_logits(t, mb) for t in self.teachers]
+        t0 = timer.add("teacher_forward", t0)
+        ids, mask = model_inputs(mb)
+        logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T_s, V_s]
+        t0 = timer.add("student_forward", t0)
+        pieces: dict[str, torch.Tensor] = {}
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.ce_weight:
+            ce, _ = ce_loss(logits, None, mb, normalizer=float(max(counts[0], 1.0)))
+            loss = loss + self.ce_weight * ce
+            pieces["ce"] = ce.detach()
+        if self.teachers:
+            norms = [float(max(c, 1.0)) for c in counts[1:]]
+            kd, m = self.kd_loss(logits, outs, mb, normalizer=norms)
+            loss = loss + self.kd_weight * kd
+            pieces["kd"] = kd.detach()
+            for j in range(len(self.teachers)):
+                for key in ("kd", "weight", "projection_accuracy"):
+                    k = f"teacher_{j}/{key}"
+                    if k in m:
+                        pieces[k] = m[k].detach().double()
+        timer.add("loss", t0)
+        return loss, pieces
+
+    def run(self, microbatches: list[dict]) -> StepResult:
+        """One optimizer step over this rank's microbatches (already on the device)."""
+        timer = Timer(self.dist.device)
+        counts = count_step_units(microbatches, self.teachers, self.dist)
+        sums: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        n = len(microbatches)
+        for k, mb in enumerate(microbatches):
+            last = k == n - 1
+            if hasattr(self.student, "set_requires_gradient_sync"):
+                self.student.set_requires_gradient_sync(last)
+            loss, pieces = self.microbatch_loss(mb, counts, timer)
+            t0 = timer.mark()
+            loss.backward()
+            timer.add("backward", t0)
+            total += loss.detach().double()
+            for key, v in pieces.items():
+                # weights and accuracies are averaged over microbatches, sums added
+                v = v if not key.endswith(("/weight", "/projection_accuracy")) else v / n
+                sums[key] = sums.get(key, 0) + v.to(self.dist.device)
+        t0 = timer.mark()
+        for p in self.extra_params:
+            if p.grad is not None:
+                self.dist.all_reduce_sum(p.grad)
+        keys = sorted(sums)
+        packed = torch.stack([total] + [sums[k].double().reshape(()) for k in keys])
+        packed = self.dist.all_reduce_sum(packed)
+        world = self.dist.world_size
+        loss_value = float(packed[0])
+        metrics = {"loss": loss_value}
+        for i, key in enumerate(keys):
+            v = float(packed[1 + i])
+            metrics[key] = v / world if key.endswith(("/weight", "/projection_accuracy")) else v
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        ok = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row += 1
+            self.skipped_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        timer.add("optimizer", t0)
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = int(not ok)
+        metrics["skipped_total"] = self.skipped_total
+        metrics["units/ce"] = float(counts[0])
+        for j in range(len(self.teachers)):
+            metrics[f"units/teacher_{j}"] = float(counts[1 + j])
+        metrics.update({f"time/{k}": v for k, v in timer.times.items()})
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"stopped: {self.bad_in_a_row} consecutive steps had a non-finite loss or gradient norm (loss "
+                f"{loss_value}, grad_norm {grad_norm}); lower optim.lr, check the data, or raise "
+                "optim.max_bad_steps"
+            )
+        return StepResult(metrics, not ok)
