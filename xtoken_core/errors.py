@@ -17,6 +17,7 @@ code 2, without a traceback; anything else is a bug and keeps its traceback.
     ├── AlignmentError (ValueError)         two tokenizations cannot be aligned
     ├── DataFileError (ValueError)          a user's text/JSONL/corpus file cannot be read or parsed
     │   └── DataFileNotFoundError (FileNotFoundError)
+    ├── TrainerError                        the trainer (xtoken-train) cannot go on (data, state)
     └── XTokenLossError                     the loss library's own area
         ├── LossInputError (ValueError)     tensors or a batch a loss cannot use
         └── LossOptionError (also ConfigError)
@@ -60,6 +61,11 @@ class DataFileError(XTokenError, ValueError):
 
 class DataFileNotFoundError(DataFileError, FileNotFoundError):
     """A user's data file does not exist."""
+
+
+class TrainerError(XTokenError):
+    """The trainer cannot go on: data it cannot use (a token id outside a restricted vocabulary), a
+    state that does not fit the run."""
 
 
 class XTokenLossError(XTokenError):

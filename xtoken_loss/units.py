@@ -38,12 +38,17 @@ def next_token_mask(batch: dict, batch_size: int, length: int, prefix: str = "",
 
     `prefix` is `""` for the student, `"teacher_{i}_"` for cross-tokenizer teacher i. The token mask
     is required (a loss cannot tell padding from text without it: CONTRACTS §2); a batch without
-    `sample_mask` keeps every sample.
+    `sample_mask` keeps every sample. For the student, an optional `target_mask [B, T]` (chat
+    `train_on: assistant`) also requires token p+1 to be a training target.
     """
     tm = get_key(batch, f"{prefix}token_mask", (batch_size, length))
     tm = tm.to(device=device, dtype=torch.bool)
     out = torch.zeros_like(tm)
     out[:, :-1] = tm[:, :-1] & tm[:, 1:]
+    if not prefix:
+        target = get_key(batch, "target_mask", (batch_size, length), required=False)
+        if target is not None:
+            out[:, :-1] &= target[:, 1:].to(device=device, dtype=torch.bool)
     sm = get_key(batch, "sample_mask", (batch_size,), required=False)
     if sm is not None:
         out &= sm.to(device=device, dtype=torch.bool)[:, None]

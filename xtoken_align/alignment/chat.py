@@ -143,9 +143,9 @@ def _search_verbatim(real: str, messages: list[dict], text_idx: list[int]) -> li
     return found
 
 
-def common_segments(located: list[list[tuple[int, int, int]]]) -> list[np.ndarray]:
-    """Per side, the `[S, 3]` axis segments `(render start, render end, axis start)` of the message
-    contents every side holds, in one common increasing order."""
+def common_messages(located: list[list[tuple[int, int, int]]]) -> list[int]:
+    """The indices of the messages every side holds in one common order, increasing: the messages
+    behind the rows of `common_segments`, row for row."""
     keep = set.intersection(*(set(i for i, _, _ in loc) for loc in located)) if located else set()
     while True:  # drop messages some side renders out of order, until all orders agree
         orders = []
@@ -160,6 +160,14 @@ def common_segments(located: list[list[tuple[int, int, int]]]) -> list[np.ndarra
         if agreed == keep:
             break
         keep = agreed
+    return sorted(keep)
+
+
+def common_segments(located: list[list[tuple[int, int, int]]]) -> list[np.ndarray]:
+    """Per side, the `[S, 3]` axis segments `(render start, render end, axis start)` of the message
+    contents every side holds, in one common increasing order (the messages `common_messages`
+    lists)."""
+    keep = set(common_messages(located))
     out = []
     for loc in located:
         rows, axis = [], 0

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 from xtoken_align.alignment import kernels as K
 from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
-from xtoken_align.alignment.chat import common_segments, render_conversation
+from xtoken_align.alignment.chat import common_messages, common_segments, render_conversation
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
 from xtoken_align.tokenizer.loader import TokenizerInfo
 from xtoken_core import fingerprints
@@ -54,6 +54,10 @@ class CollateConfig(Config):
                                                  "texts, as tokenizer(text) does.")
     text_field: str = option("text", help="Key read for a text when samples are dicts.")
     messages_field: str = option("messages", help="Key read for a conversation when samples are dicts.")
+    train_on: Literal["all", "assistant"] = option(
+        "all", help="Which tokens are training targets: 'all', or 'assistant' (conversations: only the "
+                    "student tokens inside assistant messages' contents, written as the batch key "
+                    "`target_mask`, and only the chunks inside them; plain texts stay all trained).")
 
     @property
     def teacher_budget(self) -> int | None:
@@ -72,6 +76,9 @@ class AlignedBatch:
     # the tokenizers aligned (TokenizerInfo.fingerprint; None: not known, no batch key written)
     student_fingerprint: str | None = None
     teacher_fingerprints: list[str | None] | None = None  # one per teacher, same-vocab ones included
+    # train_on="assistant": per sample, the `[R, 2]` int64 axis byte ranges `[start, end)` of the
+    # trained message contents (None: the whole sample is trained); None: no target_mask written
+    trained: list[np.ndarray | None] | None = None
 
 
 def _sample_input(sample, config: CollateConfig):
@@ -147,11 +154,15 @@ def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerI
     sides: dict[str, SideBatch] = {fp: side for fp, (side, _) in encoded.items()}
     segments: dict[str, list[np.ndarray]] = {fp: plain_segments(raw) for fp, (_, raw) in encoded.items()}
     num_bytes = np.array([len(r) for r in encoded[student.fingerprint][1]], np.int64)
+    trained: list[np.ndarray | None] | None = [None] * len(samples) if config.train_on == "assistant" else None
     for b in np.flatnonzero(chat):
         per_side = common_segments([located[fp][b] for fp in distinct])
         for fp, seg in zip(distinct, per_side):
             segments[fp][b] = seg
         num_bytes[b] = int((per_side[0][:, 1] - per_side[0][:, 0]).sum())
+        if trained is not None:
+            trained[b] = _assistant_ranges(inputs[b][1], common_messages([located[fp][b] for fp in distinct]),
+                                           per_side[0])
     if chat.any():
         sides = {fp: to_axis(side, segments[fp]) for fp, side in sides.items()}
     s_side = sides[student.fingerprint]
@@ -164,7 +175,38 @@ def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerI
         num_bytes=num_bytes,
         student_fingerprint=student.fingerprint,
         teacher_fingerprints=[t.fingerprint for t in teachers],
+        trained=trained,
     )
+
+
+def _assistant_ranges(messages: list[dict], kept: list[int], segments: np.ndarray) -> np.ndarray:
+    """`[R, 2]` axis byte ranges of the assistant contents among the messages on the axis (`kept`,
+    row for row of `segments`, the `(render start, render end, axis start)` rows)."""
+    rows = [k for k, i in enumerate(kept) if messages[i]["role"] == "assistant"]
+    seg = segments[rows]
+    return np.stack([seg[:, 2], seg[:, 2] + seg[:, 1] - seg[:, 0]], axis=1).astype(np.int64).reshape(-1, 2)
+
+
+def _inside(ranges: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """`[N]` bool: span `[starts, ends)` is non-empty and lies inside one of the sorted, disjoint
+    `ranges [R, 2]`."""
+    if len(ranges) == 0:
+        return np.zeros(len(starts), np.bool_)
+    k = np.searchsorted(ranges[:, 0], starts, side="right") - 1
+    kk = np.maximum(k, 0)
+    return (k >= 0) & (ends > starts) & (ends <= ranges[kk, 1])
+
+
+def target_flags(trained: list[np.ndarray | None], offsets: np.ndarray, starts: np.ndarray, ends: np.ndarray
+                 ) -> np.ndarray:
+    """`[N]` bool over a flat per-sample array of spans (tokens or chunks, `offsets [B + 1]`): the
+    span is trained (its sample is all trained, or the span lies inside a trained range)."""
+    out = np.ones(int(offsets[-1]), np.bool_)
+    for b, ranges in enumerate(trained):
+        if ranges is not None:
+            sl = slice(int(offsets[b]), int(offsets[b + 1]))
+            out[sl] = _inside(ranges, starts[sl], ends[sl])
+    return out
 
 
 def _keep_prefix_mask(offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -234,7 +276,7 @@ def truncate(batch: AlignedBatch, max_length: int | None, teacher_max_length: in
         teachers.append(t_new)
         pairs.append(p_new)
     return AlignedBatch(s_new, teachers, pairs, np.asarray(num_bytes, np.int64), batch.student_fingerprint,
-                        batch.teacher_fingerprints)
+                        batch.teacher_fingerprints, batch.trained)
 
 
 class _Padder:
@@ -290,6 +332,9 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
         "token_bytes": _pad(s.token_bytes, s.offsets, 0, np.int32),
         "num_bytes": torch.from_numpy(np.asarray(batch.num_bytes, np.int64)),
     }
+    if batch.trained is not None:  # [B, T_s] bool: token is a training target (train_on="assistant")
+        out["target_mask"] = _pad(target_flags(batch.trained, s.offsets, s.starts, s.ends), s.offsets, False,
+                                  np.bool_)
     rows = len(n_s)
     if batch.student_fingerprint is not None:
         out[fingerprints.STUDENT_KEY] = _fingerprint_rows(batch.student_fingerprint, rows)  # [B]
@@ -306,7 +351,11 @@ def to_tensors(batch: AlignedBatch, student_pad_id: int = 0,
         a = f"alignment_{i}_"
         out[a + "student_chunk_id"] = _pad(p.a_chunk, s.offsets, -1, np.int64)  # [B, T_s]
         out[a + "teacher_chunk_id"] = _pad(p.b_chunk, t.offsets, -1, np.int64)  # [B, T_t]
-        out[a + "pair_valid"] = _pad.mask(p.offsets)  # [B, P]
+        if batch.trained is None:
+            out[a + "pair_valid"] = _pad.mask(p.offsets)  # [B, P]
+        else:  # chunks outside the trained bytes are not loss units
+            out[a + "pair_valid"] = _pad(target_flags(batch.trained, p.offsets, p.chunks[:, 0], p.chunks[:, 1]),
+                                         p.offsets, False, np.bool_)
         out[a + "pair_is_correct"] = _pad(p.chunks[:, 6].astype(bool), p.offsets, False, np.bool_)
         out[a + "chunk_bytes"] = _pad((p.chunks[:, 1] - p.chunks[:, 0]).astype(np.int32), p.offsets,
                                       0, np.int32)
