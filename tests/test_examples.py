@@ -89,7 +89,9 @@ class GradientsAtFirstStep:
 
 def test_hf_trainer_honours_num_items_in_batch(examples, output_dir):
     hf, kd_common = examples["hf_trainer"], examples["kd_common"]
-    texts = kd_common.load_texts(4)
+    # texts of different lengths, so the microbatches hold different numbers of positions and chunks
+    # (a per-microbatch mean would then weight them wrongly)
+    texts = [{"text": r["text"][:n]} for r, n in zip(kd_common.load_texts(4), (40, 400, 90, 20))]
     # 2 microbatches of 2 per step (2 steps: two passes over the 4 texts) vs one batch of 4
     accumulated, whole = GradientsAtFirstStep(), GradientsAtFirstStep()
     trainer = hf.train(2, output_dir, batch_size=2, accumulation=2, texts=texts, max_length=MAX_LENGTH,
