@@ -81,8 +81,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=9)
     ap.add_argument("--mlp", type=int, default=1536)
     args = ap.parse_args()
-    print(f"student: llama3 head 128,256 x {args.hidden}, body {body_params(args.hidden, args.layers, args.mlp) / 1e6:.1f}M "
-          f"parameters; 2 x 512 tokens per step; {args.steps - 1} measured steps per run")
+    body = body_params(args.hidden, args.layers, args.mlp) / 1e6
+    print(f"student: llama3 head 128,256 x {args.hidden}, body {body:.1f}M parameters; "
+          f"2 x 512 tokens per step; {args.steps - 1} measured steps per run")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("XTOKEN_CACHE", str(REPO / "data" / "cache"))
         ce = run(config(Path(tmp) / "ce", args, kd=False))

@@ -24,9 +24,18 @@ from xtoken_loss.trainer.step import model_inputs, teacher_logits
 from xtoken_loss.units import next_token_mask
 
 
-def _my_batches(batches: list[dict], dist, max_batches: int | None):
+def _my_batches(batches: list[dict], dist, max_batches: int | None) -> list[dict]:
+    """This rank's share: every `world_size`-th batch, padded with an empty copy (every sample
+    masked) so all ranks make the same number of loss calls: the multi-teacher loss reduces its
+    statistics over the group on each call."""
     chosen = batches if max_batches is None else batches[:max_batches]
-    return chosen[dist.rank::dist.world_size]
+    mine = chosen[dist.rank::dist.world_size]
+    rounds = -(-len(chosen) // dist.world_size)
+    while chosen and len(mine) < rounds:
+        empty = dict(chosen[0])
+        empty["sample_mask"] = torch.zeros_like(chosen[0]["sample_mask"])
+        mine.append(empty)
+    return mine
 
 
 @torch.no_grad()

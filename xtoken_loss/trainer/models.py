@@ -126,7 +126,7 @@ def check_used_ids(used_ids: np.ndarray | torch.Tensor, rows: int) -> torch.Tens
     if torch.is_tensor(used_ids):
         ids = used_ids.detach().to("cpu", torch.long)
     else:
-        ids = torch.from_numpy(np.ascontiguousarray(used_ids, dtype=np.int64))
+        ids = torch.from_numpy(np.array(used_ids, dtype=np.int64))  # a copy: the remap's array is read-only
     if ids.ndim != 1 or ids.numel() == 0:
         raise ConfigError(f"used_ids: expected a non-empty 1-D array of token ids, found shape {tuple(ids.shape)}")
     if bool((ids[1:] <= ids[:-1]).any()):

@@ -9,6 +9,7 @@ checkpoints) -> final checkpoint, evaluation and the Hugging Face export.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -144,6 +145,11 @@ def build_side(source, tok, remap, *, seed: int, dist, cfg: TrainConfig, trainab
 # -------------------------------------------------------------------------------------------------
 # the run
 
+def _source_text(src) -> str:
+    """A model source as recorded in checkpoints: the path, or the mapping as canonical JSON."""
+    return src if isinstance(src, str) else json.dumps(src, sort_keys=True)
+
+
 def _learned_loss_fn(lp):
     """The §5 loss function of a teacher whose projection W is trained (`LearnedProjection`)."""
     def fn(s, o, b, *, normalizer=None, teacher_index=0, projection=None, **opts):
@@ -258,7 +264,7 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     scheduler = build_scheduler(optimizer, total_steps=cfg.schedule.total_steps,
                                 warmup_steps=cfg.schedule.warmup_steps, min_lr_ratio=cfg.schedule.min_lr_ratio)
     model_parts = {"student": student, **{f"projection_{k}": v for k, v in learned.items()}}
-    record = {"teachers": [{"name": t.name, "tokenizer": tok.fingerprint, "model": str(src)}
+    record = {"teachers": [{"name": t.name, "tokenizer": tok.fingerprint, "model": _source_text(src)}
                            for t, tok, src in zip(cfg.teachers, sides.teachers, sources)],
               "projections": proj_record}
     runner = StepRunner(student=student, teachers=runtimes, kd_loss=kd_loss, kd_weight=cfg.loss.kd_weight,

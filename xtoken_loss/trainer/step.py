@@ -17,7 +17,9 @@ step whose loss or gradient norm is not finite is skipped (no parameter update),
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -190,7 +192,11 @@ class StepRunner:
             self.skipped_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped step still advances the schedule (it follows the step index); torch warns
+            # when that happens before the first optimizer.step()
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
         timer.add("optimizer", t0)
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = int(not ok)
