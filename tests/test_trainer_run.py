@@ -152,3 +152,44 @@ def _run_cfg(cfg: dict):
     from xtoken_loss.trainer.run import train
 
     return train(TrainConfig.from_dict(cfg))
+
+
+def test_chat_data_trains_on_assistant_bytes(env):
+    from tests.trainer_helpers import CORPUS
+
+    chat = env / "chat.jsonl"
+    chat.write_text("".join(open(CORPUS / "chat_train.jsonl", encoding="utf-8").readlines()[:16]))
+    _run(env, "chat", max_steps=2, data={"train": str(chat), "eval": str(chat), "train_on": "assistant"})
+    _run(env, "chat_all", max_steps=2, data={"train": str(chat), "eval": str(chat), "train_on": "all"})
+    a, b = train_records(env / "chat"), train_records(env / "chat_all")
+    assert all(math.isfinite(r["loss"]) for r in a + b)
+    # fewer trained positions when only the assistant messages count
+    assert a[0]["units/ce"] < b[0]["units/ce"] and a[0]["units/teacher_0"] < b[0]["units/teacher_0"]
+
+
+def test_trainable_projection_is_checkpointed_resumed_and_exported(env):
+    from xtoken_loss import load_projection
+
+    qwen = dict(tiny_config(env, env / "data")["teachers"][0], projection_trainable=True)
+    teachers = [qwen, tiny_config(env, env / "data")["teachers"][1]]
+    full = _losses_of(env, "lw_full", max_steps=4, teachers=teachers)
+    _run(env, "lw", max_steps=2, teachers=teachers)
+    _run(env, "lw", max_steps=4, teachers=teachers, resume=True)
+    assert _losses(env / "lw") == pytest.approx(full, rel=1e-6)
+    proj = load_projection(env / "lw" / "projection-qwen3")
+    assert proj.indices.shape[0] > 0 and torch.isfinite(proj.weights).all()
+
+
+def test_plot_draws_the_curves(env):
+    from click.testing import CliRunner
+
+    from xtoken_cli.train_cmd import train_cli
+
+    run = env / "basic"
+    if not (run / "metrics.jsonl").exists():
+        _run(env, "basic", max_steps=6)
+    r = CliRunner().invoke(train_cli, ["plot", str(run), "--out", str(env / "curves.png")])
+    assert r.exit_code == 0, r.output
+    assert (env / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(train_cli, ["plot", str(env / "nothing-here")])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "metrics.jsonl" in r.output

@@ -30,11 +30,14 @@ def _plain(v):
 class MetricsLog:
     """Appends metric lines to `run_dir/metrics.jsonl` (rank 0 only; other ranks get a no-op)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int | None):
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int):
+        """`start_step`: the step the run continues from (0: a fresh start). Lines of later steps
+        (and, on a fresh start in a directory of ours, every line: a run killed before its first
+        checkpoint) were written by an interrupted run and are dropped; they will be redone."""
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
-        if enabled and resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
+        if enabled and self.path.exists():
+            self._truncate_after(start_step)
 
     def _truncate_after(self, step: int) -> None:
         kept = []
@@ -44,7 +47,7 @@ class MetricsLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if int(rec.get("step", 0)) <= step:
+                if step > 0 and int(rec.get("step", 0)) <= step:
                     kept.append(json.dumps(rec))
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")

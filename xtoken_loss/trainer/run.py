@@ -207,14 +207,17 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
 
     files = [cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
     remaps: dict[str, object] = {}
+    max_chars = 4 * cfg.data.max_length  # long texts are read in pieces of at most this many characters
     if cfg.student.restrict_vocab:
         cache = cache_root() / "remaps"
         for tok in [sides.student] + sides.teachers:
             if tok.fingerprint not in remaps:
+                # split long texts exactly as the run reads them: pieces tokenize differently at edges
+                opts = dict(max_chars=max_chars, cache_dir=cache)
                 if dist.is_main:
-                    build_remap(tok, files, cache_dir=cache)
+                    build_remap(tok, files, **opts)
                 dist.barrier()
-                remaps[tok.fingerprint] = build_remap(tok, files, cache_dir=cache)
+                remaps[tok.fingerprint] = build_remap(tok, files, **opts)
     s_remap = remaps.get(sides.student.fingerprint)
     t_remaps = [None if t.same_vocab else remaps.get(tok.fingerprint) for t, tok in zip(cfg.teachers, sides.teachers)]
 
@@ -292,10 +295,10 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     # data
     collate = data_mod.TrainCollate(sides.student, sides.teachers, max_length=cfg.data.max_length,
                                     train_on=cfg.data.train_on, student_remap=s_remap, teacher_remaps=t_remaps)
-    samples = data_mod.read_samples(cfg.data.train, max_chars=4 * cfg.data.max_length)
+    samples = data_mod.read_samples(cfg.data.train, max_chars=max_chars)
     eval_list = []
     if cfg.data.eval:
-        eval_samples = data_mod.read_samples(cfg.data.eval, max_chars=4 * cfg.data.max_length)
+        eval_samples = data_mod.read_samples(cfg.data.eval, max_chars=max_chars)
         eval_list = list(data_mod.eval_batches(eval_samples, collate, cfg.eval.batch_size))
     per_rank, rem = divmod(cfg.data.batch_size, dist.world_size)
     if rem:
@@ -307,7 +310,7 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
                                         world_size=dist.world_size, microbatch_size=micro,
                                         num_workers=cfg.data.num_workers)
 
-    log = MetricsLog(out, enabled=dist.is_main, resume_step=start if latest is not None else None)
+    log = MetricsLog(out, enabled=dist.is_main, start_step=start)
     ev = lambda step, first=False: evaluate(student, runtimes, kd_loss, eval_list, dist,  # noqa: E731
                                             max_batches=cfg.eval.max_batches, with_teacher_bpb=first)
     first_eval = last_eval = None
