@@ -11,11 +11,14 @@ at a barrier; a teacher's pre-training is itself a (collective) trainer run, res
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from xtoken_align import load_tokenizer
 from xtoken_align.tokenizer.loader import TokenizerInfo
@@ -102,6 +105,26 @@ def preflight(cfg: TrainConfig) -> Sides:
     return Sides(student, teachers)
 
 
+@contextmanager
+def cache_lock(path: Path, what: str, *, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a file beside a cache entry) while building the entry: a
+    second run that needs the same entry waits, then finds it built (`fcntl.flock`, POSIX)."""
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run that is building {what} ({path})", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def auto_projection(student: TokenizerInfo, teacher: TokenizerInfo, teacher_width: int, dist) -> Path:
     """The cached default projection student -> teacher (built by rank 0; the others wait)."""
     from xtoken_align import ProjectionConfig, build_projection
@@ -109,8 +132,8 @@ def auto_projection(student: TokenizerInfo, teacher: TokenizerInfo, teacher_widt
     pcfg = ProjectionConfig(teacher_model_vocab_size=teacher_width)
     key = config_key({"student": student.fingerprint, "teacher": teacher.fingerprint, "config": pcfg.to_dict()})
     path = cache_root() / "projections" / f"{student.name}-{teacher.name}-{key}".replace("/", "_")
-    if dist.is_main and not (path / "projection.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_projection(student, teacher, pcfg).save(path)
-    dist.barrier()
+    with cache_lock(path.with_name(path.name + ".lock"), f"the projection {path.name}", enabled=dist.is_main):
+        if dist.is_main and not (path / "projection.json").exists():
+            build_projection(student, teacher, pcfg).save(path)
+        dist.barrier()
     return path

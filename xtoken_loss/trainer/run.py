@@ -25,6 +25,7 @@ from xtoken_loss.multi_teacher.teachers import TeacherSpec
 from xtoken_loss.projection import load_projection
 from xtoken_loss.trainer import checkpoint as ckpt
 from xtoken_loss.trainer import data as data_mod
+from xtoken_loss.trainer import models
 from xtoken_loss.trainer.config import (
     CheckpointConfig,
     DataConfig,
@@ -43,11 +44,11 @@ from xtoken_loss.trainer.distributed import init_distributed
 from xtoken_loss.trainer.evaluate import evaluate
 from xtoken_loss.trainer.export import export_hf
 from xtoken_loss.trainer.metrics import MetricsLog, Progress
-from xtoken_loss.trainer.models import build_causal_lm, freeze, restrict_rows, shard_model
 from xtoken_loss.trainer.prepare import (
     RUN_MARKER,
     Sides,
     auto_projection,
+    cache_lock,
     cache_root,
     config_key,
     file_digest,
@@ -105,11 +106,13 @@ def teacher_sources(cfg: TrainConfig, dist) -> list:
             continue
         pcfg = pretrain_config(cfg, i)
         final = Path(pcfg.output_dir) / "final"
-        if not (final / "config.json").exists():
-            if dist.is_main:
-                print(f"pre-training teacher {t.name!r} ({t.pretrain.max_steps} steps, CE) into {pcfg.output_dir}",
-                      flush=True)
-            train(pcfg, dist=dist, label=f"pretrain {t.name}")
+        with cache_lock(Path(pcfg.output_dir + ".lock"), f"teacher {t.name!r}", enabled=dist.is_main):
+            dist.barrier()  # the other ranks wait while rank 0 waits for the lock
+            if not (final / "config.json").exists():
+                if dist.is_main:
+                    print(f"pre-training teacher {t.name!r} ({t.pretrain.max_steps} steps, CE) into "
+                          f"{pcfg.output_dir}", flush=True)
+                train(pcfg, dist=dist, label=f"pretrain {t.name}")
         out.append(str(final))
     return out
 
@@ -128,17 +131,18 @@ def _model_width(source, tok) -> int:
 def build_side(source, tok, remap, *, seed: int, dist, cfg: TrainConfig, trainable: bool, offload: bool = False):
     """One model: built (`source` a mapping) or loaded, restricted to `remap`'s rows, sharded."""
     if isinstance(source, str):
-        model = build_causal_lm(source, vocab_size=tok.vocab_size, seed=seed)
+        model = models.build_causal_lm(source, vocab_size=tok.vocab_size, seed=seed)
         if remap is not None:
-            restrict_rows(model, remap.used_ids)
+            models.restrict_rows(model, remap.used_ids)
     else:
-        model = build_causal_lm(source, vocab_size=remap.size if remap is not None else tok.vocab_size, seed=seed)
+        width = remap.size if remap is not None else tok.vocab_size
+        model = models.build_causal_lm(source, vocab_size=width, seed=seed)
     if not trainable:
-        freeze(model)
+        models.freeze(model)
     mp = cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto"
                                                     and dist.device.type == "cuda")
-    shard_model(model, mixed_precision=mp, activation_checkpointing=trainable and cfg.student.activation_checkpointing,
-                cpu_offload=offload)
+    models.shard_model(model, mixed_precision=mp, cpu_offload=offload,
+                       activation_checkpointing=trainable and cfg.student.activation_checkpointing)
     return model
 
 

@@ -29,6 +29,9 @@ from xtoken_core.errors import XTokenError
 from xtoken_loss import registry
 from xtoken_loss.losses.ce import ce_loss
 
+# metric pieces averaged over microbatches and ranks (the others are sums of normalised terms)
+AVERAGED = ("/weight", "/selected", "/projection_accuracy")
+
 
 class TrainingDiverged(XTokenError):
     """Too many consecutive steps with a non-finite loss or gradient."""
@@ -73,6 +76,27 @@ def count_step_units(microbatches: list[dict], teachers: list[TeacherRuntime], d
             spec = registry.REGISTRY[t.kind]
             counts[1 + j] += float(spec.count_units(mb, teacher_index=t.index, **t.loss_options))
     return dist.all_reduce_sum(counts.to(dist.device)).cpu()
+
+
+def clip_grad_norm(groups: list[list[nn.Parameter]], max_norm: float | None) -> float:
+    """The global L2 norm of all gradients (FSDP-sharded DTensors and plain replicated tensors may
+    not share one `clip_grad_norm_` call), and, with `max_norm`, every gradient scaled so the norm
+    is at most `max_norm` (a non-finite norm leaves them alone: the step is skipped anyway)."""
+    squares = []
+    for params in groups:
+        params = [p for p in params if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # the group's norm (no clipping)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            squares.append(float(norm) ** 2)
+    total = math.sqrt(sum(squares))
+    if max_norm is not None and math.isfinite(total) and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for params in groups:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+    return total
 
 
 class Timer:
@@ -138,7 +162,7 @@ class StepRunner:
             loss = loss + self.kd_weight * kd
             pieces["kd"] = kd.detach()
             for j in range(len(self.teachers)):
-                for key in ("kd", "weight", "projection_accuracy"):
+                for key in ("kd", "weight", "selected", "projection_accuracy"):
                     k = f"teacher_{j}/{key}"
                     if k in m:
                         pieces[k] = m[k].detach().double()
@@ -163,7 +187,7 @@ class StepRunner:
             total += loss.detach().double()
             for key, v in pieces.items():
                 # weights and accuracies are averaged over microbatches, sums added
-                v = v if not key.endswith(("/weight", "/projection_accuracy")) else v / n
+                v = v if not key.endswith(AVERAGED) else v / n
                 sums[key] = sums.get(key, 0) + v.to(self.dist.device)
         t0 = timer.mark()
         for p in self.extra_params:
@@ -177,12 +201,9 @@ class StepRunner:
         metrics = {"loss": loss_value}
         for i, key in enumerate(keys):
             v = float(packed[1 + i])
-            metrics[key] = v / world if key.endswith(("/weight", "/projection_accuracy")) else v
-        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+            metrics[key] = v / world if key.endswith(AVERAGED) else v
+        grad_norm = clip_grad_norm([[p for p in self.student.parameters() if p.requires_grad], self.extra_params],
+                                   self.grad_clip)
         ok = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if ok:
             self.optimizer.step()
