@@ -51,6 +51,7 @@ def config(out: Path, args, *, kd: bool) -> dict:
         "student": {"tokenizer": "llama3", "model": student_model(args.hidden, args.layers, args.mlp)},
         "teachers": teachers,
         "data": {"train": str(REPO / "data" / "corpus" / "train.jsonl"), "batch_size": 2, "max_length": 512,
+                 "teacher_max_length": 1024,
                  "num_workers": 1},
         "optim": {"lr": 1e-4},
         "schedule": {"total_steps": 100, "warmup_steps": 0},

@@ -53,6 +53,8 @@ def test_run_writes_its_files_and_learns(env):
     assert [e["step"] for e in evals] == [0, 6]
     assert all(k == "step" or k.startswith("eval/") for e in evals for k in e)
     assert "eval/teacher_0/bpb" in evals[0] and evals[-1]["eval/bpb"] < evals[0]["eval/bpb"]
+    assert 0 <= evals[-1]["eval/teacher_0/projection_accuracy"] <= 1  # the P-KL teacher only
+    assert "eval/teacher_1/projection_accuracy" not in evals[-1]
     assert s.last_eval["eval/bpb"] == evals[-1]["eval/bpb"]
     assert (out / "config.yaml").exists() and (out / "checkpoints" / "step-6").is_dir()
 

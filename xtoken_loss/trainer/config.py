@@ -159,6 +159,10 @@ class DataConfig(_Base):
                                                            "whole share, no accumulation)")
     max_length: int = option(512, min=8, max=MAX_TOKENS, help="student tokens per sequence; every side is cut at "
                                                               "one shared byte boundary")
+    teacher_max_length: int | None = option(None, min=8, max=MAX_TOKENS,
+                                            help="each teacher's token budget (None: max_length); a tokenizer "
+                                                 "that needs more tokens for the same text otherwise cuts the "
+                                                 "student's sequence short")
     train_on: Literal["assistant", "all"] = option("assistant", help="chat data: train on the assistant messages' "
                                                                       "bytes only, or on all message bytes")
     num_workers: int = option(1, min=0, max=64, help="DataLoader worker processes (tokenize + align)")

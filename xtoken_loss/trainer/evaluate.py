@@ -5,6 +5,8 @@ accuracy and each teacher's KD on the held-out split.
     eval/ce           = mean nats per predicted token
     eval/top1         = fraction of predicted tokens that are the student's argmax
     eval/teacher_i/kd = teacher i's KD summed over its units / its unit count
+    eval/teacher_i/projection_accuracy (projection teachers, with `projection_accuracy`): fraction of
+                        chunks where the projected student's top teacher token is the teacher's
     eval/teacher_i/bpb (the teacher's own bits per byte on the same text, its own tokens)
 
 Bytes are the text bytes of the predicted tokens (`token_bytes` of positions 1..T-1), so student and
@@ -45,8 +47,9 @@ def evaluate(student, teachers, kd_loss, batches: list[dict], dist, *, max_batch
     was_training = student.training
     student.eval()
     n = len(teachers)
-    # [bits, bytes, nats, positions, hits, kd_0, units_0, ..., tbits_0, tbytes_0, ...]
-    acc = torch.zeros(5 + 2 * n + 2 * n, dtype=torch.float64, device=dist.device)
+    # [bits, bytes, nats, positions, hits, kd_0, units_0, ..., tbits_0, tbytes_0, ..., pacc_0 * units_0, ...]
+    acc = torch.zeros(5 + 2 * n + 2 * n + n, dtype=torch.float64, device=dist.device)
+    zero = torch.zeros((), dtype=torch.float64, device=dist.device)
     for cpu_batch in _my_batches(batches, dist, max_batches):
         mb = {k: v.to(dist.device) if isinstance(v, torch.Tensor) else v for k, v in cpu_batch.items()}
         ids, mask = model_inputs(mb)
@@ -65,9 +68,11 @@ def evaluate(student, teachers, kd_loss, batches: list[dict], dist, *, max_batch
             outs = [teacher_logits(t, mb) for t in teachers]
             _, m = kd_loss(logits, outs, mb, normalizer=[1.0] * n)
             for j, t in enumerate(teachers):
-                acc[5 + 2 * j] += m.get(f"teacher_{j}/kd", torch.zeros((), device=dist.device)).double()
+                acc[5 + 2 * j] += m.get(f"teacher_{j}/kd", zero).double()
                 spec = registry.REGISTRY[t.kind]
-                acc[6 + 2 * j] += float(spec.count_units(mb, teacher_index=t.index, **t.loss_options))
+                units = float(spec.count_units(mb, teacher_index=t.index, **t.loss_options))
+                acc[6 + 2 * j] += units
+                acc[5 + 4 * n + j] += m.get(f"teacher_{j}/projection_accuracy", zero).double() * units
                 if with_teacher_bpb:
                     tb, tn = teacher_score_sums(outs[j], mb, score="bpb",
                                                 teacher_index=None if t.same_vocab else t.index)
@@ -85,6 +90,9 @@ def evaluate(student, teachers, kd_loss, batches: list[dict], dist, *, max_batch
     }
     for j in range(n):
         out[f"eval/teacher_{j}/kd"] = a[5 + 2 * j] / a[6 + 2 * j] if a[6 + 2 * j] else math.nan
+        if kd_loss is not None and kd_loss.config.projection_accuracy and kd_loss.projections[j] is not None:
+            # the batches' accuracies weighted by their unit counts
+            out[f"eval/teacher_{j}/projection_accuracy"] = a[5 + 4 * n + j] / a[6 + 2 * j] if a[6 + 2 * j] else math.nan
         if with_teacher_bpb:
             tb, tn = a[5 + 2 * n + 2 * j], a[6 + 2 * n + 2 * j]
             out[f"eval/teacher_{j}/bpb"] = tb / tn if tn else math.nan

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xtoken_core.errors import ConfigError, XTokenError
+from xtoken_core.errors import ConfigError
 from xtoken_loss.losses.learned_pkl import LearnedProjection, learned_pkl_loss
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherLoss
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
@@ -28,7 +28,6 @@ from xtoken_loss.trainer import data as data_mod
 from xtoken_loss.trainer import models
 from xtoken_loss.trainer.config import (
     CheckpointConfig,
-    DataConfig,
     EvalConfig,
     LogConfig,
     OptimConfig,
@@ -199,34 +198,51 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
-    """Run `cfg` (module doc). Collective under torchrun: every rank calls it."""
-    sides: Sides = preflight(cfg)
-    if dist is None:
-        dist = init_distributed(cfg.parallel.device)
-    out = Path(cfg.output_dir)
-    latest = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if latest is not None:
-        _check_resume(cfg, out)
+def _check_batch_split(cfg: TrainConfig, dist) -> int:
+    """This rank's microbatch size; the global batch must split evenly over ranks and microbatches."""
+    per_rank, rem = divmod(cfg.data.batch_size, dist.world_size)
+    if rem:
+        raise TrainConfigError(f"data.batch_size={cfg.data.batch_size} does not divide over {dist.world_size} "
+                               "ranks; give a multiple of the process count")
+    micro = cfg.data.microbatch_size or per_rank
+    if per_rank % micro:
+        raise TrainConfigError(f"data.microbatch_size={micro} does not divide the {per_rank} sequences each of the "
+                               f"{dist.world_size} rank(s) gets per step (data.batch_size={cfg.data.batch_size})")
+    return micro
 
+
+def _build_remaps(cfg: TrainConfig, sides: Sides, dist, max_chars: int) -> dict:
+    """Tokenizer fingerprint -> `VocabRemap` of every side (empty without `restrict_vocab`)."""
+    remaps: dict = {}
+    if not cfg.student.restrict_vocab:
+        return remaps
     files = [cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
-    remaps: dict[str, object] = {}
-    max_chars = 4 * cfg.data.max_length  # long texts are read in pieces of at most this many characters
-    if cfg.student.restrict_vocab:
-        cache = cache_root() / "remaps"
-        for tok in [sides.student] + sides.teachers:
-            if tok.fingerprint not in remaps:
-                # split long texts exactly as the run reads them: pieces tokenize differently at edges
-                opts = dict(max_chars=max_chars, cache_dir=cache)
-                if dist.is_main:
-                    build_remap(tok, files, **opts)
-                dist.barrier()
-                remaps[tok.fingerprint] = build_remap(tok, files, **opts)
-    s_remap = remaps.get(sides.student.fingerprint)
-    t_remaps = [None if t.same_vocab else remaps.get(tok.fingerprint) for t, tok in zip(cfg.teachers, sides.teachers)]
+    # split long texts exactly as the run reads them: pieces tokenize differently at their edges
+    opts = dict(max_chars=max_chars, cache_dir=cache_root() / "remaps")
+    for tok in [sides.student] + sides.teachers:
+        if tok.fingerprint not in remaps:
+            if dist.is_main:
+                build_remap(tok, files, **opts)
+            dist.barrier()
+            remaps[tok.fingerprint] = build_remap(tok, files, **opts)
+    return remaps
 
-    # the loss (projections built or loaded and remapped): its errors come before any model
-    specs, extra_params, learned, proj_record = [], [], {}, []
+
+@dataclass
+class KDParts:
+    """The combined KD loss and what comes with it."""
+
+    loss: MultiTeacherLoss | None  # the training loss (no projection-accuracy pass: a diagnostic)
+    eval_loss: MultiTeacherLoss | None  # the same, reporting projection accuracy when configured
+    learned: dict  # teacher name -> LearnedProjection (trained)
+    projections: list[dict]  # what each projection teacher used (recorded in checkpoints)
+
+
+def _build_kd_loss(cfg: TrainConfig, sides: Sides, remaps: dict, dist) -> KDParts:
+    """The teachers' specs (projections built or loaded, then remapped) and the multi-teacher loss;
+    its errors come before any model is loaded."""
+    s_remap = remaps.get(sides.student.fingerprint)
+    specs, learned, record = [], {}, []
     for i, (t, tok) in enumerate(zip(cfg.teachers, sides.teachers)):
         remap = remaps.get(tok.fingerprint)
         projection = None
@@ -235,34 +251,29 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
                 sides.student, tok, _model_width(t.model, tok), dist)
             projection = load_projection(path, student_fingerprint=sides.student.fingerprint,
                                          teacher_fingerprint=tok.fingerprint)
-            proj_record.append({"teacher": t.name, "path": str(path),
-                                "tensors_sha256": (projection.metadata or {}).get("tensors_sha256")})
+            record.append({"teacher": t.name, "path": str(path),
+                           "tensors_sha256": (projection.metadata or {}).get("tensors_sha256")})
             if s_remap is not None or remap is not None:
                 projection = remap_projection(projection, s_remap, remap)
-        fp = remap.fingerprint if remap is not None else tok.fingerprint
-        spec_kwargs = dict(name=t.name, loss=t.loss, weight=t.weight, fingerprint=fp,
-                           projection=projection, loss_options=dict(t.loss_options))
+        spec_kwargs = dict(name=t.name, loss=t.loss, weight=t.weight, projection=projection,
+                           fingerprint=remap.fingerprint if remap is not None else tok.fingerprint,
+                           loss_options=dict(t.loss_options))
         if t.projection_trainable:
-            lp = LearnedProjection(projection).to(dist.device)
-            learned[t.name] = lp
-            extra_params += list(lp.parameters())
-            spec_kwargs["loss_fn"] = _learned_loss_fn(lp)
+            learned[t.name] = LearnedProjection(projection).to(dist.device)
+            spec_kwargs["loss_fn"] = _learned_loss_fn(learned[t.name])
         specs.append(_at(f"teachers.{i}", lambda: TeacherSpec(**spec_kwargs)))
     s_fp = s_remap.fingerprint if s_remap is not None else sides.student.fingerprint
-    kd_loss = _at("loss.multi_teacher", lambda: MultiTeacherLoss(specs, cfg.loss.multi_teacher,
-                                                                 student_fingerprint=s_fp)) if specs else None
+    if not specs:
+        return KDParts(None, None, learned, record)
+    mt = cfg.loss.multi_teacher
+    # projection accuracy costs a pass over every chunk start: measured on held-out batches only
+    loss = _at("loss.multi_teacher", lambda: MultiTeacherLoss(
+        specs, dataclasses.replace(mt, projection_accuracy=False), student_fingerprint=s_fp))
+    eval_loss = MultiTeacherLoss(specs, mt, student_fingerprint=s_fp) if mt.projection_accuracy else loss
+    return KDParts(loss, eval_loss, learned, record)
 
-    # models (teachers pre-trained first where configured)
-    sources = teacher_sources(cfg, dist)
-    torch.manual_seed(cfg.seed)
-    student = build_side(cfg.student.model, sides.student, s_remap, seed=cfg.seed, dist=dist, cfg=cfg, trainable=True)
-    runtimes = []
-    for i, (t, tok, src) in enumerate(zip(cfg.teachers, sides.teachers, sources)):
-        model = build_side(src, tok, remaps.get(tok.fingerprint), seed=cfg.seed, dist=dist, cfg=cfg,
-                           trainable=False, offload=t.offload)
-        runtimes.append(TeacherRuntime(t.name, i, t.loss, t.same_vocab, model, dict(t.loss_options)))
 
-    # optimizer, schedule
+def _build_optimizer(cfg: TrainConfig, student, extra_params):
     o = cfg.optim
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
     if extra_params:
@@ -270,13 +281,42 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps=cfg.schedule.total_steps,
                                 warmup_steps=cfg.schedule.warmup_steps, min_lr_ratio=cfg.schedule.min_lr_ratio)
-    model_parts = {"student": student, **{f"projection_{k}": v for k, v in learned.items()}}
+    return optimizer, scheduler
+
+
+def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
+    """Run `cfg` (module doc). Collective under torchrun: every rank calls it."""
+    sides: Sides = preflight(cfg)
+    if dist is None:
+        dist = init_distributed(cfg.parallel.device)
+    micro = _check_batch_split(cfg, dist)
+    out = Path(cfg.output_dir)
+    latest = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if latest is not None:
+        _check_resume(cfg, out)
+    max_chars = 4 * cfg.data.max_length  # long texts are read in pieces of at most this many characters
+    remaps = _build_remaps(cfg, sides, dist, max_chars)
+    s_remap = remaps.get(sides.student.fingerprint)
+    kd = _build_kd_loss(cfg, sides, remaps, dist)
+
+    # models (teachers pre-trained first where configured)
+    sources = teacher_sources(cfg, dist)
+    student = build_side(cfg.student.model, sides.student, s_remap, seed=cfg.seed, dist=dist, cfg=cfg, trainable=True)
+    runtimes = []
+    for i, (t, tok, src) in enumerate(zip(cfg.teachers, sides.teachers, sources)):
+        model = build_side(src, tok, remaps.get(tok.fingerprint), seed=cfg.seed, dist=dist, cfg=cfg,
+                           trainable=False, offload=t.offload)
+        runtimes.append(TeacherRuntime(t.name, i, t.loss, t.same_vocab, model, dict(t.loss_options)))
+    extra_params = [p for lp in kd.learned.values() for p in lp.parameters()]
+    optimizer, scheduler = _build_optimizer(cfg, student, extra_params)
+    model_parts = {"student": student, **{f"projection_{k}": v for k, v in kd.learned.items()}}
     record = {"teachers": [{"name": t.name, "tokenizer": tok.fingerprint, "model": _source_text(src)}
                            for t, tok, src in zip(cfg.teachers, sides.teachers, sources)],
-              "projections": proj_record}
-    runner = StepRunner(student=student, teachers=runtimes, kd_loss=kd_loss, kd_weight=cfg.loss.kd_weight,
+              "projections": kd.projections}
+    runner = StepRunner(student=student, teachers=runtimes, kd_loss=kd.loss, kd_weight=cfg.loss.kd_weight,
                         ce_weight=cfg.loss.ce_weight, optimizer=optimizer, scheduler=scheduler,
-                        grad_clip=o.grad_clip, max_bad_steps=o.max_bad_steps, dist=dist, extra_params=extra_params)
+                        grad_clip=cfg.optim.grad_clip, max_bad_steps=cfg.optim.max_bad_steps, dist=dist,
+                        extra_params=extra_params)
 
     start = 0
     if latest is not None:
@@ -285,8 +325,7 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
             raise TrainConfigError(f"resume=true: the teachers or projections differ from those of the checkpoint "
                                    f"{latest} (tokenizer, model or projection files changed); start a new output_dir")
         scheduler.load_state_dict(extra["scheduler"])
-        runner.bad_in_a_row = extra["bad_in_a_row"]
-        runner.skipped_total = extra["skipped_total"]
+        runner.bad_in_a_row, runner.skipped_total = extra["bad_in_a_row"], extra["skipped_total"]
         start = int(extra["step"])
         _set_rng_state(extra["rng"])
 
@@ -297,17 +336,15 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     dist.barrier()
 
     # data
+    t_remaps = [None if t.same_vocab else remaps.get(tok.fingerprint) for t, tok in zip(cfg.teachers, sides.teachers)]
     collate = data_mod.TrainCollate(sides.student, sides.teachers, max_length=cfg.data.max_length,
-                                    train_on=cfg.data.train_on, student_remap=s_remap, teacher_remaps=t_remaps)
+                                    teacher_max_length=cfg.data.teacher_max_length, train_on=cfg.data.train_on,
+                                    student_remap=s_remap, teacher_remaps=t_remaps)
     samples = data_mod.read_samples(cfg.data.train, max_chars=max_chars)
     eval_list = []
     if cfg.data.eval:
         eval_samples = data_mod.read_samples(cfg.data.eval, max_chars=max_chars)
         eval_list = list(data_mod.eval_batches(eval_samples, collate, cfg.eval.batch_size))
-    per_rank, rem = divmod(cfg.data.batch_size, dist.world_size)
-    if rem:
-        raise TrainConfigError(f"data.batch_size={cfg.data.batch_size} does not divide over {dist.world_size} ranks")
-    micro = cfg.data.microbatch_size or per_rank
     plan = data_mod.GlobalBatchPlan(data_mod.sample_lengths(samples), cfg.data.batch_size, cfg.seed,
                                     bucket_batches=cfg.data.bucket_batches)
     loader = data_mod.make_train_loader(samples, plan, collate, start_step=start, rank=dist.rank,
@@ -315,35 +352,32 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
                                         num_workers=cfg.data.num_workers)
 
     log = MetricsLog(out, enabled=dist.is_main, start_step=start)
-    ev = lambda step, first=False: evaluate(student, runtimes, kd_loss, eval_list, dist,  # noqa: E731
-                                            max_batches=cfg.eval.max_batches, with_teacher_bpb=first)
-    first_eval = last_eval = None
-    if eval_list and start == 0 and cfg.max_steps > 0:
-        first_eval = {"step": 0, **ev(0, first=True)}
-        log.write(first_eval)
+
+    def ev(step: int, first: bool = False) -> dict:
+        m = evaluate(student, runtimes, kd.eval_loss, eval_list, dist, max_batches=cfg.eval.max_batches,
+                     with_teacher_bpb=first)
+        log.write({"step": step, **m})
+        return m
+
+    first_eval = ev(0, first=True) if eval_list and start == 0 else None
     progress = Progress(total=cfg.max_steps, start=start, enabled=dist.is_main and cfg.log.progress, label=label)
     step = start
-    last_saved = start if latest is not None else None
     try:
-        it = iter(loader)
+        batches = iter(loader)
         while step < cfg.max_steps:
             t0 = time.perf_counter()
-            microbatches = [_to_device(mb, dist.device) for mb in next(it)]
+            microbatches = [_to_device(mb, dist.device) for mb in next(batches)]
             data_s = time.perf_counter() - t0
             step += 1
-            result = runner.run(microbatches)
+            metrics = runner.run(microbatches).metrics
             step_s = time.perf_counter() - t0
-            tokens = sum(float(mb["token_mask"].sum()) for mb in microbatches)
-            nbytes = sum(float(mb["num_bytes"][mb["sample_mask"].bool()].sum()) for mb in microbatches)
-            tb = dist.all_reduce_sum(torch.tensor([tokens, nbytes], dtype=torch.float64, device=dist.device)).tolist()
-            m = {"step": step, **result.metrics, "time/data": data_s, "time/step": step_s,
-                 "tokens_per_s": tb[0] / step_s, "bytes_per_s": tb[1] / step_s, "world_size": dist.world_size}
+            m = {"step": step, **metrics, "time/data": data_s, "time/step": step_s,
+                 **_throughput(microbatches, step_s, dist), "world_size": dist.world_size}
             if step % cfg.log.every == 0 or step == cfg.max_steps:
                 log.write(m)
             progress.update(step, f"loss {m['loss']:.3f} {m['tokens_per_s']:.0f} tok/s")
             if eval_list and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
-                last_eval = {"step": step, **ev(step)}
-                log.write(last_eval)
+                ev(step)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
                 ckpt.save_checkpoint(out, step, model=model_parts, optimizer=optimizer, keep=cfg.checkpoint.keep,
                                      dist=dist, extra={
@@ -351,21 +385,24 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
                                          "scheduler": scheduler.state_dict(), "bad_in_a_row": runner.bad_in_a_row,
                                          "skipped_total": runner.skipped_total, "rng": _rng_state(),
                                          "record": record, "world_size": dist.world_size})
-                last_saved = step
     finally:
         progress.close()
-    del last_saved
-    if eval_list:
-        last_eval = {"step": step, **ev(step, first=first_eval is None)}
-        log.write(last_eval)
-    final = out / "final"
-    export_hf(student, final, tokenizer_source=sides.student.source,
+    last_eval = ev(step, first=first_eval is None) if eval_list else None
+    export_hf(student, out / "final", tokenizer_source=sides.student.source,
               used_ids=None if s_remap is None else s_remap.used_ids,
               full_vocab_size=None if s_remap is None else sides.student.vocab_size, dist=dist)
-    for name, lp in learned.items():
-        if dist.is_main:
+    if dist.is_main:
+        for name, lp in kd.learned.items():
             lp.save(out / f"projection-{name}", overwrite=True)
     return RunSummary(out, step, first_eval, last_eval, [t.name for t in cfg.teachers])
+
+
+def _throughput(microbatches: list[dict], seconds: float, dist) -> dict:
+    """Global tokens and text bytes per second of a step."""
+    tokens = sum(float(mb["token_mask"].sum()) for mb in microbatches)
+    nbytes = sum(float(mb["num_bytes"][mb["sample_mask"].bool()].sum()) for mb in microbatches)
+    t, b = dist.all_reduce_sum(torch.tensor([tokens, nbytes], dtype=torch.float64, device=dist.device)).tolist()
+    return {"tokens_per_s": t / seconds, "bytes_per_s": b / seconds}
 
 
 def summary_table(s: RunSummary) -> str:
@@ -383,4 +420,3 @@ def summary_table(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["train", "RunSummary", "summary_table", "pretrain_config", "DataConfig", "XTokenError"]

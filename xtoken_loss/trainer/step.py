@@ -30,7 +30,7 @@ from xtoken_loss import registry
 from xtoken_loss.losses.ce import ce_loss
 
 # metric pieces averaged over microbatches and ranks (the others are sums of normalised terms)
-AVERAGED = ("/weight", "/selected", "/projection_accuracy")
+AVERAGED = ("/weight", "/selected")
 
 
 class TrainingDiverged(XTokenError):
@@ -162,7 +162,7 @@ class StepRunner:
             loss = loss + self.kd_weight * kd
             pieces["kd"] = kd.detach()
             for j in range(len(self.teachers)):
-                for key in ("kd", "weight", "selected", "projection_accuracy"):
+                for key in ("kd", "weight", "selected"):
                     k = f"teacher_{j}/{key}"
                     if k in m:
                         pieces[k] = m[k].detach().double()
