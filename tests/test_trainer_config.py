@@ -111,6 +111,10 @@ CASES = [
     (["schedule.warmup_steps=500"], ["warmup_steps=500", "total_steps"]),
     (["student.tokenizer=/no/tok"], ["student.tokenizer", "/no/tok"]),
     (["optim.lr"], ["key=value"]),
+    (["student.model=/no/model"], ["student.model", "/no/model", "does not exist"]),
+    (["student.model=./data"], ["student.model", "no config.json"]),
+    (["loss.multi_teacher.mode=averaged_logits"], ["loss.multi_teacher", "cross-tokenizer", "qwen3"]),
+    (["data.microbatch_size=3"], ["data.microbatch_size=3", "does not divide"]),
 ]
 
 

@@ -101,8 +101,23 @@ def preflight(cfg: TrainConfig) -> Sides:
                 load_projection(p, student_fingerprint=student.fingerprint, teacher_fingerprint=info.fingerprint)
             except XTokenError as exc:
                 raise TrainConfigError(f"teachers.{i}.projection: {exc}") from None
+    _check_model_path("student.model", cfg.student.model)
+    for i, t in enumerate(cfg.teachers):
+        _check_model_path(f"teachers.{i}.model", t.model)
     check_run_dir(cfg)
     return Sides(student, teachers)
+
+
+def _check_model_path(key: str, model) -> None:
+    """A model given as a local path must be a directory with a config.json (a Hub name is checked
+    when it is loaded)."""
+    if not isinstance(model, str):
+        return
+    p = Path(model).expanduser()
+    looks_local = model.startswith(("/", ".", "~")) or p.exists()
+    if looks_local and not (p / "config.json").is_file():
+        what = "does not exist" if not p.exists() else "holds no config.json (not a Hugging Face model directory)"
+        raise TrainConfigError(f"{key}: {model} {what}")
 
 
 @contextmanager
