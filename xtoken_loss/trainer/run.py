@@ -42,7 +42,7 @@ from xtoken_loss.trainer.config import (
 from xtoken_loss.trainer.distributed import init_distributed
 from xtoken_loss.trainer.evaluate import evaluate
 from xtoken_loss.trainer.export import export_hf
-from xtoken_loss.trainer.metrics import MetricsLog, Progress
+from xtoken_loss.trainer.metrics import METRICS_FILE, MetricsLog, Progress, read_metrics
 from xtoken_loss.trainer.prepare import (
     RUN_MARKER,
     Sides,
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
         log.write({"step": step, **m})
         return m
 
-    first_eval = ev(0, first=True) if eval_list and start == 0 else None
+    first_eval = ev(0, first=True) if eval_list and start == 0 else _first_eval(out)
     progress = Progress(total=cfg.max_steps, start=start, enabled=dist.is_main and cfg.log.progress, label=label)
     step = start
     try:
@@ -395,6 +395,13 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
         for name, lp in kd.learned.items():
             lp.save(out / f"projection-{name}", overwrite=True)
     return RunSummary(out, step, first_eval, last_eval, [t.name for t in cfg.teachers])
+
+
+def _first_eval(out: Path) -> dict | None:
+    """The step-0 evaluation a resumed run wrote when it started (for the summary), if any."""
+    if not (out / METRICS_FILE).exists():
+        return None
+    return next((r for r in read_metrics(out) if r.get("step") == 0 and "eval/bpb" in r), None)
 
 
 def _throughput(microbatches: list[dict], seconds: float, dist) -> dict:
