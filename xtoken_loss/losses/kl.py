@@ -249,7 +249,7 @@ def _log_softmax_into(z, T, out, bufs):
         x = bufs.x(z.shape[0])[:, : z.shape[1]]
         torch.div(z, T, out=x) if T != 1.0 else x.copy_(z)
         z = x
-    return torch._log_softmax(z, 1, False, out=out)
+    return torch.log_softmax(z, 1, out=out)
 
 
 def _fast_rows(z, zt, g, bufs, T, direction, scale, want_grad):
