@@ -98,8 +98,20 @@ class PrecomputedGrad(torch.autograd.Function):
 
 
 def attach_grad(logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """`loss` carrying the precomputed `grad` (the logits' shape) for the backward.
+
+    A reshaped view of a whole buffer (the losses fill `[B * T, V]` views) is replaced by the
+    buffer itself: autograd adds a second gradient for the same logits (several losses on one
+    student) into a first one in place only when that first one is no view, else it allocates and
+    writes a new logits-sized tensor."""
     if grad is None:
         return loss
+    base = grad._base
+    if (base is not None and base.shape == logits.shape and base.is_contiguous() and grad.is_contiguous()
+            and base.data_ptr() == grad.data_ptr() and base.dtype == grad.dtype):
+        grad = base
+    elif grad.shape != logits.shape:
+        grad = grad.view(logits.shape)
     return PrecomputedGrad.apply(logits, loss, grad)
 
 

@@ -119,31 +119,30 @@ def kl_loss(
     zt = t_main.reshape(B * L, t_main.shape[2])
     idx = t_idx.reshape(B * L, -1) if t_idx is not None else None
     want_grad = needs_grad(student_logits)
-    grad = torch.zeros_like(student_logits).view(B * L, V) if want_grad else None
+    # full logits write every row of the gradient (padding rows with 0); top-k rows add into zeros
+    alloc = torch.empty_like if form == "logits" else torch.zeros_like
+    grad = alloc(student_logits).view(B * L, V) if want_grad else None
     direct = want_grad and grad.dtype == cdt  # write p straight into the gradient buffer
     n = rows_per_chunk(position_chunk_size, V)
-    buf = None if direct or form == "logits" else torch.empty(min(n, B * L), V, dtype=cdt, device=dev)
-    total = torch.zeros((), dtype=cdt, device=dev)
     scale = T / norm
-    with torch.no_grad():
-        for r0 in range(0, B * L, n):
-            r1 = min(r0 + n, B * L)
-            w = valid[r0:r1]
-            out = grad[r0:r1] if direct else None
-            if form == "logits":
-                p, lse_s = softmax_rows(zs[r0:r1], T, out=out)
-                loss_row, coef, row_bad = _full_rows(zs[r0:r1], zt[r0:r1], p, lse_s, T, direction, V)
-            else:
-                out = out if out is not None else buf[: r1 - r0]
+    if form == "logits":
+        total, bad = _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad)
+    else:
+        total = torch.zeros((), dtype=cdt, device=dev)
+        buf = None if direct else torch.empty(min(n, B * L), V, dtype=cdt, device=dev)
+        with torch.no_grad():
+            for r0 in range(0, B * L, n):
+                r1 = min(r0 + n, B * L)
+                w = valid[r0:r1]
+                out = grad[r0:r1] if direct else buf[: r1 - r0]
                 loss_row, coef, row_bad = _topk_rows(zs[r0:r1], zt[r0:r1], idx[r0:r1], T, direction, tail, out)
-                p = out
-            bad = _or(bad, (w & row_bad).any())
-            total += torch.where(w, loss_row, torch.zeros_like(loss_row)).sum()
-            if want_grad:
-                coef(p, scale)  # p becomes the gradient rows
-                p.masked_fill_(~w[:, None], 0.0)  # padding: exactly 0, whatever its logits hold
-                if not direct:
-                    grad[r0:r1] = p
+                bad = _or(bad, (w & row_bad).any())
+                total += torch.where(w, loss_row, torch.zeros_like(loss_row)).sum()
+                if want_grad:
+                    coef(out, scale)  # out becomes the gradient rows
+                    out.masked_fill_(~w[:, None], 0.0)  # padding: exactly 0, whatever its logits hold
+                    if not direct:
+                        grad[r0:r1] = out
     total = poison(total, bad)
     loss = total * (T * T) / norm
     metrics = {"kl": (total / num_units.to(cdt).clamp_min(1)).detach()}
@@ -167,8 +166,141 @@ def _check_topk_indices(idx: torch.Tensor, valid: torch.Tensor, V: int):
     return None
 
 
+def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad):
+    """Full teacher logits: the summed loss over the valid rows of `zs [N, V]` / `zt [N, V_t]`, the
+    gradient rows written into `grad [N, V]` (None: no gradient), and the bad-input flag.
+
+    Each chunk runs a few in-place passes over reusable buffers (`_fast_rows`): log-softmax of both
+    sides, then the KL as a row dot product. A row whose fast loss is NaN (a NaN / +inf / all -inf
+    input; in the reverse direction also 0 * inf, a student probability 0 against a teacher -inf
+    logit) is computed again, with its gradient, by the guarded form `_full_rows` (0 for such
+    entries, NaN for bad inputs), after the loop: one device sync, and more work only when some
+    valid row needs it."""
+    N, V = zs.shape
+    cdt = compute_dtype(zs.dtype)
+    dev = zs.device
+    if zt.shape[1] < V and direction == "reverse":  # the student's mass on padded columns: +inf KL
+        zt = torch.nn.functional.pad(zt, (0, V - zt.shape[1]), value=float("-inf"))
+    Vt = zt.shape[1]
+    m = min(n, N)
+    bufs = _Buffers(m, V, Vt, cdt, dev)
+    g_buf = None if direct or grad is None else torch.empty(m, V, dtype=cdt, device=dev)
+    rows_loss = torch.zeros(N, dtype=cdt, device=dev)
+    on_cpu = dev.type == "cpu"
+    with torch.no_grad():
+        for r0 in range(0, N, n):
+            r1 = min(r0 + n, N)
+            w = valid[r0:r1]
+            if on_cpu and not bool(w.any()):  # all padding: nothing to compute (no sync on the CPU)
+                if grad is not None:
+                    grad[r0:r1] = 0.0
+                continue
+            g = grad[r0:r1] if direct else (g_buf[: r1 - r0] if grad is not None else bufs.g(r1 - r0))
+            rows_loss[r0:r1] = _fast_rows(zs[r0:r1], zt[r0:r1], g, bufs, T, direction, scale, grad is not None)
+            if grad is not None:
+                if on_cpu:
+                    if not bool(w.all()):
+                        g[~w] = 0.0  # padding: exactly 0, whatever its logits hold
+                else:
+                    g.masked_fill_(~w[:, None], 0.0)
+                if not direct:
+                    grad[r0:r1] = g
+        fix = valid & torch.isnan(rows_loss)
+        if bool(fix.any()):
+            rows = fix.nonzero().squeeze(1)
+            for k0 in range(0, rows.numel(), n):
+                r = rows[k0:k0 + n]
+                z, t = zs[r], zt[r]
+                p, lse_s = softmax_rows(z, T)
+                loss_row, coef, row_bad = _full_rows(z, t, p, lse_s, T, direction, V)
+                rows_loss[r] = loss_row
+                bad = _or(bad, row_bad.any())
+                if grad is not None:
+                    coef(p, scale)
+                    grad[r] = p.to(grad.dtype)
+    total = torch.where(valid, rows_loss, torch.zeros_like(rows_loss)).sum()
+    return total, bad
+
+
+class _Buffers:
+    """Per-call `[n, V]` work buffers of `_fast_rows`, allocated once and reused by every chunk
+    (fresh large allocations per chunk cost page faults on the CPU)."""
+
+    def __init__(self, n, V, Vt, cdt, dev):
+        self.shape, self.cdt, self.dev = (n, V), cdt, dev
+        self.a = torch.empty(n, Vt, dtype=cdt, device=dev)  # teacher log-probabilities, then differences
+        self.p = torch.empty(n, Vt, dtype=cdt, device=dev)  # teacher probabilities / products
+        self._x = self._g = None
+
+    def x(self, rows):  # scaled or converted inputs (temperature != 1, low-precision logits)
+        if self._x is None:
+            self._x = torch.empty(self.shape, dtype=self.cdt, device=self.dev)
+        return self._x[:rows]
+
+    def g(self, rows):  # the student rows when no gradient is wanted
+        if self._g is None:
+            self._g = torch.empty(self.shape, dtype=self.cdt, device=self.dev)
+        return self._g[:rows]
+
+
+def _log_softmax_into(z, T, out, bufs):
+    """`out = log_softmax(z / T)` row-wise in `out`'s dtype (a NaN row for NaN, +inf or all -inf input)."""
+    if T != 1.0 or z.dtype != out.dtype:
+        x = bufs.x(z.shape[0])[:, : z.shape[1]]
+        torch.div(z, T, out=x) if T != 1.0 else x.copy_(z)
+        z = x
+    return torch.log_softmax(z, 1, out=out)
+
+
+def _fast_rows(z, zt, g, bufs, T, direction, scale, want_grad):
+    """One chunk of full-logits KL rows: returns the loss rows `[n]` (KL, without T^2) and, with
+    `want_grad`, writes the gradient rows `scale * d KL / d (z / T)` into `g [n, V]`. NaN rows are
+    redone by `_full_rows` (see `_full_logits`).
+
+    The fused log-softmax sums its exponentials in one running sum per row, off by up to ~1e-5
+    relative at a 128k width; the row sums of the exponentiated results (`s_q`, `s_p`, summed
+    pairwise) are that error, and the formulas below divide it out: with `log q' = log q + log s_q`,
+    `KL = sum p' (log p' - log q') / s_p - log s_p + log s_q`."""
+    rows, Vt = zt.shape
+    a, pbuf = bufs.a[:rows], bufs.p[:rows]
+    _log_softmax_into(z, T, g, bufs)  # g = log q' (student)
+    _log_softmax_into(zt, T, a, bufs)  # a = log p' (teacher)
+    gs = g[:, :Vt]  # a narrower teacher's missing columns have p = 0: no loss, gradient q
+    if direction == "forward":
+        # an entry p * (log p - log q) is NaN only as 0 * inf or 0 * NaN (p = 0 against a -inf
+        # log-probability on either side), whose true contribution is 0, so the row sum skips NaN;
+        # a NaN / +inf / all -inf input row is all NaN after the log-softmax, caught by its first entry
+        broken = torch.isnan(a[:, 0] + gs[:, 0])
+        torch.exp(a, out=pbuf)  # p'
+        s_p = pbuf.sum(dim=1)
+        a.sub_(gs)  # log p' - log q'
+        dot = a.mul_(pbuf).nansum(dim=1)
+        g.exp_()  # q'
+        s_q = g.sum(dim=1)
+        loss_row = dot / s_p - torch.log(s_p) + torch.log(s_q)
+        loss_row = torch.where(broken, torch.full_like(loss_row, float("nan")), loss_row)
+        if want_grad:  # scale (q - p) = q' scale / s_q - p' scale / s_p
+            g.mul_((scale / s_q)[:, None])
+            gs.addcmul_(pbuf, (scale / s_p)[:, None], value=-1.0)
+        return loss_row
+    # reverse: KL(q || p) = sum q (log q - log p) = sum q' (log q' - log p') / s_q - log s_q + log s_p;
+    # gradient q (log q - log p - KL) = q' / s_q (log q' - log p' - k), k = KL + log s_q - log s_p
+    s_p = torch.exp(a, out=pbuf).sum(dim=1)
+    torch.sub(gs, a, out=a)  # log q' - log p'
+    g.exp_()  # q'
+    s_q = g.sum(dim=1)
+    k = torch.mul(g, a, out=pbuf).sum(dim=1) / s_q
+    loss_row = k - torch.log(s_q) + torch.log(s_p)
+    if want_grad:
+        a.sub_(k[:, None])
+        g.mul_(a).mul_((scale / s_q)[:, None])
+    return loss_row
+
+
 def _full_rows(z, zt, p, lse_s, T, direction, V):
-    """Loss rows, the in-place gradient step and the rows' non-finite flags for full teacher logits."""
+    """Loss rows, the in-place gradient step and the rows' non-finite flags for full teacher logits,
+    guarded entry by entry (a probability 0 contributes exactly 0): the form `_full_logits` falls
+    back to for the rows its fast form leaves NaN."""
     if zt.shape[1] < V:
         zt = torch.nn.functional.pad(zt, (0, V - zt.shape[1]), value=float("-inf"))
     pt, lse_t = softmax_rows(zt, T)
