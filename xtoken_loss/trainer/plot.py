@@ -20,6 +20,17 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def _teacher_names(run: Path) -> dict[int, str]:
+    """Teacher index -> name, from the run's resolved config (empty if unreadable)."""
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        return {i: str(t.get("name", i)) for i, t in enumerate(cfg.get("teachers") or [])}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def plot_run(run_dir, out=None) -> Path:
     """Write the PNG (default `RUN_DIR/curves.png`) and return its path."""
     run = Path(run_dir)
@@ -33,6 +44,7 @@ def plot_run(run_dir, out=None) -> Path:
     except ImportError:
         raise DataFileError("plotting needs matplotlib: pip install 'xtoken[plot]'") from None
     records = read_metrics(run)
+    names = _teacher_names(run)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/bpb" in r]
     keys = sorted({k for r in train for k in r})
@@ -50,12 +62,14 @@ def plot_run(run_dir, out=None) -> Path:
         xs, ys = _series(evals, key)
         if ys:
             ax.axhline(ys[0], linestyle="--", color="gray")
-            ax.annotate(key.split("/")[1], (0, ys[0]))
+            j = int(key.split("/")[1].removeprefix("teacher_"))
+            ax.annotate(f"teacher {names.get(j, j)}", (0, ys[0]))
     ax.set(title="held-out bits per byte", xlabel="step")
     ax.legend()
     ax = axes[2]
     for key in w_keys:
-        ax.plot(*_series(train, key), label=key)
+        j = int(key.split("/")[0].removeprefix("teacher_"))
+        ax.plot(*_series(train, key), label=str(names.get(j, key)))
     ax.set(title="teacher weights", xlabel="step")
     if w_keys:
         ax.legend()
