@@ -291,7 +291,7 @@ class TrainConfig(_Base):
         for i, t in enumerate(teachers):
             if not isinstance(t, Mapping):
                 raise TrainConfigError(f"teachers.{i} must be a mapping, got {type(t).__name__}")
-            built.append(_at(f"teachers.{i}", TeacherConfig.from_dict, t))
+            built.append(at_key(f"teachers.{i}", lambda: TeacherConfig.from_dict(t)))
         data["teachers"] = tuple(built)
         for name in ("student", "data", "loss", "optim", "schedule", "parallel", "checkpoint", "eval", "log"):
             if name in data:
@@ -299,7 +299,7 @@ class TrainConfig(_Base):
                 if not isinstance(value, Mapping):
                     raise TrainConfigError(f"{name} must be a mapping, got {value!r}")
                 sub = typing.get_type_hints(cls)[name]
-                data[name] = _at(name, _sub_from_dict(sub), value)
+                data[name] = at_key(name, lambda: _sub_from_dict(sub)(value))
         for name in ("student", "data", "schedule"):
             if name not in data:
                 raise TrainConfigError(f"{name} is missing: the config must have a `{name}:` section")
@@ -310,15 +310,16 @@ def _sub_from_dict(cls):
     def build(value):
         value = dict(value)
         if cls is LossConfig and isinstance(value.get("multi_teacher"), Mapping):
-            value["multi_teacher"] = _at("multi_teacher", MultiTeacherConfig.from_dict, value["multi_teacher"])
+            mt = value["multi_teacher"]
+            value["multi_teacher"] = at_key("multi_teacher", lambda: MultiTeacherConfig.from_dict(mt))
         return cls.from_dict(value)
     return build
 
 
-def _at(where: str, fn, value):
-    """`fn(value)`, with a config error's message prefixed by the key path."""
+def at_key(where: str, fn):
+    """`fn()`, with a config error's message prefixed by the config key it concerns."""
     try:
-        return fn(value)
+        return fn()
     except ConfigError as exc:
         raise TrainConfigError(f"{where}: {exc}") from None
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xtoken_core.errors import ConfigError
 from xtoken_loss.losses.learned_pkl import LearnedProjection, learned_pkl_loss
 from xtoken_loss.multi_teacher.aggregate import MultiTeacherLoss
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
@@ -35,6 +34,7 @@ from xtoken_loss.trainer.config import (
     StudentConfig,
     TrainConfig,
     TrainConfigError,
+    at_key,
     read_yaml,
     resume_changes,
     to_yaml,
@@ -50,12 +50,11 @@ from xtoken_loss.trainer.prepare import (
     cache_lock,
     cache_root,
     config_key,
-    file_digest,
     preflight,
 )
 from xtoken_loss.trainer.schedule import build_scheduler
 from xtoken_loss.trainer.step import StepRunner, TeacherRuntime
-from xtoken_loss.trainer.vocab_remap import build_remap, remap_projection
+from xtoken_loss.trainer.vocab_remap import build_remap, file_sha256, remap_projection
 
 
 @dataclass
@@ -78,7 +77,7 @@ def pretrain_config(cfg: TrainConfig, i: int) -> TrainConfig:
     p = t.pretrain
     key_src = {
         "model": t.model, "tokenizer": t.tokenizer, "pretrain": p.to_dict(),
-        "train": file_digest(cfg.data.train), "eval": file_digest(cfg.data.eval) if cfg.data.eval else None,
+        "train": file_sha256(cfg.data.train), "eval": file_sha256(cfg.data.eval) if cfg.data.eval else None,
         "max_length": cfg.data.max_length, "train_on": cfg.data.train_on, "restrict": cfg.student.restrict_vocab,
     }
     out = cache_root() / "teachers" / f"{t.name}-{config_key(key_src)}"
@@ -158,14 +157,6 @@ def _learned_loss_fn(lp):
     def fn(s, o, b, *, normalizer=None, teacher_index=0, projection=None, **opts):
         return learned_pkl_loss(s, o, b, projection=lp, normalizer=normalizer, teacher_index=teacher_index, **opts)
     return fn
-
-
-def _at(where: str, fn):
-    """`fn()`, with a config error's message prefixed by the config key it concerns."""
-    try:
-        return fn()
-    except ConfigError as exc:
-        raise TrainConfigError(f"{where}: {exc}") from None
 
 
 def _rng_state() -> dict:
@@ -261,13 +252,13 @@ def _build_kd_loss(cfg: TrainConfig, sides: Sides, remaps: dict, dist) -> KDPart
         if t.projection_trainable:
             learned[t.name] = LearnedProjection(projection).to(dist.device)
             spec_kwargs["loss_fn"] = _learned_loss_fn(learned[t.name])
-        specs.append(_at(f"teachers.{i}", lambda: TeacherSpec(**spec_kwargs)))
+        specs.append(at_key(f"teachers.{i}", lambda: TeacherSpec(**spec_kwargs)))
     s_fp = s_remap.fingerprint if s_remap is not None else sides.student.fingerprint
     if not specs:
         return KDParts(None, None, learned, record)
     mt = cfg.loss.multi_teacher
     # projection accuracy costs a pass over every chunk start: measured on held-out batches only
-    loss = _at("loss.multi_teacher", lambda: MultiTeacherLoss(
+    loss = at_key("loss.multi_teacher", lambda: MultiTeacherLoss(
         specs, dataclasses.replace(mt, projection_accuracy=False), student_fingerprint=s_fp))
     eval_loss = MultiTeacherLoss(specs, mt, student_fingerprint=s_fp) if mt.projection_accuracy else loss
     return KDParts(loss, eval_loss, learned, record)

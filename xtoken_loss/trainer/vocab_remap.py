@@ -161,7 +161,8 @@ class VocabRemap:
         return cls(used, int(meta["vocab_size"]), str(meta["base_fingerprint"]), meta.get("name"))
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a data file's bytes (cache keys); a file that cannot be read raises naming it."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
@@ -176,7 +177,7 @@ def _file_sha256(path: Path) -> str:
 def remap_cache_key(tokenizer, files, *, add_special_tokens: bool = True, max_chars: int | None = None) -> str:
     """sha256 hex over the tokenizer fingerprint, the files' contents (sha256, as a set) and the options."""
     key = {"version": _CACHE_VERSION, "tokenizer": tokenizer.fingerprint,
-           "files": sorted(_file_sha256(Path(f)) for f in files),
+           "files": sorted(file_sha256(f) for f in files),
            "add_special_tokens": bool(add_special_tokens), "max_chars": max_chars}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
