@@ -40,17 +40,9 @@ class MetricsLog:
             self._truncate_after(start_step)
 
     def _truncate_after(self, step: int) -> None:
-        kept = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if step > 0 and int(rec.get("step", 0)) <= step:
-                    kept.append(json.dumps(rec))
+        kept = [rec for rec in read_metrics(self.path.parent) if step > 0 and int(rec.get("step", 0)) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
