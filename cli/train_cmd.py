@@ -35,6 +35,9 @@ def train_cli():
 @click.argument("overrides", nargs=-1)
 def train_command(configs, overrides):
     """Train (the default command): xtoken-train --config FILE.yaml [key=value ...]."""
+    from xtoken_loss.trainer.distributed import use_cpu_huge_pages
+
+    use_cpu_huge_pages()  # before anything large is allocated (see its docstring)
     from xtoken_loss.trainer.config import load_config
 
     cfg = load_config(list(configs), list(overrides))

@@ -86,6 +86,19 @@ def _env_int(name: str) -> int:
         raise ConfigError(f"environment variable {name}: expected an integer, found {value!r}") from None
 
 
+def use_cpu_huge_pages() -> None:
+    """Let PyTorch's CPU allocator back large tensors with transparent huge pages
+    (`THP_MEM_ALLOC_ENABLE=1`) unless the environment already sets the variable.
+
+    Why: a fresh logits-sized CPU tensor (2 x 512 x 128,256 float32, 525 MB) costs ~0.15 s of page
+    faults when first written; with huge pages ~0.03 s. Measured with benchmarks/bench_trainer.py on
+    2 cores: a CE-only step 6.9 s -> 5.4 s, a KD step 11.5 s -> 9.0 s. PyTorch reads the variable at
+    the process's first large allocation, so this runs before any model is built (the CLI calls it
+    first thing; `train` again, which helps where nothing large was allocated yet). No effect on
+    GPU memory."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Join (or create) the default process group and return this process's `Dist`."""
     if torch_dist.is_initialized():

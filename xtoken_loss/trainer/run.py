@@ -39,7 +39,7 @@ from xtoken_loss.trainer.config import (
     resume_changes,
     to_yaml,
 )
-from xtoken_loss.trainer.distributed import init_distributed
+from xtoken_loss.trainer.distributed import init_distributed, use_cpu_huge_pages
 from xtoken_loss.trainer.evaluate import evaluate
 from xtoken_loss.trainer.export import export_hf
 from xtoken_loss.trainer.metrics import METRICS_FILE, MetricsLog, Progress, read_metrics
@@ -277,6 +277,7 @@ def _build_optimizer(cfg: TrainConfig, student, extra_params):
 
 def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     """Run `cfg` (module doc). Collective under torchrun: every rank calls it."""
+    use_cpu_huge_pages()
     sides: Sides = preflight(cfg)
     if dist is None:
         dist = init_distributed(cfg.parallel.device)
