@@ -92,17 +92,19 @@ class CachedTeacher:
 
 def remap_topk(idx: torch.Tensor, lp: torch.Tensor, rest: torch.Tensor, remap):
     """Real ids -> the remap's compact ids; ids it lacks fold into `rest` (module doc)."""
-    table = torch.from_numpy(np.asarray(remap._compact))
-    valid = idx >= 0
-    inside = valid & (idx < table.numel())
-    compact = torch.where(inside, table[torch.where(inside, idx, 0)], torch.full_like(idx, -1))
+    table = np.asarray(remap._compact)
+    real = idx.numpy()
+    valid = real >= 0
+    inside = valid & (real < table.size)
+    compact = np.where(inside, table[np.where(inside, real, 0)], -1)
     missing = valid & (compact < 0)
-    if bool(missing.any()):
-        rows = missing.any(dim=-1)
-        extra = torch.logsumexp(torch.where(missing, lp.float(), torch.full_like(rest[..., None], float("-inf"))), -1)
+    if missing.any():
+        miss = torch.from_numpy(missing)
+        rows = miss.any(dim=-1)
+        extra = torch.logsumexp(lp.float().masked_fill(~miss, float("-inf")), -1)
         rest = torch.where(rows, torch.logaddexp(rest, extra), rest)
-        lp = torch.where(missing, torch.zeros_like(lp), lp)
-    return torch.where(valid, compact, idx), lp, rest
+        lp = lp.masked_fill(miss, 0)
+    return torch.from_numpy(np.where(valid, compact, real)), lp, rest
 
 
 def collate_cached(student, teachers: list, config, samples: list, caches: list) -> dict[str, torch.Tensor]:
