@@ -124,6 +124,9 @@ def collate_cached(student, teachers: list, config, samples: list, caches: list)
             raise ConfigError(f"teachers.{i}.cache: {c.path} was built for tokenizer "
                               f"{c.cache.info['tokenizer'].get('name')!r} ({c.cache.tokenizer_fingerprint[:19]}...), "
                               f"but teacher {i}'s tokenizer is {tok.name!r} ({tok.fingerprint[:19]}...)")
+        if c.remap is not None and c.remap.base_fingerprint != tok.fingerprint:
+            raise ConfigError(f"teachers.{i}.cache: the remap given for {c.path} is of another tokenizer "
+                              f"({c.remap.base_fingerprint[:19]}...), not teacher {i}'s {tok.name!r}")
         docs[i] = c.documents(samples)
         given.setdefault(tok.fingerprint, [d.token_ids for d in docs[i]])
         p = c.cache.positions_budget

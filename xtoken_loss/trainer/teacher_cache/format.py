@@ -188,17 +188,20 @@ _REQUIRED = ("format", "schema_version", "teacher", "tokenizer", "top_k", "dtype
 
 class TeacherCache:
     """A complete cache, opened read-only (`open_cache`). Shards are opened on first use (memory
-    mapped by safetensors); pickling drops the open handles, so it can travel to DataLoader workers."""
+    mapped by safetensors; at most `MAX_OPEN` at a time); pickling drops the open handles, so it can
+    travel to DataLoader workers. The hash lookup keeps 16 bytes per document (a sorted array of
+    64-bit hash prefixes and their documents), confirmed against the full hash in the shard."""
+
+    MAX_OPEN = 64
 
     def __init__(self, path: Path, info: dict):
         self.path = Path(path)
         self.info = info
         self._handles: dict = {}
-        self._offsets: dict = {}
-        self._lookup: dict[str, tuple[str, int]] | None = None
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None
 
     def __getstate__(self):
-        return {"path": self.path, "info": self.info, "_handles": {}, "_offsets": {}, "_lookup": None}
+        return {"path": self.path, "info": self.info, "_handles": {}, "_lookup": None}
 
     # ---- settings
     @property
@@ -233,19 +236,24 @@ class TeacherCache:
 
     # ---- shards
     def _shard(self, split: str, shard: int):
+        """`(handle, (doc_token_offsets, doc_position_offsets))` of a shard, opened on first use (the
+        least recently used one is closed beyond `MAX_OPEN`)."""
         key = (split, shard)
-        if key not in self._handles:
-            from safetensors import safe_open
+        if key in self._handles:
+            self._handles[key] = self._handles.pop(key)  # most recently used last
+            return self._handles[key]
+        from safetensors import safe_open
 
-            path = self.path / shard_name(split, shard)
-            try:
-                self._handles[key] = safe_open(str(path), framework="pt")
-            except Exception as exc:
-                raise DataFileError(f"{path}: cannot open the cache shard ({exc})") from None
-            h = self._handles[key]
-            self._offsets[key] = (h.get_tensor("doc_token_offsets").numpy(),
-                                  h.get_tensor("doc_position_offsets").numpy())
-        return self._handles[key], self._offsets[key]
+        path = self.path / shard_name(split, shard)
+        try:
+            h = safe_open(str(path), framework="pt")
+            entry = (h, (h.get_tensor("doc_token_offsets").numpy(), h.get_tensor("doc_position_offsets").numpy()))
+        except Exception as exc:  # safetensors raises its own error types
+            raise DataFileError(f"{path}: cannot read the cache shard ({type(exc).__name__}: {exc})") from None
+        if len(self._handles) >= self.MAX_OPEN:
+            self._handles.pop(next(iter(self._handles)))
+        self._handles[key] = entry
+        return entry
 
     def _locate(self, split: str, doc: int) -> tuple[int, int]:
         s = self._split(split)
@@ -254,24 +262,48 @@ class TeacherCache:
                                 f"no document {doc}")
         return divmod(int(doc), int(s["shard_docs"]))
 
+    def _shard_hashes(self, split: str, shard: int) -> np.ndarray:
+        """`[n, 32]` uint8: the hashes of a shard's documents (read without keeping the shard open)."""
+        from safetensors import safe_open
+
+        path = self.path / shard_name(split, shard)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor("doc_sha256").numpy()
+        except Exception as exc:
+            raise DataFileError(f"{path}: cannot read the cache shard ({type(exc).__name__}: {exc})") from None
+
     def doc_hashes(self, split: str) -> list[str]:
         """Hex sha256 of every document of `split`, in order."""
-        out = []
-        for shard in range(len(self._split(split)["shards"])):
-            h, _ = self._shard(split, shard)
-            out.extend(bytes(row).hex() for row in h.get_tensor("doc_sha256").numpy())
-        return out
+        return [bytes(row).hex() for shard in range(len(self._split(split)["shards"]))
+                for row in self._shard_hashes(split, shard)]
 
     def lookup(self, sha: str) -> tuple[str, int] | None:
-        """`(split, document index)` of the document with this hash (the first one: equal documents
-        have equal outputs), or None."""
+        """`(split, document index)` of the document with this hex sha256 (the first one, in split
+        order then file order: equal documents have equal outputs), or None."""
         if self._lookup is None:
-            table: dict[str, tuple[str, int]] = {}
-            for split in self.splits:
-                for d, h in enumerate(self.doc_hashes(split)):
-                    table.setdefault(h, (split, d))
-            self._lookup = table
-        return self._lookup.get(sha)
+            prefixes, refs = [], []
+            for si, split in enumerate(self.splits):
+                for shard in range(len(self._split(split)["shards"])):
+                    h = self._shard_hashes(split, shard)
+                    prefixes.append(np.ascontiguousarray(h[:, :8]).view(">u8").reshape(-1))
+                    first = shard * int(self._split(split)["shard_docs"])
+                    refs.append(np.stack([np.full(len(h), si), first + np.arange(len(h))], axis=1))
+            keys = np.concatenate(prefixes) if prefixes else np.zeros(0, ">u8")
+            refs_all = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
+            order = np.argsort(keys, kind="stable")
+            self._lookup = (keys[order].astype(np.uint64), refs_all[order].astype(np.int64))
+        keys, refs = self._lookup
+        key = np.uint64(int(sha[:16], 16))
+        for pos in range(int(np.searchsorted(keys, key)), len(keys)):
+            if keys[pos] != key:
+                break
+            split, doc = self.splits[int(refs[pos, 0])], int(refs[pos, 1])
+            shard, local = self._locate(split, doc)
+            h, _ = self._shard(split, shard)
+            if bytes(h.get_slice("doc_sha256")[local:local + 1].numpy()[0]).hex() == sha:
+                return split, doc
+        return None
 
     def document(self, split: str, doc: int) -> CachedDocument:
         """The cached tokens and outputs of document `doc` of `split` (random access)."""
