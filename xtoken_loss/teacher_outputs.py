@@ -36,6 +36,9 @@ class TeacherOutputs:
     topk_logprobs: torch.Tensor | None = None  # [B, T_t, k]
     topk_indices: torch.Tensor | None = None  # [B, T_t, k], -1 = empty slot
     target_logprob: torch.Tensor | None = None  # [B, T_t]
+    # [B, T_t] log of the mass outside the listed ids (-inf: none left). Minimal field added on the
+    # cache branch so `teacher_cache.topk_outputs` can return it; helper "topk" owns its checks.
+    rest_logprob: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_fields(self.logits, self.topk_logprobs, self.topk_indices, self.target_logprob, "TeacherOutputs")

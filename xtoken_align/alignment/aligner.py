@@ -142,10 +142,9 @@ def _char_to_byte(text: str) -> np.ndarray:
     return out
 
 
-def _with_added(encoded, add_pre: np.ndarray, add_suf: np.ndarray, prefix: tuple, suffix: tuple):
+def _with_added(id_lists, add_pre: np.ndarray, add_suf: np.ndarray, prefix: tuple, suffix: tuple):
     """Flat ids with the post-processor's prefix ids added to the samples flagged in `add_pre` and
     its suffix ids to those flagged in `add_suf`: (ids [N], offsets [B + 1], n_pre [B], n_suf [B])."""
-    id_lists = [e.ids for e in encoded]
     n_pre = np.where(add_pre, len(prefix), 0).astype(np.int64)
     n_suf = np.where(add_suf, len(suffix), 0).astype(np.int64)
     lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists)) + n_pre + n_suf
@@ -164,11 +163,14 @@ def _place_nfc_sample(info, tables, b, text_str, ids, offsets, n_pre, n_suf, sta
 
 
 def _place_by_offsets(info, tables, b, enc, text_str, n_bytes, ids, offsets, n_pre, n_suf, text,
-                      text_off, byte_starts, starts, ends, faithful) -> None:
+                      text_off, byte_starts, starts, ends, faithful, given=False) -> None:
     """Fallback placement of sample b from the tokenizer's character offsets (`enc`)."""
     lo = int(offsets[b] + n_pre[b])
     hi = int(offsets[b + 1] - n_suf[b])
     if enc.ids != ids[lo:hi].tolist():
+        if given:
+            raise AlignmentError(f"{info.name}: the given ids of sample {b} are not this tokenizer's tokenization "
+                                 "of its text (a teacher cache built from other data or another tokenizer?)")
         raise AlignmentError(f"{info.name}: tokenizing sample {b} twice gave different ids")
     c2b = _char_to_byte(text_str)
     char_starts = np.asarray(enc.offsets, np.int64).reshape(-1, 2)[:, 0]
@@ -199,21 +201,29 @@ def encode_side(info: TokenizerInfo, texts: list[str], *, add_special_tokens=Tru
     return side, raw
 
 
-def encode_parts(info: TokenizerInfo, texts: list[str], *, add_prefix, add_suffix, force_offsets=False
-                 ) -> tuple[SideBatch, list[bytes], np.ndarray]:
+def encode_parts(info: TokenizerInfo, texts: list[str], *, add_prefix, add_suffix, force_offsets=False,
+                 given_ids: list | None = None) -> tuple[SideBatch, list[bytes], np.ndarray]:
     """`encode_side` with the prefix (BOS) and suffix (EOS) tokens chosen separately (bools, or one
     per text; never added to an empty text), as the windows of a longer text need
     (`alignment.windows`). `force_offsets` (per text) places those texts from the tokenizer's
     offsets even where the tokens spell the text, as the whole text is placed when any part of it
-    needs that fallback. Also returns `[B] bool`: the texts placed from the offsets."""
+    needs that fallback. `given_ids` (one id sequence per text, without the prefix/suffix tokens):
+    place these ids instead of tokenizing (`encode_ids`); a text they do not spell is re-encoded
+    for the tokenizer's offsets, and ids that differ from that encoding raise. Also returns
+    `[B] bool`: the texts placed from the offsets."""
     tables = side_tables(info)
     raw = _utf8(texts)
-    encoded = info.backend.encode_batch_fast(texts, add_special_tokens=False)
+    if given_ids is None:
+        id_lists = [e.ids for e in info.backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        if len(given_ids) != len(texts):
+            raise AlignmentError(f"{info.name}: {len(given_ids)} id sequences given for {len(texts)} texts")
+        id_lists = [np.asarray(x, np.int64).tolist() for x in given_ids]
     nonempty = np.array([len(r) > 0 for r in raw], bool)
     add_pre = np.broadcast_to(np.asarray(add_prefix, bool), (len(texts),)) & nonempty
     add_suf = np.broadcast_to(np.asarray(add_suffix, bool), (len(texts),)) & nonempty
     force = np.broadcast_to(np.asarray(force_offsets, bool), (len(texts),))
-    ids, offsets, n_pre, n_suf = _with_added(encoded, add_pre, add_suf, tables.prefix_ids, tables.suffix_ids)
+    ids, offsets, n_pre, n_suf = _with_added(id_lists, add_pre, add_suf, tables.prefix_ids, tables.suffix_ids)
     text = np.frombuffer(b"".join(raw), np.uint8)
     text_off = np.zeros(len(raw) + 1, np.int64)
     np.cumsum([len(r) for r in raw], out=text_off[1:])
@@ -222,7 +232,7 @@ def encode_parts(info: TokenizerInfo, texts: list[str], *, add_prefix, add_suffi
     ends = np.empty(n, np.int64)
     faithful = np.empty(n, np.bool_)
     ok = np.empty(len(texts), np.bool_)
-    if n and int(ids.max()) >= info.vocab_size:
+    if n and (int(ids.max()) >= info.vocab_size or int(ids.min()) < 0):
         raise AlignmentError(f"{info.name}: the tokenizer produced id {int(ids.max())} outside its "
                              f"vocabulary of {info.vocab_size}")
     K.walk_batch(ids, offsets, n_pre, n_suf, tables.surf_data, tables.surf_off, tables.special,
@@ -237,11 +247,34 @@ def encode_parts(info: TokenizerInfo, texts: list[str], *, add_prefix, add_suffi
         byte_starts = np.zeros(n, np.int64)
         for b, enc in zip(failed, again):
             _place_by_offsets(info, tables, b, enc, texts[b], len(raw[b]), ids, offsets, n_pre,
-                              n_suf, text, text_off, byte_starts, starts, ends, faithful)
+                              n_suf, text, text_off, byte_starts, starts, ends, faithful, given_ids is not None)
     by_offsets = np.zeros(len(texts), bool)
     by_offsets[failed] = True
     side = SideBatch(ids, offsets, starts, ends, faithful, tables.keys[ids], fallback=~ok)
     return side, raw, by_offsets
+
+
+def encode_ids(info: TokenizerInfo, texts: list[str], ids: list, *, add_special_tokens=True
+               ) -> tuple[SideBatch, list[bytes]]:
+    """`encode_side` for texts already tokenized: `ids[b]` is text b's full tokenization as
+    `encode_side` makes it (the post-processor's prefix/suffix tokens included where
+    `add_special_tokens`, a bool or one per text, asks for them; none for an empty text), placed on
+    the text's bytes without tokenizing it again (except where the tokenizer's offsets are needed,
+    and then the ids must equal the tokenizer's). Ids that do not fit raise `AlignmentError`."""
+    tables = side_tables(info)
+    add = np.broadcast_to(np.asarray(add_special_tokens, bool), (len(texts),))
+    pre, suf = list(tables.prefix_ids), list(tables.suffix_ids)
+    core = []
+    for b, (text, seq) in enumerate(zip(texts, ids)):
+        seq = np.asarray(seq, np.int64).tolist()
+        if add[b] and text:
+            if seq[:len(pre)] != pre or len(seq) < len(pre) + len(suf) or (suf and seq[len(seq) - len(suf):] != suf):
+                raise AlignmentError(f"{info.name}: the given ids of sample {b} do not start with {pre} and end with "
+                                     f"{suf}, the tokens its post-processor adds")
+            seq = seq[len(pre):len(seq) - len(suf)]
+        core.append(seq)
+    side, raw, _ = encode_parts(info, texts, add_prefix=add, add_suffix=add, given_ids=core)
+    return side, raw
 
 
 def to_axis(side: SideBatch, segments: list[np.ndarray]) -> SideBatch:

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from xtoken_align.alignment import kernels as K
-from xtoken_align.alignment.aligner import PairBatch, SideBatch, align_sides, encode_side, plain_segments, to_axis
+from xtoken_align.alignment.aligner import (
+    PairBatch,
+    SideBatch,
+    align_sides,
+    encode_ids,
+    encode_side,
+    plain_segments,
+    to_axis,
+)
 from xtoken_align.alignment.chat import common_messages, common_segments, render_conversation
 from xtoken_align.tokenizer.canonical_bytes import offsets_from_counts
 from xtoken_align.tokenizer.loader import TokenizerInfo
@@ -98,23 +106,31 @@ def _sample_input(sample, config: CollateConfig):
                          f"got {type(sample).__name__}")
 
 
-def _encode_all(distinct: dict[str, TokenizerInfo], texts: dict[str, list[str]], add: np.ndarray
-                ) -> dict[str, tuple[SideBatch, list[bytes]]]:
-    """`encode_side` for every distinct tokenizer. With two or more, the first (the student) is
-    encoded on this thread while one helper thread encodes the others: the tokenizers library
-    releases the GIL and the kernels run without it, so one side's placement overlaps the other
-    side's tokenization. A fresh thread per call (no pool), so forked data-loader workers are safe."""
+def _encode_all(distinct: dict[str, TokenizerInfo], texts: dict[str, list[str]], add: np.ndarray,
+                given_ids: dict[str, list] | None = None) -> dict[str, tuple[SideBatch, list[bytes]]]:
+    """`encode_side` for every distinct tokenizer (`encode_ids` for those in `given_ids`). With two
+    or more, the first (the student) is encoded on this thread while one helper thread encodes the
+    others: the tokenizers library releases the GIL and the kernels run without it, so one side's
+    placement overlaps the other side's tokenization. A fresh thread per call (no pool), so forked
+    data-loader workers are safe."""
     items = list(distinct.items())
     out: dict[str, tuple[SideBatch, list[bytes]]] = {}
+    given_ids = given_ids or {}
+
+    def encode(fp, info):
+        if fp in given_ids:
+            return encode_ids(info, texts[fp], given_ids[fp], add_special_tokens=add)
+        return encode_side(info, texts[fp], add_special_tokens=add)
+
     if len(items) == 1:
         fp, info = items[0]
-        return {fp: encode_side(info, texts[fp], add_special_tokens=add)}
+        return {fp: encode(fp, info)}
     failure: list[BaseException] = []
 
     def others():
         try:
             for fp, info in items[1:]:
-                out[fp] = encode_side(info, texts[fp], add_special_tokens=add)
+                out[fp] = encode(fp, info)
         except BaseException as exc:  # re-raised on the calling thread
             failure.append(exc)
 
@@ -122,7 +138,7 @@ def _encode_all(distinct: dict[str, TokenizerInfo], texts: dict[str, list[str]],
     helper.start()
     try:
         fp, info = items[0]
-        first = encode_side(info, texts[fp], add_special_tokens=add)
+        first = encode(fp, info)
     finally:
         helper.join()
     if failure:
@@ -131,8 +147,10 @@ def _encode_all(distinct: dict[str, TokenizerInfo], texts: dict[str, list[str]],
 
 
 def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerInfo],
-                config: CollateConfig = CollateConfig()) -> AlignedBatch:
-    """Tokenize and align a batch (no truncation, no padding)."""
+                config: CollateConfig = CollateConfig(), given_ids: dict[str, list] | None = None) -> AlignedBatch:
+    """Tokenize and align a batch (no truncation, no padding). `given_ids`: tokenizer fingerprint ->
+    one id sequence per sample, that side's full tokenization known already (a teacher cache's),
+    placed without tokenizing again (`alignment.encode_ids`)."""
     inputs = [_sample_input(s, config) for s in samples]
     chat = np.array([kind == "chat" for kind, _ in inputs], bool)
     distinct: dict[str, TokenizerInfo] = {student.fingerprint: student}
@@ -150,7 +168,7 @@ def align_batch(samples: list, student: TokenizerInfo, teachers: list[TokenizerI
             else:
                 texts[fp].append(value)
                 located[fp].append(None)
-    encoded = _encode_all(distinct, texts, config.add_special_tokens & ~chat)
+    encoded = _encode_all(distinct, texts, config.add_special_tokens & ~chat, given_ids)
     sides: dict[str, SideBatch] = {fp: side for fp, (side, _) in encoded.items()}
     segments: dict[str, list[np.ndarray]] = {fp: plain_segments(raw) for fp, (_, raw) in encoded.items()}
     num_bytes = np.array([len(r) for r in encoded[student.fingerprint][1]], np.int64)

@@ -68,10 +68,11 @@ def split_text(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def read_samples(path, *, max_chars: int | None = None) -> list:
+def read_samples(path, *, max_chars: int | None = None, with_lines: bool = False):
     """The samples of one JSONL file, in file order: a `str` per `{"text": ...}` line (split by
     `split_text` when longer than `max_chars`), a message list per `{"messages": [...]}` line
-    (kept whole). A line that is not such an object raises `DataFileError` naming `file: line n`."""
+    (kept whole). A line that is not such an object raises `DataFileError` naming `file: line n`.
+    `with_lines`: returns `(samples, lines)`, `lines[k]` the 1-based file line sample k came from."""
     from xtoken_align.alignment.chat import check_conversation
     from xtoken_align.textio import check_text, iter_jsonl
 
@@ -79,6 +80,7 @@ def read_samples(path, *, max_chars: int | None = None) -> list:
         raise ConfigError(f"max_chars={max_chars}: must be at least 1")
     path = Path(path)
     out: list = []
+    lines: list[int] = []
     for n, record in iter_jsonl(path, "data file", _HINT):
         where = f"{path}: line {n}"
         if isinstance(record.get("messages"), list):
@@ -95,7 +97,8 @@ def read_samples(path, *, max_chars: int | None = None) -> list:
         else:
             found = {k: type(v).__name__ for k, v in list(record.items())[:6]}
             raise DataFileError(f"{where}: expected a string 'text' or a list 'messages', found {found}{_HINT}")
-    return out
+        lines.extend([n] * (len(out) - len(lines)))
+    return (out, lines) if with_lines else out
 
 
 def sample_lengths(samples: Sequence) -> np.ndarray:
@@ -191,11 +194,13 @@ class TrainCollate:
     """Picklable `collate(samples) -> dict[str, Tensor]` for DataLoader workers: the CONTRACTS §2
     batch of `AlignmentCollator(student, teachers, CollateConfig(max_length, teacher_max_length,
     train_on, add_special_tokens))`, then `remap_batch(batch, student_remap, teacher_remaps)` when
-    any side is restricted. The collator is built on first use in each process."""
+    any side is restricted. The collator is built on first use in each process. `teacher_caches`:
+    one `teacher_cache.collate.CachedTeacher` or None per teacher; a cached teacher's tokens and
+    top-k outputs come from its cache (`teacher_cache.collate.collate_cached`)."""
 
     def __init__(self, student, teachers, *, max_length: int | None, teacher_max_length: int | None = None,
                  train_on: str = "all", add_special_tokens: bool = True, student_remap=None,
-                 teacher_remaps: list | None = None):
+                 teacher_remaps: list | None = None, teacher_caches: list | None = None):
         from xtoken_align.batch.collate import CollateConfig
 
         self.student = student
@@ -206,6 +211,9 @@ class TrainCollate:
         self.teacher_remaps = list(teacher_remaps) if teacher_remaps is not None else [None] * len(self.teachers)
         if len(self.teacher_remaps) != len(self.teachers):
             raise ConfigError(f"{len(self.teacher_remaps)} teacher remaps for {len(self.teachers)} teachers")
+        self.teacher_caches = list(teacher_caches) if teacher_caches is not None else [None] * len(self.teachers)
+        if len(self.teacher_caches) != len(self.teachers):
+            raise ConfigError(f"{len(self.teacher_caches)} teacher caches for {len(self.teachers)} teachers")
         self._collator = None
 
     def __getstate__(self):
@@ -218,7 +226,12 @@ class TrainCollate:
             from xtoken_align.batch.collate import AlignmentCollator
 
             self._collator = AlignmentCollator(self.student, self.teachers, self.config)
-        batch = self._collator(list(samples))
+        if any(c is not None for c in self.teacher_caches):
+            from xtoken_loss.trainer.teacher_cache.collate import collate_cached
+
+            batch = collate_cached(self.student, self.teachers, self.config, list(samples), self.teacher_caches)
+        else:
+            batch = self._collator(list(samples))
         if self.student_remap is not None or any(r is not None for r in self.teacher_remaps):
             from xtoken_loss.trainer.vocab_remap import remap_batch
 

@@ -95,24 +95,27 @@ def pretrain_config(cfg: TrainConfig, i: int) -> TrainConfig:
     )
 
 
+def teacher_source(cfg: TrainConfig, i: int, dist):
+    """Teacher i's model: its configured name/path/mapping, or its cached pre-trained `final/`
+    (pre-trained first if missing: collective under torchrun)."""
+    t = cfg.teachers[i]
+    if t.pretrain is None:
+        return t.model
+    pcfg = pretrain_config(cfg, i)
+    final = Path(pcfg.output_dir) / "final"
+    with cache_lock(Path(pcfg.output_dir + ".lock"), f"teacher {t.name!r}", enabled=dist.is_main):
+        dist.barrier()  # the other ranks wait while rank 0 waits for the lock
+        if not (final / "config.json").exists():
+            if dist.is_main:
+                print(f"pre-training teacher {t.name!r} ({t.pretrain.max_steps} steps, CE) into "
+                      f"{pcfg.output_dir}", flush=True)
+            train(pcfg, dist=dist, label=f"pretrain {t.name}")
+    return str(final)
+
+
 def teacher_sources(cfg: TrainConfig, dist) -> list:
-    """Each teacher's model: its configured name/path/mapping, or its cached pre-trained `final/`."""
-    out = []
-    for i, t in enumerate(cfg.teachers):
-        if t.pretrain is None:
-            out.append(t.model)
-            continue
-        pcfg = pretrain_config(cfg, i)
-        final = Path(pcfg.output_dir) / "final"
-        with cache_lock(Path(pcfg.output_dir + ".lock"), f"teacher {t.name!r}", enabled=dist.is_main):
-            dist.barrier()  # the other ranks wait while rank 0 waits for the lock
-            if not (final / "config.json").exists():
-                if dist.is_main:
-                    print(f"pre-training teacher {t.name!r} ({t.pretrain.max_steps} steps, CE) into "
-                          f"{pcfg.output_dir}", flush=True)
-                train(pcfg, dist=dist, label=f"pretrain {t.name}")
-        out.append(str(final))
-    return out
+    """Each teacher's model (`teacher_source`), in config order."""
+    return [teacher_source(cfg, i, dist) for i in range(len(cfg.teachers))]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -126,8 +129,21 @@ def _model_width(source, tok) -> int:
     return tok.vocab_size
 
 
-def build_side(source, tok, remap, *, seed: int, dist, cfg: TrainConfig, trainable: bool, offload: bool = False):
-    """One model: built (`source` a mapping) or loaded, restricted to `remap`'s rows, sharded."""
+def sample_max_chars(cfg: TrainConfig) -> int:
+    """Long texts are read in pieces of at most this many characters (`data.read_samples`)."""
+    return 4 * cfg.data.max_length
+
+
+def uses_bf16(cfg: TrainConfig, dist) -> bool:
+    """bf16 parameters in forward passes (`parallel.mixed_precision`; 'auto': on CUDA)."""
+    return cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto"
+                                                      and dist.device.type == "cuda")
+
+
+def build_side(source, tok, remap, *, seed: int, dist, cfg: TrainConfig, trainable: bool, offload: bool = False,
+               shard: bool = True):
+    """One model: built (`source` a mapping) or loaded, restricted to `remap`'s rows, sharded
+    (`shard=False`: returned unsharded, on the CPU, in float32, as built)."""
     if isinstance(source, str):
         model = models.build_causal_lm(source, vocab_size=tok.vocab_size, seed=seed)
         if remap is not None:
@@ -137,9 +153,9 @@ def build_side(source, tok, remap, *, seed: int, dist, cfg: TrainConfig, trainab
         model = models.build_causal_lm(source, vocab_size=width, seed=seed)
     if not trainable:
         models.freeze(model)
-    mp = cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto"
-                                                    and dist.device.type == "cuda")
-    models.shard_model(model, mixed_precision=mp, cpu_offload=offload,
+    if not shard:
+        return model
+    models.shard_model(model, mixed_precision=uses_bf16(cfg, dist), cpu_offload=offload,
                        activation_checkpointing=trainable and cfg.student.activation_checkpointing)
     return model
 
@@ -286,7 +302,7 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     latest = ckpt.latest_checkpoint(out) if cfg.resume else None
     if latest is not None:
         _check_resume(cfg, out)
-    max_chars = 4 * cfg.data.max_length  # long texts are read in pieces of at most this many characters
+    max_chars = sample_max_chars(cfg)
     remaps = _build_remaps(cfg, sides, dist, max_chars)
     s_remap = remaps.get(sides.student.fingerprint)
     kd = _build_kd_loss(cfg, sides, remaps, dist)
