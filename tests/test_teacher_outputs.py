@@ -184,7 +184,7 @@ def test_alm_refuses_topk_without_target_logprob():
     del top["target_logprob"]
     with pytest.raises(LossInputError, match=r"^alm: teacher_outputs have no 'target_logprob'; alm accepts full "
                                              r"logits .* or top-k outputs with 'target_logprob' \[B, T\] "
-                                             r"\('topk_logprobs' / 'topk_indices' optional\)"):
+                                             r"\('topk_logprobs' / 'topk_indices' / 'rest_logprob' optional\)"):
         alm.alm_loss(zs, top, batch)
     # target_logprob alone is enough without teacher debiasing; with it, the top-k pair is needed too
     target = {"target_logprob": _topk(zt, batch["teacher_0_input_ids"], 4)["target_logprob"]}
@@ -268,8 +268,13 @@ def _bad_cases():
         ({"logits": torch.zeros(2, 5)}, r"logits have shape \[2, 5\], expected \[B, T, V\]"),
         ({"logits": torch.zeros(2, 5, 7, dtype=torch.int32)}, r"logits have dtype torch.int32, expected a floating"),
         ({"topk_logprobs": lp.tolist(), "topk_indices": idx}, r"field 'topk_logprobs' is a list, not a tensor"),
-        ({"scores": lp}, r"is a dict without any of 'logits', 'topk_logprobs', 'topk_indices', 'target_logprob' "
-                         r"\(keys: 'scores'\)"),
+        ({"topk_logprobs": lp, "topk_indices": idx, "rest_logprob": tlp[:, :4]},
+         r"rest_logprob has shape \[2, 4\] but topk_logprobs \[2, 5, 3\]; expected \[B, T\] = \[2, 5\]"),
+        ({"topk_logprobs": lp, "topk_indices": idx, "rest_logprob": tlp.long()}, r"rest_logprob has dtype torch.int64"),
+        ({"target_logprob": tlp, "rest_logprob": tlp},
+         r"have 'rest_logprob' but no 'topk_logprobs' / 'topk_indices'; it is the mass outside the listed ids"),
+        ({"scores": lp}, r"is a dict without any of 'logits', 'topk_logprobs', 'topk_indices', 'target_logprob', "
+                         r"'rest_logprob' \(keys: 'scores'\)"),
         ({}, r"is a dict without any of .* \(keys: none\)"),
         ((lp, idx), r"is a tuple"),
         (None, r"is a NoneType"),
@@ -284,7 +289,8 @@ def test_malformed_outputs_name_the_problem(case):
     msg = str(err.value)
     assert "; kl accepts full logits [B, T, V]" in msg and msg.endswith("(CONTRACTS §3)") and "\n" not in msg
     if isinstance(obj, dict) and obj and not any(isinstance(v, list) for v in obj.values()):
-        keys = {k: v for k, v in obj.items() if k in ("logits", "topk_logprobs", "topk_indices", "target_logprob")}
+        keys = {k: v for k, v in obj.items() if k in ("logits", "topk_logprobs", "topk_indices", "target_logprob",
+                                                       "rest_logprob")}
         if keys:  # the constructor refuses the same fields, naming itself
             with pytest.raises(LossInputError, match=rf"^TeacherOutputs: teacher_outputs {what}"):
                 TeacherOutputs(**keys)
