@@ -28,11 +28,13 @@ from xtoken_core.errors import LossOptionError
 from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
+from xtoken_loss.losses.sorted_topk import uld_topk_loss
 from xtoken_loss.modules import LossModule
 from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
-from xtoken_loss.teacher_outputs import as_teacher_outputs
+from xtoken_loss.teacher_outputs import TOPK_REST_KEYS, as_teacher_outputs
+from xtoken_loss.topk import refuse_topk_options
 
-TEACHER_FORMS = ("logits",)
+TEACHER_FORMS = ("logits", "topk")  # top-k: the pair + rest_logprob (losses/sorted_topk.py)
 ChunkForm = Literal["start", "chain", "mean_log"]
 
 
@@ -99,7 +101,11 @@ def uld_loss(
                       chunk_form=chunk_form, tail_cut=tail_cut, correct_only=correct_only,
                       position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T, form = float(temperature), o.form
-    teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS)
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS, needs=TOPK_REST_KEYS)
+    if teacher_outputs.form == "topk":
+        refuse_topk_options("uld", temperature=temperature, public=public, chunk_form=chunk_form, tail_cut=tail_cut)
+        return uld_topk_loss(student_logits, teacher_outputs, batch, teacher_index=teacher_index,
+                             normalizer=normalizer, correct_only=correct_only, check_inputs=check_inputs)
     normalizer = check_chunk_inputs("uld", student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
                                     correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,
