@@ -497,3 +497,55 @@ def test_multi_teacher_with_a_topk_teacher(config):
     _close(b, a, 1e-9)
     for key, value in a[2].items():
         assert is_close(b[2][key], value, 1e-9), key
+
+
+# -------------------------------------------------------------------------------------------------
+# low precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spread", ["spike", "std12"])
+def test_low_precision_student_stays_finite_and_close(real, dtype, spread):
+    """A +100 student spike or std-12 student logits in float32 / bf16: every top-k form stays finite
+    and within 1e-3 of float64 on the same (rounded) inputs, gradients included."""
+    batch, proj, W, ex, zs, zt = real
+    z = zs * 4.0 if spread == "std12" else zs.clone()
+    if spread == "spike":
+        z[..., 7] += 100.0
+    z = z.to(dtype)
+    top = topk_outputs(zt * 2.0, 16, dtype=torch.bfloat16)
+    hk = common_by_threshold(proj, 0.6)
+    for fn in (lambda x: pkl_loss(x, top, batch, projection=proj, top_k_columns=64),
+               lambda x: pkl_loss(x, top, batch, projection=proj, direction="reverse"),
+               lambda x: uld_loss(x, top, batch),
+               lambda x: hybrid_loss(x, top, batch, common=hk, loss_name="hkl"),
+               lambda x: gold_loss(x, top, batch, common=ex)):
+        lo = _run(fn, z)
+        hi = _run(fn, z.to(F64))
+        assert math.isfinite(float(lo[0])) and bool(torch.isfinite(lo[1]).all())
+        assert is_close(lo[0], hi[0], 1e-3), (float(lo[0]), float(hi[0]))
+        scale = float(hi[1].abs().max())
+        assert scale > 0
+        atol = (1e-4 if dtype == torch.float32 else 1e-2) * scale  # bf16 gradients carry 8 bits
+        torch.testing.assert_close(lo[1].to(F64), hi[1], rtol=0, atol=atol)
+
+
+def test_modules_and_kd_ce_take_topk():
+    from xtoken_loss import GOLDLoss, HKLLoss, LearnedPKLLoss, PKLLoss, ULDLoss, kd_ce_loss
+
+    batch, proj, _, zs, zt = _problem(16)
+    top = topk_outputs(zt, 8)
+    cmap = _common(1, VS, VT)
+    pairs = [
+        (PKLLoss(proj, top_k_columns=9), lambda: pkl_loss(zs, top, batch, projection=proj, top_k_columns=9)),
+        (LearnedPKLLoss(proj).double(), lambda: pkl_loss(zs, top, batch, projection=proj)),
+        (ULDLoss(), lambda: uld_loss(zs, top, batch)),
+        (HKLLoss(proj), lambda: hkl_loss(zs, top, batch, projection=proj)),
+        (GOLDLoss(cmap), lambda: gold_loss(zs, top, batch, common=cmap)),
+    ]
+    for module, fn in pairs:
+        assert is_close(module(zs, top, batch)[0], fn()[0]), type(module).__name__  # learned: softmax(log W)
+    loss, m = kd_ce_loss(zs, top, batch, kd="pkl", kd_options={"projection": proj, "top_k_columns": 9})
+    assert is_close(m["kd_kl"], pkl_loss(zs, top, batch, projection=proj, top_k_columns=9)[1]["kl"], 1e-12)
+    with pytest.raises(LossOptionError, match=r"^pkl: public=True reads the teacher's whole distribution"):
+        kd_ce_loss(zs, top, batch, kd="pkl", public=True, kd_options={"projection": proj})
