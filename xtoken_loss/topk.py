@@ -25,6 +25,7 @@ from xtoken_loss.chunked import compute_dtype, needs_grad
 from xtoken_loss.teacher_outputs import TeacherOutputs
 
 NEG_INF = float("-inf")
+ANY_ID = 1 << 62  # no vocabulary width bounds a top-k teacher's ids: they must only be >= -1
 # Elements of one group's largest temporary in the top-k runners (autograd keeps a few such tensors).
 TOPK_GROUP_ELEMENTS = 1 << 22
 

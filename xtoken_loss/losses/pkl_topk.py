@@ -15,8 +15,13 @@ Per valid chunk u (its start rows on both sides), with L_u the teacher ids liste
 - `KL_u` between the two (forward or reverse), summed and divided by the normaliser.
 With K = the full teacher vocabulary (rest -inf) this is the full-logit P-KL exactly.
 
-The gradient comes from autograd on each group's student rows (and W's log-weights for the learned
-P-KL), through the chain `sum_j g_j log a_j` with `g = d KL / d log a` (`chunked.log_divergence`).
+Per group of units only the student rows W maps onto one of the group's outcome columns ("touched"
+rows, a few thousand) are read entry by entry (all their entries: each goes to its outcome slot or to
+the rest); every other mapped row lies wholly in the rest and adds `log p_v + log (row weight sum)` to
+its log-sum-exp, one pass over the row. So a group costs about one log-softmax of its student rows,
+not a pass over W's E entries. The gradient comes from autograd on each group's student rows (and W's
+log-weights for the learned P-KL), through the chain `sum_j g_j log a_j` with `g = d KL / d log a`
+(`chunked.log_divergence`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from xtoken_loss.chunked import compute_dtype, log_divergence, resolve_normalize
 from xtoken_loss.projection import as_projection, reduce_column_scores, top_columns
 from xtoken_loss.teacher_outputs import TeacherOutputs
 from xtoken_loss.topk import (
+    ANY_ID,
     NEG_INF,
     check_read_rows,
     check_topk_batch,
     check_topk_ids,
+    masked_logsumexp,
     refuse_topk_options,
     run_topk_units,
     unit_teacher,
@@ -58,11 +65,13 @@ def pkl_topk_sums(student_logits: torch.Tensor, teacher: TeacherOutputs, batch: 
         check_read_rows(loss, student_logits, teacher, units)
     norm = resolve_normalizer(normalizer, units.num_units, cdt)
     trows = units.teacher_rows
-    flag = check_topk_ids(loss, teacher.topk_indices, trows, Vt, "the projection's teacher vocabulary")
+    flag = check_topk_ids(loss, teacher.topk_indices, trows, ANY_ID, "the teacher vocabulary")
     with torch.no_grad():
-        tr = unit_teacher(teacher, trows, cdt, Vt)
-        ids = tr.ids.clamp(min=0)
-        ok = tr.listed & reach[ids]  # listed and reachable
+        tr = unit_teacher(teacher, trows, cdt, ANY_ID)
+        # listed and reachable (ids past the projection's teacher width, like logits wider than it, are not)
+        ok = tr.listed & (tr.ids < Vt)
+        ids = torch.where(ok, tr.ids, torch.zeros_like(tr.ids))
+        ok &= reach[ids]
         if columns is None:
             scores = torch.full((Vt,), NEG_INF, dtype=cdt, device=dev)
             scores.scatter_reduce_(0, ids[ok], tr.raw[ok], "amax")
@@ -84,20 +93,36 @@ def pkl_topk_sums(student_logits: torch.Tensor, teacher: TeacherOutputs, batch: 
         bad = tr.bad | (log_reach == NEG_INF).any()  # no reachable teacher mass: the KL is undefined
         if flag is not None:
             bad = bad | flag
-        # each unit's outcome slot of every teacher column (K = the rest), written through a dummy column
-        slot_cols = torch.where(in_s, ids, torch.full_like(ids, Vt))
-        slot_vals = torch.arange(tr.ids.shape[1], device=dev).expand_as(ids)
     K = tr.ids.shape[1]
-    E = e_rows.shape[0]
+    wmap = _EntryIndex(e_rows, e_cols, Vs, Vt)
+    slot_vals = torch.arange(K, device=dev).expand_as(ids)
+    # each row's log weight sum (-inf on unmapped rows); recomputed per group when W is learned (its graph)
+    fixed_row = None if log_w.requires_grad else _segment_logsumexp(log_w.to(cdt)[None], e_rows[None], Vs)
 
     def unit_fn(log_q, u0, u1):
         n = u1 - u0
         with torch.no_grad():
-            col_slot = torch.full((n, Vt + 1), K, dtype=torch.int64, device=dev)
-            col_slot.scatter_(1, slot_cols[u0:u1], slot_vals[u0:u1])
-            slot_e = col_slot[:, e_cols]  # [n, E]
-        t = log_q.index_select(1, e_rows) + log_w.to(log_q.dtype)  # log p_v + log W_vj per entry
-        log_a = _segment_logsumexp(t, slot_e, K + 1)  # [n, K + 1]
+            # the group's outcome columns, the entries of W's rows that reach one of them ("touched" rows:
+            # all their entries), and each unit's outcome slot of those entries (K: the rest)
+            sel = in_s[u0:u1]
+            cols_g = torch.unique(ids[u0:u1][sel])
+            h = wmap.entries_of_rows(torch.unique(e_rows[wmap.entries_of_cols(cols_g)]))
+            upos = torch.full((Vt,), -1, dtype=torch.int64, device=dev)
+            upos[cols_g] = torch.arange(cols_g.shape[0], device=dev)
+            table = torch.full((n, cols_g.shape[0] + 1), K, dtype=torch.int64, device=dev)
+            table.scatter_(1, torch.where(sel, upos[ids[u0:u1]], cols_g.shape[0]), slot_vals[u0:u1])
+            pos = upos[e_cols[h]]
+            slot_h = torch.where(pos >= 0, table.index_select(1, pos.clamp(min=0)), K)  # [n, H]
+            untouched = torch.ones(Vs, dtype=torch.bool, device=dev)
+            untouched[e_rows[h]] = False
+        lw = log_w.to(log_q.dtype)
+        t = log_q.index_select(1, e_rows[h]) + lw[h]  # log p_v + log W_vj on the touched rows' entries
+        log_a = _segment_logsumexp(t, slot_h, K + 1)  # [n, K + 1]; slot K: their entries in the rest
+        # every other mapped row lies wholly in the rest: log p_v + log (its row's weight sum)
+        log_row = _segment_logsumexp(lw[None], e_rows[None], Vs) if fixed_row is None else fixed_row  # [1, V_s]
+        rest_far = masked_logsumexp(log_q + log_row, untouched[None].expand(n, -1))
+        both = torch.stack([log_a[:, K], rest_far], dim=1)
+        log_a = torch.cat([log_a[:, :K], masked_logsumexp(both, torch.isfinite(both.detach()))[:, None]], dim=1)
         with torch.no_grad():
             kl, _, g = log_divergence(log_a.detach(), log_p[u0:u1], direction)
             live = torch.isfinite(log_a.detach())
@@ -113,8 +138,33 @@ def pkl_topk_sums(student_logits: torch.Tensor, teacher: TeacherOutputs, batch: 
     total, grad, sums, bad_s, g_params = run_topk_units(
         student_logits, units, norm, unit_fn,
         ("kl", "teacher_mass_in_columns", "teacher_reachable_mass", "student_mapped_mass"),
-        width=max(E, Vt + 1), params=(log_w,))
+        width=Vs, params=(log_w,))
     return total, norm, units, grad, g_params[0], sums, bad | bad_s
+
+
+class _EntryIndex:
+    """W's entries `(e_rows, e_cols)` indexed by row and by column: the entries of a set of rows or of
+    columns without scanning all E of them (`[E]` arrays, sorted once)."""
+
+    def __init__(self, e_rows: torch.Tensor, e_cols: torch.Tensor, Vs: int, Vt: int):
+        self.by_row = torch.argsort(e_rows, stable=True)
+        self.row_count = torch.bincount(e_rows, minlength=Vs)
+        self.row_start = torch.cumsum(self.row_count, 0) - self.row_count
+        self.by_col = torch.argsort(e_cols, stable=True)
+        self.col_count = torch.bincount(e_cols, minlength=Vt)
+        self.col_start = torch.cumsum(self.col_count, 0) - self.col_count
+
+    @staticmethod
+    def _ranges(order, start, count, keys):
+        c = count[keys]
+        first = torch.repeat_interleave(start[keys] - torch.cumsum(c, 0) + c, c)
+        return order[first + torch.arange(first.shape[0], device=order.device)]
+
+    def entries_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._ranges(self.by_row, self.row_start, self.row_count, rows)
+
+    def entries_of_cols(self, cols: torch.Tensor) -> torch.Tensor:
+        return self._ranges(self.by_col, self.col_start, self.col_count, cols)
 
 
 def _segment_logsumexp(t: torch.Tensor, slots: torch.Tensor, m: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunked import compute_dtype, resolve_normalizer, unit_result
 from xtoken_loss.teacher_outputs import TeacherOutputs
 from xtoken_loss.topk import (
+    ANY_ID,
     NEG_INF,
     check_read_rows,
     check_topk_batch,
@@ -34,8 +35,6 @@ from xtoken_loss.topk import (
     unit_teacher,
 )
 from xtoken_loss.units import check_chunk_ids, chunk_units
-
-ANY_ID = 1 << 62  # ULD and the hybrids need no teacher vocabulary width: ids must only be >= -1
 
 
 def _prepare(loss, student_logits, teacher, batch, teacher_index, normalizer, correct_only, check_inputs):
