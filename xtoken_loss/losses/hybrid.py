@@ -27,7 +27,9 @@ run by `xtoken_loss/chunk_runner.py`):
   common-set term `sum_j p_j (log p_j - log q_j)` is not renormalised (it can be negative); the
   sorted uncommon vectors are cut to their `min(|U_s|, |U_t|, tail_cut)` largest entries (8192);
   `loss_c = T^2 (KL + L1)`; every valid chunk counts, correct or not; `direction="reverse"` too.
-Sum over valid chunks / `normalizer` (default: the number of valid chunks).
+Sum over valid chunks / `normalizer` (default: the number of valid chunks). Top-k teacher outputs
+(with `rest_logprob`, CONTRACTS §3): the KL on the listed common pairs, the sorted L1 on the listed
+uncommon ranks plus one rest outcome, chunk form `"start"`, T = 1 (`losses/sorted_topk.py`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ outcome, times T^2. It runs in groups of units with autograd on each group's sli
 and hands the gradients to autograd through one custom function. Everything is in log space
 (log-softmax, log W from `log_weights()`, logsumexp over W's entries and the rest, the KL from the
 logs), so confident or wide logits stay finite; only chunk-start rows are read (padding gets gradient
-0 whatever it holds), and a non-finite row that is read makes the loss NaN.
+0 whatever it holds), and a non-finite row that is read makes the loss NaN. Top-k teacher outputs
+(with `rest_logprob`) take the top-k P-KL (`losses/pkl_topk.py`) with W's log-weights as a leaf.
 
 `LearnedProjection.save(path)` writes a CONTRACTS §4 artifact through the artifact format's writer
 (`xtoken_core.artifact_format`: safetensors + JSON, atomically, a temporary directory renamed into

@@ -23,7 +23,8 @@ Public (`public=True`): NeMo-RL's published P-KL, its defaults included (`losses
   teacher logits cut to the projection's teacher vocabulary.
 
 Both: sum over valid chunks of `T^2 * KL`, divided by `normalizer` (default: the number of valid
-chunks). Teacher outputs are treated as constants (no gradient).
+chunks). Teacher outputs are treated as constants (no gradient). Top-k teacher outputs (with
+`rest_logprob`, CONTRACTS §3) take the principled form at T = 1 in `losses/pkl_topk.py`.
 
 Numerics (principled form; docs/losses.md, "Numerics"): log space throughout. The student's masses
 on S are per-column logsumexps over W's entries (`projection.log_slot_masses`), its rest and mapped

@@ -14,7 +14,8 @@ distribution" is on each side is the `chunk_form`:
 The chunk-unit machinery it shares with the hybrid losses (`hybrid.py`) lives in
 `xtoken_loss/chunk_runner.py` (unit grouping, chunk distributions, the memory-bounded runner) and
 `xtoken_loss/sorted_l1.py` (the sorted L1 with its gradient). `ChunkLossOptions`, the options all
-three share, is defined here.
+three share, is defined here. Top-k teacher outputs (with `rest_logprob`, CONTRACTS §3): the listed
+ranks plus one rest outcome on both sides, chunk form `"start"`, T = 1 (`losses/sorted_topk.py`).
 """
 
 from __future__ import annotations
