@@ -549,3 +549,29 @@ def test_modules_and_kd_ce_take_topk():
     assert is_close(m["kd_kl"], pkl_loss(zs, top, batch, projection=proj, top_k_columns=9)[1]["kl"], 1e-12)
     with pytest.raises(LossOptionError, match=r"^pkl: public=True reads the teacher's whole distribution"):
         kd_ce_loss(zs, top, batch, kd="pkl", public=True, kd_options={"projection": proj})
+
+
+def test_scores_and_projection_accuracy_ignore_empty_slots_and_unread_positions(real):
+    from xtoken_loss.multi_teacher.scores import projection_accuracy_counts
+
+    batch, proj, W, _, zs, zt = real
+    B, Ls = zs.shape[:2]
+    Lt = zt.shape[1]
+    zt = zt.clone()  # the teacher agrees with the projected student at the chunk starts: hits to count
+    for b, _c, sp, tp in chunk_units(batch, 0, Ls, Lt, starts=True):
+        zt[b, tp[0], int((torch.softmax(zs[b, sp[0]], 0) @ W).argmax())] += 50.0
+    top = topk_outputs(zt, 6, ids=batch["teacher_0_input_ids"])
+    clean = _with_empty_slots(top, float("-inf"))
+    dirty = _with_empty_slots(top, float("nan"))
+    tm = batch["teacher_0_token_mask"]
+    unread = ~torch.cat([tm[:, :-1] & tm[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
+    for key in ("topk_logprobs", "rest_logprob", "target_logprob"):
+        dirty[key][unread] = float("nan")
+    assert bool(unread.any())
+    for score in SCORES:
+        a = teacher_score_sums(clean, batch, score=score, teacher_index=0)
+        b = teacher_score_sums(dirty, batch, score=score, teacher_index=0)
+        assert all(bool(torch.isfinite(x).all()) for x in b), score
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    hits = [projection_accuracy_counts(zs, t, batch, proj, teacher_index=0) for t in (clean, dirty)]
+    assert float(hits[0][0]) == float(hits[1][0]) and float(hits[0][0]) > 0

@@ -224,6 +224,7 @@ def projection_accuracy_counts(
                 t_arg = zt.reshape(B * Lt, -1)[r].argmax(dim=1)
             else:
                 lp_r, idx_r = lp.reshape(B * Lt, -1)[r], idx.reshape(B * Lt, -1)[r]
+                lp_r = torch.where(idx_r >= 0, lp_r, torch.full_like(lp_r, float("-inf")))  # empty slots: never
                 t_arg = idx_r.gather(1, lp_r.argmax(dim=1, keepdim=True)).squeeze(1)
             s_arg = projected_argmax(zs[srows[r0:r0 + step]], projection, tables, top_m=top_m)
             hits += (s_arg == t_arg.to(torch.int64)).sum().to(torch.float64)
