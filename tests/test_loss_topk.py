@@ -575,3 +575,12 @@ def test_scores_and_projection_accuracy_ignore_empty_slots_and_unread_positions(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     hits = [projection_accuracy_counts(zs, t, batch, proj, teacher_index=0) for t in (clean, dirty)]
     assert float(hits[0][0]) == float(hits[1][0]) and float(hits[0][0]) > 0
+
+
+@pytest.mark.parametrize("kind", ["pkl", "learned_pkl", "uld", "hkl", "gold"])
+def test_all_masked_batch_gives_zero_loss_and_zero_gradient(kind):
+    batch, proj, _, zs, zt = _problem(17)
+    batch = dict(batch, sample_mask=torch.zeros_like(batch["sample_mask"]))
+    loss, grad, metrics = _run(_kinds(batch, proj, zs.shape)[kind], zs, topk_outputs(zt, 5))
+    assert float(loss) == 0.0 and float(grad.abs().sum()) == 0.0
+    assert all(float(v) == 0.0 for v in metrics.values())

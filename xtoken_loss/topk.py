@@ -124,12 +124,12 @@ class TopkRows:
         return self.ids >= 0
 
 
-def unit_teacher(teacher: TeacherOutputs, rows: torch.Tensor, cdt, width: int) -> TopkRows:
-    """The teacher side of the units whose teacher rows are `rows [n]` (module doc). Ids are clamped
-    into `[-1, width)` (out-of-range ids were refused or flagged by `check_topk_ids`)."""
+def unit_teacher(teacher: TeacherOutputs, rows: torch.Tensor, cdt) -> TopkRows:
+    """The teacher side of the units whose teacher rows are `rows [n]` (module doc). Every negative id
+    is an empty slot (ids below -1 were refused, or flagged on an accelerator, by `check_topk_ids`)."""
     k = teacher.k
     idx = teacher.topk_indices.reshape(-1, k)[rows].to(torch.int64)
-    idx = torch.where(idx >= 0, idx.clamp(max=width - 1), torch.full_like(idx, -1))
+    idx = torch.where(idx >= 0, idx, torch.full_like(idx, -1))
     listed = idx >= 0
     lp = teacher.topk_logprobs.reshape(-1, k)[rows].to(cdt)
     rest = teacher.rest_logprob.reshape(-1)[rows].to(cdt)
@@ -140,8 +140,7 @@ def unit_teacher(teacher: TeacherOutputs, rows: torch.Tensor, cdt, width: int) -
     log_z = torch.logaddexp(raw.logsumexp(dim=1), rest) if k else rest
     broken |= ~torch.isfinite(log_z)  # +inf somewhere, or no mass at all
     z0 = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-    return TopkRows(raw - z0[:, None], idx, rest - z0, raw, broken.any() if broken.numel() else
-                    torch.zeros((), dtype=torch.bool, device=lp.device))
+    return TopkRows(raw - z0[:, None], idx, rest - z0, raw, broken.any())
 
 
 def run_topk_units(student_logits: torch.Tensor, units, norm, unit_fn, metric_names, *, width: int, params=()):

@@ -67,7 +67,7 @@ def pkl_topk_sums(student_logits: torch.Tensor, teacher: TeacherOutputs, batch: 
     trows = units.teacher_rows
     flag = check_topk_ids(loss, teacher.topk_indices, trows, ANY_ID, "the teacher vocabulary")
     with torch.no_grad():
-        tr = unit_teacher(teacher, trows, cdt, ANY_ID)
+        tr = unit_teacher(teacher, trows, cdt)
         # listed and reachable (ids past the projection's teacher width, like logits wider than it, are not)
         ok = tr.listed & (tr.ids < Vt)
         ids = torch.where(ok, tr.ids, torch.zeros_like(tr.ids))

@@ -52,7 +52,7 @@ def _prepare(loss, student_logits, teacher, batch, teacher_index, normalizer, co
     norm = resolve_normalizer(normalizer, units.num_units, cdt)
     flag = check_topk_ids(loss, teacher.topk_indices, units.teacher_rows, ANY_ID, "the teacher vocabulary")
     with torch.no_grad():
-        tr = unit_teacher(teacher, units.teacher_rows, cdt, ANY_ID)
+        tr = unit_teacher(teacher, units.teacher_rows, cdt)
     bad = tr.bad if flag is None else tr.bad | flag
     return units, norm, tr, bad
 
