@@ -1,7 +1,8 @@
 """Float64 dense references for every `xtoken_loss` loss, shared by the tests and the benchmarks.
 
 One reference per loss (CE, same-vocab KL, P-KL, ULD, H-KL / GOLD hybrid, ALM; the learned-W P-KL is
-`reference_pkl` with the learned W made dense), written to be obviously right rather than fast: a
+`reference_pkl` with the learned W made dense; P-KL, ULD and the hybrids on top-k teacher outputs:
+`reference_pkl_topk`, `reference_uld_topk`, `reference_hybrid_topk`), written to be obviously right rather than fast: a
 dense W `[V_s, V_t]`, explicit Python loops over samples, chunks, positions and common pairs,
 autograd for gradients. They read the CONTRACTS §2 batch themselves (they do not reuse
 `xtoken_loss.units`), so the library is checked against an independent reading of the formulas in
@@ -503,6 +504,159 @@ def reference_alm(student_logits, teacher_outputs, batch, *, teacher_index=0, ta
         count += 1
     norm = normalizer if normalizer is not None else max(count, 1)
     return total / norm, count
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k teacher outputs (docs/losses.md, "Top-k teacher outputs"): P-KL, ULD, H-KL / GOLD
+
+
+def _listed(teacher_outputs, b, p):
+    """The teacher at (b, p): `[(id, probability)]` of the listed slots and the rest probability, both
+    renormalised over listed + rest (float64)."""
+    lp = teacher_outputs["topk_logprobs"][b, p].to(torch.float64)
+    idx = teacher_outputs["topk_indices"][b, p]
+    slots = [(int(idx[j]), lp[j]) for j in range(idx.shape[0]) if int(idx[j]) >= 0]
+    rest = teacher_outputs["rest_logprob"][b, p].to(torch.float64)
+    z = sum((torch.exp(v) for _, v in slots), torch.exp(rest))
+    return [(j, float(torch.exp(v) / z)) for j, v in slots], float(torch.exp(rest) / z)
+
+
+def _start_units(batch, i, Ls, Lt, correct_only):
+    """`(b, student start, teacher start)` of every valid chunk with a start on both sides."""
+    return [(b, sp[0], tp[0]) for b, _c, sp, tp in chunk_units(batch, i, Ls, Lt, correct_only=correct_only,
+                                                                starts=True)]
+
+
+def reference_pkl_topk(student_logits, teacher_outputs, batch, W, *, teacher_index=0, direction="forward",
+                       top_k_columns=8192, columns=None, correct_only=True, normalizer=None):
+    """The principled P-KL on top-k teacher outputs (`topk_logprobs`, `topk_indices`, `rest_logprob`)
+    with a dense W `[V_s, V_t]`: per chunk start, the outcomes are the listed ids W reaches that lie in
+    S (scores: the largest listed log-probability over the units) plus one rest; the teacher is
+    renormalised over its reachable listed mass plus its rest, the student over its mapped mass.
+    Returns (loss, count, S)."""
+    zs = student_logits.to(torch.float64)
+    B, Ls, Vs = zs.shape
+    Lt = teacher_outputs["topk_logprobs"].shape[1]
+    Vt = W.shape[1]
+    if W.shape[0] < Vs:
+        W = torch.cat([W, torch.zeros(Vs - W.shape[0], Vt, dtype=torch.float64)])
+    reach = W.sum(dim=0) > 0
+    units = _start_units(batch, teacher_index, Ls, Lt, correct_only)
+    if columns is not None:
+        S = sorted({int(j) for j in columns if 0 <= int(j) < Vt and bool(reach[int(j)])})
+    else:
+        scores = torch.full((Vt,), float("-inf"), dtype=torch.float64)
+        for b, _sp, tp in units:
+            lp, idx = teacher_outputs["topk_logprobs"][b, tp], teacher_outputs["topk_indices"][b, tp]
+            for j in range(idx.shape[0]):
+                t = int(idx[j])
+                if 0 <= t < Vt and bool(reach[t]):
+                    scores[t] = max(float(scores[t]), float(lp[j]))
+        S = _top_columns(scores, top_k_columns)
+    in_s = set(S)
+    total = torch.zeros((), dtype=torch.float64)
+    for b, sp, tp in units:
+        listed, rest = _listed(teacher_outputs, b, tp)
+        listed = [(j, pj) for j, pj in listed if j < Vt and bool(reach[j])]  # unreachable listed ids: dropped
+        out = [j for j, _ in listed if j in in_s]
+        z_r = sum(pj for _, pj in listed) + rest
+        P = [pj / z_r for j, pj in listed if j in in_s]
+        P.append((rest + sum(pj for j, pj in listed if j not in in_s)) / z_r)
+        q = torch.softmax(zs[b, sp], dim=0) @ W  # [V_t], the projected student
+        others = reach.clone()
+        others[out] = False
+        Q = torch.cat([q[out], q[others].sum().reshape(1)])
+        total = total + _kl(torch.tensor(P, dtype=torch.float64), Q / Q.sum(), direction)
+    norm = normalizer if normalizer is not None else max(len(units), 1)
+    return total / norm, len(units), S
+
+
+def _student_top(q, count, exclude=()):
+    """The student's `count` largest entries of `q` outside `exclude`, sorted, zero-padded to `count`,
+    and their ids."""
+    keep = torch.ones(q.shape[0], dtype=torch.bool)
+    keep[list(exclude)] = False
+    ids = keep.nonzero().squeeze(1)
+    vals, order = torch.sort(q[ids], descending=True)
+    top, top_ids = vals[:count], ids[order[:count]].tolist()
+    return torch.cat([top, torch.zeros(count - top.shape[0], dtype=q.dtype)]), top_ids
+
+
+def reference_uld_topk(student_logits, teacher_outputs, batch, *, teacher_index=0, correct_only=True,
+                       normalizer=None):
+    """ULD on top-k teacher outputs: per chunk start, the teacher's k_u listed probabilities sorted plus
+    its rest against the student's k_u largest probabilities sorted plus the sum of all its others."""
+    zs = student_logits.to(torch.float64)
+    Ls = zs.shape[1]
+    Lt = teacher_outputs["topk_logprobs"].shape[1]
+    units = _start_units(batch, teacher_index, Ls, Lt, correct_only)
+    total = torch.zeros((), dtype=torch.float64)
+    for b, sp, tp in units:
+        listed, rest = _listed(teacher_outputs, b, tp)
+        t = torch.sort(torch.tensor([pj for _, pj in listed], dtype=torch.float64), descending=True).values
+        q = torch.softmax(zs[b, sp], dim=0)
+        s_top, top_ids = _student_top(q, len(listed))
+        others = torch.ones(q.shape[0], dtype=torch.bool)
+        others[top_ids] = False
+        total = total + (s_top - t).abs().sum() + (q[others].sum() - rest).abs()
+    norm = normalizer if normalizer is not None else max(len(units), 1)
+    return total / norm, len(units)
+
+
+def reference_hybrid_topk(student_logits, teacher_outputs, batch, common, *, teacher_index=0, common_weight=1.0,
+                          uncommon_weight=1.0, correct_only=True, normalizer=None):
+    """H-KL / GOLD on top-k teacher outputs with `common = (student ids, teacher ids)`: per chunk start,
+    the KL on the listed common pairs (both sides renormalised over them) plus the sorted L1 of the
+    teacher's listed uncommon probabilities and rest against the student's as many largest uncommon
+    probabilities and the sum of all its other entries."""
+    zs = student_logits.to(torch.float64)
+    Ls = zs.shape[1]
+    Lt = teacher_outputs["topk_logprobs"].shape[1]
+    t2s = {int(t): int(s_) for s_, t in zip(common[0], common[1])}
+    common_s = set(t2s.values())
+    units = _start_units(batch, teacher_index, Ls, Lt, correct_only)
+    total = torch.zeros((), dtype=torch.float64)
+    for b, sp, tp in units:
+        listed, rest = _listed(teacher_outputs, b, tp)
+        pairs = [(t2s[j], pj) for j, pj in listed if j in t2s]
+        unc = [pj for j, pj in listed if j not in t2s]
+        q = torch.softmax(zs[b, sp], dim=0)
+        kl = torch.zeros((), dtype=torch.float64)
+        mass = sum(pj for _, pj in pairs)
+        if pairs and mass > 0:
+            P = torch.tensor([pj / mass for _, pj in pairs], dtype=torch.float64)
+            Qc = q[[s_ for s_, _ in pairs]]
+            kl = _kl(P, Qc / Qc.sum(), "forward")
+        t = torch.sort(torch.tensor(unc, dtype=torch.float64), descending=True).values
+        s_top, top_ids = _student_top(q, len(unc), exclude=common_s)
+        others = torch.ones(q.shape[0], dtype=torch.bool)
+        others[top_ids + [s_ for s_, _ in pairs]] = False
+        l1 = (s_top - t).abs().sum() + (q[others].sum() - rest).abs()
+        total = total + common_weight * kl + uncommon_weight * l1
+    norm = normalizer if normalizer is not None else max(len(units), 1)
+    return total / norm, len(units)
+
+
+def topk_outputs(logits, k, *, ids=None, dtype=None):
+    """Top-k teacher outputs of `logits [B, T, V]` as CONTRACTS §3 states them: log-softmax over the
+    full vocabulary, the k largest with their ids, and `rest_logprob`, the log of the unlisted mass
+    computed in float64 before any rounding (-inf when the k ids hold everything); with `ids [B, T]`
+    also `target_logprob` (position p: the log-probability of `ids[p + 1]`; 0 at the last position).
+    `dtype` rounds the stored log-probabilities (e.g. bfloat16)."""
+    lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    vals, idx = lp.topk(k, dim=-1)
+    if k >= logits.shape[-1]:
+        rest = torch.full(vals.shape[:2], float("-inf"), dtype=torch.float64)
+    else:
+        rest = torch.logsumexp(lp.scatter(-1, idx, float("-inf")), dim=-1)  # the unlisted mass summed directly
+    out = {"topk_logprobs": vals, "topk_indices": idx, "rest_logprob": rest}
+    if ids is not None:
+        target = torch.zeros(ids.shape, dtype=torch.float64)
+        target[:, :-1] = lp[:, :-1].gather(2, ids[:, 1:, None].clamp(0, lp.shape[-1] - 1)).squeeze(2)
+        out["target_logprob"] = target
+    if dtype is not None:
+        out = {k_: (v.to(dtype) if v.is_floating_point() else v) for k_, v in out.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

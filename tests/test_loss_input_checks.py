@@ -45,6 +45,16 @@ def _topk(z, k=5):
     return {"topk_logprobs": top.values, "topk_indices": top.indices}
 
 
+def _topk_rest(t, k=5):
+    """Top-k outputs with `rest_logprob` (the cross-tokenizer top-k forms) of logits `t`, or `t` itself."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    lp = torch.log_softmax(t, dim=-1)
+    top = lp.topk(k, dim=-1)
+    rest = torch.logsumexp(lp.scatter(-1, top.indices, float("-inf")), dim=-1)
+    return {"topk_logprobs": top.values, "topk_indices": top.indices, "rest_logprob": rest}
+
+
 def _target_logprob(z, ids):
     lp = torch.log_softmax(z, dim=-1)
     nxt = torch.zeros_like(ids)
@@ -76,7 +86,19 @@ VARIANTS = {
         s, _topk(t) if isinstance(t, torch.Tensor) else t, b, **kw)),
     "ce": ("ce", None, ("input_ids",), lambda s, t, b, **kw: registry.get("ce").function(s, None, b, **kw)),
     "learned_pkl": (None, "cross", (), lambda s, t, b, **kw: learned_pkl_loss(s, t, b, projection=LEARNED, **kw)),
+    # the top-k forms of the cross-tokenizer losses (docs/losses.md, "Top-k teacher outputs")
+    "pkl_topk": ("pkl", "cross_topk", (), lambda s, t, b, **kw: registry.get("pkl").function(
+        s, _topk_rest(t), b, projection=PROJ, **kw)),
+    "hkl_topk": ("hkl", "cross_topk", (), lambda s, t, b, **kw: registry.get("hkl").function(
+        s, _topk_rest(t), b, projection=PROJ, **kw)),
+    "gold_topk": ("gold", "cross_topk", (), lambda s, t, b, **kw: registry.get("gold").function(
+        s, _topk_rest(t), b, common=COMMON, **kw)),
+    "uld_topk": ("uld", "cross_topk", (), lambda s, t, b, **kw: registry.get("uld").function(
+        s, _topk_rest(t), b, **kw)),
+    "learned_pkl_topk": (None, "cross_topk", (), lambda s, t, b, **kw: learned_pkl_loss(
+        s, _topk_rest(t), b, projection=LEARNED, **kw)),
 }
+TOPK_REST = ["pkl_topk", "hkl_topk", "gold_topk", "uld_topk", "learned_pkl_topk"]
 NAMES = list(VARIANTS)
 CHUNK = [n for n in NAMES if VARIANTS[n][1] is not None and VARIANTS[n][1].startswith("cross")]
 WITH_TEACHER_LOGITS = [n for n in NAMES if VARIANTS[n][1] in ("cross", "same", "cross_topk", "same_topk")]
@@ -118,7 +140,9 @@ def test_integer_student_logits(name):
 def test_integer_teacher_logits(name):
     side = VARIANTS[name][1]
     zt = ZK if side.startswith("same") else ZT
-    if side == "same_topk":
+    if name in TOPK_REST:
+        zt = dict(_topk_rest(zt), topk_logprobs=_topk_rest(zt)["topk_logprobs"].round().long())
+    elif side == "same_topk":
         zt = dict(_topk(zt), topk_logprobs=_topk(zt)["topk_logprobs"].round().long())
     elif side == "cross_topk":
         zt = {"target_logprob": _target_logprob(zt, BATCH["teacher_0_input_ids"])["target_logprob"].round().long()}
@@ -174,7 +198,7 @@ def test_student_logits_narrower_than_the_batch_ids(name):
         _call(name, zs=ZS[..., :width], zt=zt)
 
 
-@pytest.mark.parametrize("name", [n for n in CHUNK if n != "alm_target_logprob"])
+@pytest.mark.parametrize("name", [n for n in CHUNK if n != "alm_target_logprob" and n not in TOPK_REST])
 def test_teacher_logits_narrower_than_the_batch_ids(name):
     top = int(BATCH["teacher_0_input_ids"][BATCH["teacher_0_token_mask"]].max())
     width = top - 1
@@ -235,6 +259,16 @@ def test_token_ids_at_padded_positions_are_never_checked(name):
     for key, mask in (("input_ids", "token_mask"), ("teacher_0_input_ids", "teacher_0_token_mask")):
         batch[key] = torch.where(batch[mask], batch[key], torch.full_like(batch[key], 10**6))
     assert float(_call(name, batch=batch)[0].detach()) == float(_call(name)[0].detach())
+
+
+@pytest.mark.parametrize("name", TOPK_REST)
+def test_topk_teacher_batch_size_and_length_must_match(name):
+    top = _topk_rest(ZT)
+    with pytest.raises(LossInputError, match=r"teacher top-k outputs have batch size 2, the student logits 3"):
+        _call(name, zt={k: v[:2] for k, v in top.items()})
+    with pytest.raises(LossInputError, match=r"batch\['alignment_0_teacher_chunk_id'\] has shape .*, expected "
+                                             r"\(3, \d+\)"):
+        _call(name, zt={k: v[:, :-1] for k, v in top.items()})
 
 
 def test_kl_topk_indices_outside_the_vocabulary():

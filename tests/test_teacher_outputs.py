@@ -34,7 +34,7 @@ from xtoken_loss.multi_teacher import scores
 from xtoken_loss.multi_teacher.aggregate import _average_outputs
 from xtoken_loss.multi_teacher.teachers import TeacherSpec
 from xtoken_loss.projection import as_projection
-from xtoken_loss.teacher_outputs import as_teacher_outputs
+from xtoken_loss.teacher_outputs import TOPK_REST_KEYS, as_teacher_outputs
 
 VS, VT = 40, 50
 
@@ -131,11 +131,8 @@ def test_logits_win_over_other_dict_keys_and_unknown_keys_are_ignored():
 
 def test_declared_forms():
     # the table in docs/contracts.md §3
-    assert kl.TEACHER_FORMS == ("logits", "topk")
-    assert alm.TEACHER_FORMS == ("logits", "topk")
-    assert scores.TEACHER_FORMS == ("logits", "topk")
-    for mod in (pkl, uld, hybrid, learned_pkl):
-        assert mod.TEACHER_FORMS == ("logits",), mod.__name__
+    for mod in (kl, alm, scores, pkl, uld, hybrid, learned_pkl):
+        assert mod.TEACHER_FORMS == ("logits", "topk"), mod.__name__
 
 
 def _refused_calls():
@@ -151,14 +148,15 @@ def _refused_calls():
     }, zt
 
 
-TOPK_REFUSAL = (r"^{kind}: teacher_outputs are per-position top-k outputs \(topk_logprobs \[3, \d+, 4\], "
-                r"topk_indices \[3, \d+, 4\], target_logprob \[3, \d+\]\); {kind} accepts full logits \[B, T, V\] "
-                r"\(a tensor, \{{'logits': \.\.\.\}} or TeacherOutputs\(logits=\.\.\.\)\) \(CONTRACTS §3\)$")
+TOPK_REFUSAL = (r"^{kind}: teacher_outputs have no 'rest_logprob'; {kind} accepts full logits \[B, T, V\] "
+                r"\(a tensor, \{{'logits': \.\.\.\}} or TeacherOutputs\(logits=\.\.\.\)\) or top-k outputs with "
+                r"'topk_logprobs' \[B, T, k\] and 'topk_indices' \[B, T, k\] and 'rest_logprob' \[B, T\] "
+                r"\('target_logprob' optional\) \(CONTRACTS §3\)$")
 
 
 @pytest.mark.parametrize("kind", ["pkl", "uld", "hkl", "gold", "learned_pkl"])
 @pytest.mark.parametrize("as_type", [False, True])
-def test_logits_only_losses_refuse_topk(kind, as_type):
+def test_cross_tokenizer_topk_needs_rest_logprob(kind, as_type):
     batch, calls, zt = _refused_calls()
     top = _topk(zt, batch["teacher_0_input_ids"], 4)
     with pytest.raises(LossInputError, match=TOPK_REFUSAL.format(kind=kind)) as err:
@@ -166,7 +164,7 @@ def test_logits_only_losses_refuse_topk(kind, as_type):
     # the parser's own message, word for word
     mod = {"hkl": hybrid, "gold": hybrid}.get(kind) or {"pkl": pkl, "uld": uld, "learned_pkl": learned_pkl}[kind]
     with pytest.raises(LossInputError) as direct:
-        as_teacher_outputs(top, loss=kind, accepts=mod.TEACHER_FORMS)
+        as_teacher_outputs(top, loss=kind, accepts=mod.TEACHER_FORMS, needs=TOPK_REST_KEYS)
     assert str(err.value) == str(direct.value)
 
 
@@ -184,7 +182,7 @@ def test_alm_refuses_topk_without_target_logprob():
     del top["target_logprob"]
     with pytest.raises(LossInputError, match=r"^alm: teacher_outputs have no 'target_logprob'; alm accepts full "
                                              r"logits .* or top-k outputs with 'target_logprob' \[B, T\] "
-                                             r"\('topk_logprobs' / 'topk_indices' optional\)"):
+                                             r"\('topk_logprobs' / 'topk_indices' / 'rest_logprob' optional\)"):
         alm.alm_loss(zs, top, batch)
     # target_logprob alone is enough without teacher debiasing; with it, the top-k pair is needed too
     target = {"target_logprob": _topk(zt, batch["teacher_0_input_ids"], 4)["target_logprob"]}
@@ -268,8 +266,13 @@ def _bad_cases():
         ({"logits": torch.zeros(2, 5)}, r"logits have shape \[2, 5\], expected \[B, T, V\]"),
         ({"logits": torch.zeros(2, 5, 7, dtype=torch.int32)}, r"logits have dtype torch.int32, expected a floating"),
         ({"topk_logprobs": lp.tolist(), "topk_indices": idx}, r"field 'topk_logprobs' is a list, not a tensor"),
-        ({"scores": lp}, r"is a dict without any of 'logits', 'topk_logprobs', 'topk_indices', 'target_logprob' "
-                         r"\(keys: 'scores'\)"),
+        ({"topk_logprobs": lp, "topk_indices": idx, "rest_logprob": tlp[:, :4]},
+         r"rest_logprob has shape \[2, 4\] but topk_logprobs \[2, 5, 3\]; expected \[B, T\] = \[2, 5\]"),
+        ({"topk_logprobs": lp, "topk_indices": idx, "rest_logprob": tlp.long()}, r"rest_logprob has dtype torch.int64"),
+        ({"target_logprob": tlp, "rest_logprob": tlp},
+         r"have 'rest_logprob' but no 'topk_logprobs' / 'topk_indices'; it is the mass outside the listed ids"),
+        ({"scores": lp}, r"is a dict without any of 'logits', 'topk_logprobs', 'topk_indices', 'target_logprob', "
+                         r"'rest_logprob' \(keys: 'scores'\)"),
         ({}, r"is a dict without any of .* \(keys: none\)"),
         ((lp, idx), r"is a tuple"),
         (None, r"is a NoneType"),
@@ -284,7 +287,8 @@ def test_malformed_outputs_name_the_problem(case):
     msg = str(err.value)
     assert "; kl accepts full logits [B, T, V]" in msg and msg.endswith("(CONTRACTS §3)") and "\n" not in msg
     if isinstance(obj, dict) and obj and not any(isinstance(v, list) for v in obj.values()):
-        keys = {k: v for k, v in obj.items() if k in ("logits", "topk_logprobs", "topk_indices", "target_logprob")}
+        keys = {k: v for k, v in obj.items() if k in ("logits", "topk_logprobs", "topk_indices", "target_logprob",
+                                                       "rest_logprob")}
         if keys:  # the constructor refuses the same fields, naming itself
             with pytest.raises(LossInputError, match=rf"^TeacherOutputs: teacher_outputs {what}"):
                 TeacherOutputs(**keys)

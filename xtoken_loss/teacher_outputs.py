@@ -5,7 +5,10 @@ Two forms:
 - `"topk"`: per-position top-k, `topk_logprobs [B, T_t, k]` (log-softmax over the full teacher
   vocabulary, taken before selecting) with `topk_indices [B, T_t, k]` (an integer dtype; -1 marks an
   empty slot), and optionally `target_logprob [B, T_t]`, the log-probability of the token that follows
-  each position. A loss that needs only the latter (ALM) also takes `target_logprob` alone.
+  each position, and `rest_logprob [B, T_t]`, the log of the teacher's probability mass outside the
+  listed ids (-inf when they hold all of it; it comes with the top-k pair). A loss that needs only
+  `target_logprob` (ALM) also takes it alone; the cross-tokenizer losses' top-k forms need
+  `rest_logprob` (their `needs`).
 
 `as_teacher_outputs` is the one place that turns what a caller passes (a `TeacherOutputs`, a plain
 tensor = full logits, or a dict with the CONTRACTS §3 keys, for example a model output with `logits`)
@@ -24,7 +27,10 @@ from xtoken_core.errors import LossInputError
 
 FORMS = ("logits", "topk")
 TOPK_KEYS = ("topk_logprobs", "topk_indices")  # what the top-k form carries unless a loss says otherwise
-_KEYS = ("logits", "topk_logprobs", "topk_indices", "target_logprob")
+_KEYS = ("logits", "topk_logprobs", "topk_indices", "target_logprob", "rest_logprob")
+TOPK_REST_KEYS = TOPK_KEYS + ("rest_logprob",)  # what the cross-tokenizer losses' top-k forms read
+_DIMS = {"topk_logprobs": "[B, T, k]", "topk_indices": "[B, T, k]", "target_logprob": "[B, T]",
+         "rest_logprob": "[B, T]"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -36,12 +42,11 @@ class TeacherOutputs:
     topk_logprobs: torch.Tensor | None = None  # [B, T_t, k]
     topk_indices: torch.Tensor | None = None  # [B, T_t, k], -1 = empty slot
     target_logprob: torch.Tensor | None = None  # [B, T_t]
-    # [B, T_t] log of the mass outside the listed ids (-inf: none left). Minimal field added on the
-    # cache branch so `teacher_cache.topk_outputs` can return it; helper "topk" owns its checks.
-    rest_logprob: torch.Tensor | None = None
+    rest_logprob: torch.Tensor | None = None  # [B, T_t], log of the mass outside the listed ids
 
     def __post_init__(self):
-        _check_fields(self.logits, self.topk_logprobs, self.topk_indices, self.target_logprob, "TeacherOutputs")
+        _check_fields(self.logits, self.topk_logprobs, self.topk_indices, self.target_logprob, "TeacherOutputs",
+                      rest=self.rest_logprob)
 
     @property
     def form(self) -> str:
@@ -93,7 +98,7 @@ def as_teacher_outputs(
     over the other keys, as it always has) or the top-k keys; other keys are ignored. `loss`: the
     loss or score named in messages. `accepts`: the forms it accepts (its module's `TEACHER_FORMS`).
     `needs`: the top-k fields it reads (default `topk_logprobs` + `topk_indices`; ALM reads
-    `target_logprob`).
+    `target_logprob`; the cross-tokenizer top-k forms `TOPK_REST_KEYS`, the pair + `rest_logprob`).
     """
     bad = [f for f in accepts if f not in FORMS]
     if bad or not accepts:
@@ -105,15 +110,15 @@ def as_teacher_outputs(
         out = TeacherOutputs(logits=obj)
     elif isinstance(obj, Mapping):
         if obj.get("logits") is not None:
-            fields = (obj["logits"], None, None, None)
+            fields = (obj["logits"], None, None, None, None)
         else:
-            fields = (None, obj.get("topk_logprobs"), obj.get("topk_indices"), obj.get("target_logprob"))
+            fields = (None,) + tuple(obj.get(k) for k in _KEYS[1:])
             if all(f is None for f in fields):
                 keys = ", ".join(repr(k) for k in obj) or "none"
                 _refuse(loss, accepts, needs, f"is a dict without any of {', '.join(map(repr, _KEYS))} (keys: {keys})")
-        _check_fields(*fields, loss, accepts, needs)
+        _check_fields(*fields[:4], loss, accepts, needs, rest=fields[4])
         out = TeacherOutputs(logits=fields[0], topk_logprobs=fields[1], topk_indices=fields[2],
-                             target_logprob=fields[3])
+                             target_logprob=fields[3], rest_logprob=fields[4])
     else:
         _refuse(loss, accepts, needs, f"is a {type(obj).__name__}")
     if out.form not in accepts:
@@ -139,10 +144,9 @@ def _describe(accepts, needs) -> str:
     if "topk" in accepts:
         if tuple(needs) == TOPK_KEYS:
             parts.append("per-position top-k {'topk_logprobs': [B, T, k], 'topk_indices': [B, T, k] (integer), "
-                         "optional 'target_logprob': [B, T]}")
+                         "optional 'target_logprob': [B, T], 'rest_logprob': [B, T]}")
         else:
-            dims = {"topk_logprobs": "[B, T, k]", "topk_indices": "[B, T, k]", "target_logprob": "[B, T]"}
-            need = " and ".join(f"{k!r} {dims[k]}" for k in needs)
+            need = " and ".join(f"{k!r} {_DIMS[k]}" for k in needs)
             rest = " / ".join(repr(k) for k in _KEYS[1:] if k not in needs)
             parts.append(f"top-k outputs with {need}" + (f" ({rest} optional)" if rest else ""))
     return " or ".join(parts)
@@ -156,17 +160,17 @@ def _shape(t) -> str:
     return str(list(t.shape))
 
 
-def _check_fields(logits, lp, idx, tlp, loss, accepts=FORMS, needs=TOPK_KEYS) -> None:
-    """Structure of the fields (shapes and dtypes only, no device sync)."""
+def _check_fields(logits, lp, idx, tlp, loss, accepts=FORMS, needs=TOPK_KEYS, *, rest=None) -> None:
+    """Structure of the fields (shapes and dtypes only, no device sync); `rest`: `rest_logprob`."""
 
     def fail(what):
         _refuse(loss, accepts, needs, what)
 
-    for name, t in zip(_KEYS, (logits, lp, idx, tlp)):
+    for name, t in zip(_KEYS, (logits, lp, idx, tlp, rest)):
         if t is not None and not isinstance(t, torch.Tensor):
             fail(f"field {name!r} is a {type(t).__name__}, not a tensor")
     if logits is not None:
-        if any(t is not None for t in (lp, idx, tlp)):
+        if any(t is not None for t in (lp, idx, tlp, rest)):
             fail("hold both 'logits' and top-k fields; give one form")
         if logits.dim() != 3:
             fail(f"logits have shape {_shape(logits)}, expected [B, T, V]")
@@ -195,3 +199,12 @@ def _check_fields(logits, lp, idx, tlp, loss, accepts=FORMS, needs=TOPK_KEYS) ->
                  f"{list(lp.shape[:2])}")
         if not tlp.is_floating_point():
             fail(f"target_logprob has dtype {tlp.dtype}, expected a floating dtype")
+    if rest is not None:
+        if lp is None:
+            fail("have 'rest_logprob' but no 'topk_logprobs' / 'topk_indices'; it is the mass outside the listed ids "
+                 "and comes with them")
+        if rest.shape != lp.shape[:2]:
+            fail(f"rest_logprob has shape {_shape(rest)} but topk_logprobs {_shape(lp)}; expected [B, T] = "
+                 f"{list(lp.shape[:2])}")
+        if not rest.is_floating_point():
+            fail(f"rest_logprob has dtype {rest.dtype}, expected a floating dtype")

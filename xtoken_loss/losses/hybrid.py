@@ -27,7 +27,9 @@ run by `xtoken_loss/chunk_runner.py`):
   common-set term `sum_j p_j (log p_j - log q_j)` is not renormalised (it can be negative); the
   sorted uncommon vectors are cut to their `min(|U_s|, |U_t|, tail_cut)` largest entries (8192);
   `loss_c = T^2 (KL + L1)`; every valid chunk counts, correct or not; `direction="reverse"` too.
-Sum over valid chunks / `normalizer` (default: the number of valid chunks).
+Sum over valid chunks / `normalizer` (default: the number of valid chunks). Top-k teacher outputs
+(with `rest_logprob`, CONTRACTS §3): the KL on the listed common pairs, the sorted L1 on the listed
+uncommon ranks plus one rest outcome, chunk form `"start"`, T = 1 (`losses/sorted_topk.py`).
 """
 
 from __future__ import annotations
@@ -45,15 +47,17 @@ from xtoken_loss.batch_tokenizers import TokenizerPair, check_batch_tokenizers
 from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
+from xtoken_loss.losses.sorted_topk import hybrid_topk_loss
 from xtoken_loss.losses.uld import ChunkLossOptions
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import Projection, as_projection, load_projection
 from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
-from xtoken_loss.teacher_outputs import as_teacher_outputs
+from xtoken_loss.teacher_outputs import TOPK_REST_KEYS, as_teacher_outputs
+from xtoken_loss.topk import refuse_topk_options
 
 DEFAULT_THRESHOLD = 0.6
 PUBLIC_TAIL_CUT = 8192
-TEACHER_FORMS = ("logits",)
+TEACHER_FORMS = ("logits", "topk")  # top-k: the pair + rest_logprob (losses/sorted_topk.py)
 
 
 @config
@@ -224,7 +228,19 @@ def hybrid_loss(
                       position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     correct_only = o.only_correct
     T, form, tail_cut = float(temperature), o.form, o.cut
-    teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS)
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss=loss_name, accepts=TEACHER_FORMS, needs=TOPK_REST_KEYS)
+    if teacher_outputs.form == "topk":
+        refuse_topk_options(loss_name, temperature=temperature, public=public, chunk_form=chunk_form,
+                            tail_cut=tail_cut)
+        cs = _as_common(common, student_logits.device)
+        check_batch_tokenizers(cs, batch, teacher_index, loss=loss_name, what="the common set's projection")
+        Vs = student_logits.shape[-1]
+        if cs.size and int(cs.student_ids.max()) >= Vs:
+            raise LossInputError(f"{loss_name}: the common set pairs student ids up to {int(cs.student_ids.max())}, "
+                                 f"but the student logits are {Vs} wide; build it for this vocabulary")
+        return hybrid_topk_loss(student_logits, teacher_outputs, batch, common=cs, teacher_index=teacher_index,
+                                normalizer=normalizer, common_weight=common_weight, uncommon_weight=uncommon_weight,
+                                correct_only=correct_only, check_inputs=check_inputs, loss_name=loss_name)
     normalizer = check_chunk_inputs(loss_name, student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
                                     correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     if public:
@@ -382,8 +398,8 @@ def hkl_loss(
         if projection is None:
             raise LossOptionError("hkl: pass projection=... (or a precomputed common=common_by_threshold(...))")
         proj = as_projection(projection, "cpu") if not isinstance(projection, Projection) else projection
-        teacher_outputs = as_teacher_outputs(teacher_outputs, loss="hkl", accepts=TEACHER_FORMS)
-        proj.check_widths(student_logits.shape[-1], teacher_outputs.width)
+        teacher_outputs = as_teacher_outputs(teacher_outputs, loss="hkl", accepts=TEACHER_FORMS, needs=TOPK_REST_KEYS)
+        proj.check_widths(student_logits.shape[-1], teacher_outputs.width or proj.teacher_width)
         public = options.get("public")
         common = _public_common(proj, "hkl", threshold) if public else common_by_threshold(proj, threshold)
     return hybrid_loss(student_logits, teacher_outputs, batch, common=common, normalizer=normalizer,

@@ -4,7 +4,8 @@ share the tokenizer, so their distributions are compared directly.
 Teacher outputs (CONTRACTS §3): full logits `[B, T, V_t]` (V_t <= the student's width; a narrower
 teacher is padded with -inf), or a dict with per-position top-k `topk_logprobs [B, T, k]`
 (log-probabilities over the full teacher vocabulary) and `topk_indices [B, T, k]` (distinct per
-position; -1 marks an empty slot).
+position; -1 marks an empty slot), optionally with `rest_logprob [B, T]` (the log of the teacher's mass
+outside the listed tokens: used as the rest outcome when given, else `1 - sum exp(topk_logprobs)`).
 
 With top-k teacher outputs the two distributions are compared on the k listed tokens plus, by
 default, one *rest* outcome holding everything else (`tail="bucket"`): a true KL between two
@@ -113,11 +114,19 @@ def kl_loss(
         else:  # a row of only empty slots (-inf everywhere) is allowed
             listed = (t_main.reshape(B * L, -1)[rows] != float("-inf")).any(dim=1)
             check_finite_rows("kl", "topk_logprobs", t_main, rows[listed])
+            if teacher.rest_logprob is not None:  # -inf is a legitimate rest (the listed ids hold all the mass)
+                r = teacher.rest_logprob.reshape(-1)[rows]
+                hit = (torch.isnan(r) | (r == float("inf"))).nonzero()
+                if hit.numel():
+                    at = int(rows[hit[0, 0]])
+                    raise LossInputError(f"kl: rest_logprob holds NaN or +inf at sample {at // L}, position {at % L} "
+                                         "(a position the loss reads)")
     num_units = valid.sum()
     norm = resolve_normalizer(normalizer, num_units, cdt)
     zs = student_logits.reshape(B * L, V)
     zt = t_main.reshape(B * L, t_main.shape[2])
     idx = t_idx.reshape(B * L, -1) if t_idx is not None else None
+    rest = teacher.rest_logprob.reshape(B * L) if form == "topk" and teacher.rest_logprob is not None else None
     want_grad = needs_grad(student_logits)
     # full logits write every row of the gradient (padding rows with 0); top-k rows add into zeros
     alloc = torch.empty_like if form == "logits" else torch.zeros_like
@@ -135,7 +144,8 @@ def kl_loss(
                 r1 = min(r0 + n, B * L)
                 w = valid[r0:r1]
                 out = grad[r0:r1] if direct else buf[: r1 - r0]
-                loss_row, coef, row_bad = _topk_rows(zs[r0:r1], zt[r0:r1], idx[r0:r1], T, direction, tail, out)
+                loss_row, coef, row_bad = _topk_rows(zs[r0:r1], zt[r0:r1], idx[r0:r1], T, direction, tail, out,
+                                                     None if rest is None else rest[r0:r1])
                 bad = _or(bad, (w & row_bad).any())
                 total += torch.where(w, loss_row, torch.zeros_like(loss_row)).sum()
                 if want_grad:
@@ -323,11 +333,13 @@ def _full_rows(z, zt, p, lse_s, T, direction, V):
     return loss_row, coef, row_bad
 
 
-def _topk_rows(z, lp, idx, T, direction, tail, out):
+def _topk_rows(z, lp, idx, T, direction, tail, out, rest=None):
     """Top-k teacher rows, in log space: the student's log-masses on the listed tokens are
     `z_j / T - lse` and, for the bucket, its rest is the log-sum-exp of the unlisted logits (its own
-    maximum as the shift), so neither underflows on confident logits. Fills `out [n, V]` with what
-    `coef` turns into the gradient rows. Returns `(loss [n], coef, row_bad [n])`."""
+    maximum as the shift), so neither underflows on confident logits. The teacher's rest is `rest`
+    (`rest_logprob [n]`, the teacher then renormalised over listed + rest), else `1 - sum exp(lp)`.
+    Fills `out [n, V]` with what `coef` turns into the gradient rows. Returns `(loss [n], coef,
+    row_bad [n])`."""
     cdt = out.dtype
     n, V = z.shape
     neg_inf = float("-inf")
@@ -377,16 +389,26 @@ def _topk_rows(z, lp, idx, T, direction, tail, out):
     # teacher: listed log-probabilities and the rest 1 - sum exp(lp), from log(listed mass) =
     # m + log1p(sum of the others relative to the largest), exact to the inputs' rounding
     lpm = torch.where(ok, lp, torch.full_like(lp, neg_inf))
-    m = lpm.amax(dim=1)
-    m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    rel = torch.exp(lpm - m0[:, None]).scatter(1, lpm.argmax(dim=1, keepdim=True), 0.0)
-    log_listed = m + torch.log1p(rel.sum(dim=1))
-    p_rest = (-torch.expm1(log_listed)).clamp_min(0.0)
-    # a rest below the rounding noise of that difference is 0 when the student has no unlisted mass
-    # (the top-k lists every token it can emit): the full KL, not +inf from noise
-    floor = lp.shape[1] * torch.finfo(cdt).eps
-    p_rest = torch.where((s_r > 0) | (p_rest > floor), p_rest, torch.zeros_like(p_rest))
-    lt_r = torch.log(p_rest)
+    if rest is not None:  # the stored rest (exact before rounding); teacher renormalised over listed + rest
+        rest = rest.to(cdt)
+        row_bad |= torch.isnan(rest) | (rest == float("inf"))
+        lt_r = torch.where(torch.isnan(rest), torch.full_like(rest, neg_inf), rest)
+        log_z = torch.logaddexp(lpm.logsumexp(dim=1), lt_r)
+        row_bad |= ~torch.isfinite(log_z)  # no teacher mass at all (or +inf)
+        z0 = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
+        lpm, lt_r = lpm - z0[:, None], lt_r - z0
+        p_rest = torch.exp(lt_r)
+    else:
+        m = lpm.amax(dim=1)
+        m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        rel = torch.exp(lpm - m0[:, None]).scatter(1, lpm.argmax(dim=1, keepdim=True), 0.0)
+        log_listed = m + torch.log1p(rel.sum(dim=1))
+        p_rest = (-torch.expm1(log_listed)).clamp_min(0.0)
+        # a rest below the rounding noise of that difference is 0 when the student has no unlisted mass
+        # (the top-k lists every token it can emit): the full KL, not +inf from noise
+        floor = lp.shape[1] * torch.finfo(cdt).eps
+        p_rest = torch.where((s_r > 0) | (p_rest > floor), p_rest, torch.zeros_like(p_rest))
+        lt_r = torch.log(p_rest)
     pt = torch.exp(lpm)
     a, a_r = torch.exp(la), torch.exp(la_r)
     c_u = torch.exp(mx / T - lse)  # turns an unlisted numerator into its probability

@@ -13,7 +13,8 @@ outcome, times T^2. It runs in groups of units with autograd on each group's sli
 and hands the gradients to autograd through one custom function. Everything is in log space
 (log-softmax, log W from `log_weights()`, logsumexp over W's entries and the rest, the KL from the
 logs), so confident or wide logits stay finite; only chunk-start rows are read (padding gets gradient
-0 whatever it holds), and a non-finite row that is read makes the loss NaN.
+0 whatever it holds), and a non-finite row that is read makes the loss NaN. Top-k teacher outputs
+(with `rest_logprob`) take the top-k P-KL (`losses/pkl_topk.py`) with W's log-weights as a leaf.
 
 `LearnedProjection.save(path)` writes a CONTRACTS §4 artifact through the artifact format's writer
 (`xtoken_core.artifact_format`: safetensors + JSON, atomically, a temporary directory renamed into
@@ -44,6 +45,7 @@ from xtoken_loss.chunked import (
     safe_logsumexp,
 )
 from xtoken_loss.losses.pkl import PrincipledPKLOptions
+from xtoken_loss.losses.pkl_topk import pkl_topk_sums, projection_entries
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import (
     Projection,
@@ -53,11 +55,12 @@ from xtoken_loss.projection import (
     reduce_column_scores,
     top_columns,
 )
-from xtoken_loss.teacher_outputs import as_teacher_outputs
+from xtoken_loss.teacher_outputs import TOPK_REST_KEYS, TeacherOutputs, as_teacher_outputs
+from xtoken_loss.topk import check_topk_batch, refuse_topk_options
 from xtoken_loss.units import check_chunk_ids, chunk_units
 
 LEARNED_METHOD = "learned"
-TEACHER_FORMS = ("logits",)
+TEACHER_FORMS = ("logits", "topk")  # top-k: the pair + rest_logprob (losses/pkl_topk.py)
 
 
 @config
@@ -216,7 +219,13 @@ def learned_pkl_loss(
                   check_inputs=check_inputs)
     T = float(temperature)
     check_batch_tokenizers(projection, batch, teacher_index, loss="learned_pkl")
-    zt = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS).logits
+    teacher = as_teacher_outputs(teacher_outputs, loss="learned_pkl", accepts=TEACHER_FORMS, needs=TOPK_REST_KEYS)
+    if teacher.form == "topk":
+        return _learned_topk(student_logits, teacher, batch, projection=projection, teacher_index=teacher_index,
+                             normalizer=normalizer, temperature=temperature, direction=direction,
+                             top_k_columns=top_k_columns, correct_only=correct_only, process_group=process_group,
+                             check_inputs=check_inputs)
+    zt = teacher.logits
     normalizer = check_chunk_inputs("learned_pkl", student_logits, zt, batch, teacher_index, normalizer,
                                     correct_only=correct_only)
     B, Ls, Vs = student_logits.shape
@@ -326,6 +335,46 @@ def learned_pkl_loss(
         gw_full[:rows] = g_w.to(gw_full.dtype)
     out = _TwoGrads.apply(student_logits, lw_full, loss,
                           g_logits.view(B, Ls, Vs) if want_logits else None, gw_full)
+    return out, metrics
+
+
+def _learned_topk(student_logits, teacher: TeacherOutputs, batch, *, projection: LearnedProjection, teacher_index,
+                  normalizer, temperature, direction, top_k_columns, correct_only, process_group, check_inputs):
+    """`learned_pkl_loss` with a top-k teacher: the top-k P-KL (`losses/pkl_topk.py`) with W's
+    log-weights as a leaf, so theta gets its gradient too."""
+    refuse_topk_options("learned_pkl", temperature=temperature)
+    normalizer = check_chunk_inputs("learned_pkl", student_logits, None, batch, teacher_index, normalizer,
+                                    correct_only=correct_only)
+    B, Ls, Vs = student_logits.shape
+    check_topk_batch("learned_pkl", teacher, batch, teacher_index, B)
+    dev = student_logits.device
+    if projection.indices.device != dev:
+        raise LossInputError(f"learned_pkl_loss: move the LearnedProjection to {dev} (module.to(device))")
+    R = projection.indices.shape[0]
+    if Vs < R and bool(projection.slot_mask[Vs:].any()):
+        raise LossInputError(f"student logits have {Vs} columns but the projection maps rows up to {R - 1}")
+    cdt = compute_dtype(student_logits.dtype)
+    e_rows, e_cols, flat = projection_entries(projection.indices, projection.slot_mask, Vs)
+    lw_full = projection.log_weights()  # [R, K], in the graph of theta
+    want_w = torch.is_grad_enabled() and lw_full.requires_grad
+    log_w = lw_full.detach().reshape(-1)[flat].to(cdt).requires_grad_(want_w)
+    reach = torch.zeros(projection.teacher_width, dtype=torch.bool, device=dev)
+    reach[e_cols] = True
+    total, norm, units, g_logits, g_e, sums, bad = pkl_topk_sums(
+        student_logits, teacher, batch, loss="learned_pkl", e_rows=e_rows, e_cols=e_cols, log_w=log_w, reach=reach,
+        teacher_index=teacher_index, normalizer=normalizer, direction=direction, top_k_columns=top_k_columns,
+        columns=None, correct_only=correct_only, process_group=process_group, check_inputs=check_inputs)
+    total = poison(total, bad)
+    loss = total / norm
+    metrics = {"kl": (total / units.num_units.to(cdt).clamp_min(1)).detach()}
+    want_logits = g_logits is not None
+    if not (want_logits or want_w):
+        return loss, metrics
+    gw_full = None
+    if want_w:
+        gw_full = torch.zeros_like(lw_full)
+        gw_full.view(-1)[flat] = g_e.to(gw_full.dtype)
+    out = _TwoGrads.apply(student_logits, lw_full, loss, g_logits.view(B, Ls, Vs) if want_logits else None, gw_full)
     return out, metrics
 
 

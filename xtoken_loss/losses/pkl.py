@@ -23,7 +23,8 @@ Public (`public=True`): NeMo-RL's published P-KL, its defaults included (`losses
   teacher logits cut to the projection's teacher vocabulary.
 
 Both: sum over valid chunks of `T^2 * KL`, divided by `normalizer` (default: the number of valid
-chunks). Teacher outputs are treated as constants (no gradient).
+chunks). Teacher outputs are treated as constants (no gradient). Top-k teacher outputs (with
+`rest_logprob`, CONTRACTS §3) take the principled form at T = 1 in `losses/pkl_topk.py`.
 
 Numerics (principled form; docs/losses.md, "Numerics"): log space throughout. The student's masses
 on S are per-column logsumexps over W's entries (`projection.log_slot_masses`), its rest and mapped
@@ -57,6 +58,7 @@ from xtoken_loss.chunked import (
     shift_rows,
     unit_result,
 )
+from xtoken_loss.losses.pkl_topk import pkl_topk_loss
 from xtoken_loss.losses.public import public_pkl
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import (
@@ -66,11 +68,11 @@ from xtoken_loss.projection import (
     restrict_projection,
     top_columns,
 )
-from xtoken_loss.teacher_outputs import as_teacher_outputs
+from xtoken_loss.teacher_outputs import TOPK_REST_KEYS, as_teacher_outputs
 from xtoken_loss.units import check_chunk_ids, chunk_units
 
 DEFAULT_TOP_K_COLUMNS = 8192
-TEACHER_FORMS = ("logits",)
+TEACHER_FORMS = ("logits", "topk")  # top-k: the pair + rest_logprob (losses/pkl_topk.py)
 
 
 @config
@@ -149,7 +151,13 @@ def pkl_loss(
                       position_chunk_size=position_chunk_size, public_eps=public_eps, check_inputs=check_inputs)
     correct_only = o.only_correct
     T = float(temperature)
-    zt = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS).logits
+    teacher = as_teacher_outputs(teacher_outputs, loss="pkl", accepts=TEACHER_FORMS, needs=TOPK_REST_KEYS)
+    if teacher.form == "topk":
+        return pkl_topk_loss(student_logits, teacher, batch, projection=projection, teacher_index=teacher_index,
+                             normalizer=normalizer, temperature=temperature, direction=direction,
+                             top_k_columns=top_k_columns, columns=columns, public=public, correct_only=correct_only,
+                             process_group=process_group, check_inputs=check_inputs)
+    zt = teacher.logits
     proj = as_projection(projection, student_logits.device)
     check_batch_tokenizers(proj, batch, teacher_index, loss="pkl")  # a batch for other tokenizers: say so first
     normalizer = check_chunk_inputs("pkl", student_logits, zt, batch, teacher_index, normalizer,

@@ -14,7 +14,8 @@ distribution" is on each side is the `chunk_form`:
 The chunk-unit machinery it shares with the hybrid losses (`hybrid.py`) lives in
 `xtoken_loss/chunk_runner.py` (unit grouping, chunk distributions, the memory-bounded runner) and
 `xtoken_loss/sorted_l1.py` (the sorted L1 with its gradient). `ChunkLossOptions`, the options all
-three share, is defined here.
+three share, is defined here. Top-k teacher outputs (with `rest_logprob`, CONTRACTS §3): the listed
+ranks plus one rest outcome on both sides, chunk form `"start"`, T = 1 (`losses/sorted_topk.py`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from xtoken_core.errors import LossOptionError
 from xtoken_loss.checks import check_chunk_inputs
 from xtoken_loss.chunk_runner import prepare, run_units
 from xtoken_loss.chunked import check_options
+from xtoken_loss.losses.sorted_topk import uld_topk_loss
 from xtoken_loss.modules import LossModule
 from xtoken_loss.sorted_l1 import Workspace, sorted_l1, sorted_l1_signs
-from xtoken_loss.teacher_outputs import as_teacher_outputs
+from xtoken_loss.teacher_outputs import TOPK_REST_KEYS, as_teacher_outputs
+from xtoken_loss.topk import refuse_topk_options
 
-TEACHER_FORMS = ("logits",)
+TEACHER_FORMS = ("logits", "topk")  # top-k: the pair + rest_logprob (losses/sorted_topk.py)
 ChunkForm = Literal["start", "chain", "mean_log"]
 
 
@@ -99,7 +102,11 @@ def uld_loss(
                       chunk_form=chunk_form, tail_cut=tail_cut, correct_only=correct_only,
                       position_chunk_size=position_chunk_size, check_inputs=check_inputs)
     T, form = float(temperature), o.form
-    teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS)
+    teacher_outputs = as_teacher_outputs(teacher_outputs, loss="uld", accepts=TEACHER_FORMS, needs=TOPK_REST_KEYS)
+    if teacher_outputs.form == "topk":
+        refuse_topk_options("uld", temperature=temperature, public=public, chunk_form=chunk_form, tail_cut=tail_cut)
+        return uld_topk_loss(student_logits, teacher_outputs, batch, teacher_index=teacher_index,
+                             normalizer=normalizer, correct_only=correct_only, check_inputs=check_inputs)
     normalizer = check_chunk_inputs("uld", student_logits, teacher_outputs.logits, batch, teacher_index, normalizer,
                                     correct_only=correct_only, student_ids=form == "chain", teacher_ids=form == "chain")
     zt, units = prepare(student_logits, teacher_outputs, batch, loss_name="uld", teacher_index=teacher_index,

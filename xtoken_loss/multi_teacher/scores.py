@@ -18,7 +18,8 @@ batch would give.
 
 Top-k teacher outputs (CONTRACTS §3): `"ce"` and `"bpb"` read `target_logprob`; `"max_prob"` is
 exact (the top-1 token is listed); `"entropy"` is the entropy of the coarsened distribution (the k
-listed tokens plus one outcome for the rest), a lower bound of the true entropy.
+listed tokens plus one outcome for the rest: `exp(rest_logprob)` when given, else `1 - sum exp(lp)`),
+a lower bound of the true entropy.
 
 Also here: `projection_accuracy_counts`, how often the projected student's most likely teacher token
 is the teacher's (a per-teacher metric, reduced the same way: hits and counts).
@@ -93,7 +94,7 @@ def teacher_score_sums(
         if logits is not None:
             values = _from_logits(logits, target, valid, score, position_chunk_size)
         else:
-            values = _from_topk(lp, idx, target_lp, target, valid, score, prefix)
+            values = _from_topk(lp, idx, target_lp, target, valid, score, prefix, teacher.rest_logprob)
     if score == "bpb":
         values = values / math.log(2.0)
     values = torch.where(valid, values, torch.zeros_like(values))
@@ -126,7 +127,7 @@ def _from_logits(logits, target, valid, score, position_chunk_size):
     return out.view(B, L)
 
 
-def _from_topk(lp, idx, target_lp, target, valid, score, prefix):
+def _from_topk(lp, idx, target_lp, target, valid, score, prefix, rest_lp=None):
     lp = lp.to(torch.float64)
     ok = (idx >= 0) & (lp > float("-inf"))
     lp_ok = torch.where(ok, lp, torch.full_like(lp, float("-inf")))
@@ -142,7 +143,10 @@ def _from_topk(lp, idx, target_lp, target, valid, score, prefix):
         return torch.exp(lp_ok.max(dim=2).values)
     p = torch.exp(lp_ok)
     ent = -torch.where(ok, p * lp, torch.zeros_like(p)).sum(dim=2)
-    rest = (1.0 - p.sum(dim=2)).clamp_min(0.0)
+    if rest_lp is not None:  # the stored rest, exact before rounding
+        rest = torch.exp(rest_lp.to(torch.float64))
+    else:
+        rest = (1.0 - p.sum(dim=2)).clamp_min(0.0)
     return ent - torch.where(rest > 0, rest * torch.log(rest), torch.zeros_like(rest))
 
 
@@ -220,6 +224,7 @@ def projection_accuracy_counts(
                 t_arg = zt.reshape(B * Lt, -1)[r].argmax(dim=1)
             else:
                 lp_r, idx_r = lp.reshape(B * Lt, -1)[r], idx.reshape(B * Lt, -1)[r]
+                lp_r = torch.where(idx_r >= 0, lp_r, torch.full_like(lp_r, float("-inf")))  # empty slots: never
                 t_arg = idx_r.gather(1, lp_r.argmax(dim=1, keepdim=True)).squeeze(1)
             s_arg = projected_argmax(zs[srows[r0:r0 + step]], projection, tables, top_m=top_m)
             hits += (s_arg == t_arg.to(torch.int64)).sum().to(torch.float64)
