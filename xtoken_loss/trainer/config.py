@@ -118,6 +118,13 @@ class TeacherConfig(_Base):
     projection_trainable: bool = option(False, help="train the projection W (LearnedProjection); exported at the end")
     loss_options: dict = option(default_factory=dict, help="options of the loss kind (temperature, direction, ...)")
     offload: bool = option(False, help="keep the teacher's parameters on the CPU between uses (GPU)")
+    top_k: int | None = option(None, min=1, help="give the loss the teacher's top-K log-probabilities (+ the realised "
+                                                 "token's and the rest mass's) instead of its full logits, rounded "
+                                                 "to top_k_dtype as a teacher cache stores them")
+    top_k_dtype: Literal["bfloat16", "float16"] = option("bfloat16", help="storage dtype of the top-k "
+                                                                          "log-probabilities (with top_k)")
+    cache: str | None = option(None, help="teacher-cache directory (`xtoken-train cache-teacher`): read this "
+                                          "teacher's top-k outputs from it instead of running the model")
     pretrain: PretrainConfig | None = option(None, help="pre-train this teacher first (CE only), cached")
 
     def check(self) -> None:
@@ -135,6 +142,18 @@ class TeacherConfig(_Base):
         if self.pretrain is not None and isinstance(self.model, str):
             raise self.fail(f"pretrain needs a model built from a config (a mapping), teacher {self.name!r} names "
                             f"{self.model!r}")
+        if self.top_k is not None or self.cache is not None:
+            what = "cache" if self.cache is not None else "top_k"
+            if "topk" not in spec.teacher_forms:
+                raise self.fail(f"{what}: loss {self.loss!r} of teacher {self.name!r} does not take top-k teacher "
+                                "outputs")
+            opts = dict(self.loss_options) if isinstance(self.loss_options, Mapping) else {}
+            if opts.get("public"):
+                raise self.fail(f"{what}: teacher {self.name!r} has loss_options.public=true, which needs the "
+                                "teacher's full logits; the top-k form is for the principled losses")
+            if opts.get("temperature", 1.0) != 1.0:
+                raise self.fail(f"{what}: teacher {self.name!r} has loss_options.temperature="
+                                f"{opts['temperature']}; top-k log-probabilities are stored at temperature 1")
         if not isinstance(self.loss_options, Mapping):
             raise self.fail("loss_options must be a mapping")
         try:

@@ -22,7 +22,7 @@ import torch
 
 from xtoken_loss import registry
 from xtoken_loss.multi_teacher.scores import teacher_score_sums
-from xtoken_loss.trainer.step import model_inputs, teacher_logits
+from xtoken_loss.trainer.step import model_inputs, teacher_outputs
 from xtoken_loss.units import next_token_mask
 
 
@@ -65,7 +65,7 @@ def evaluate(student, teachers, kd_loss, batches: list[dict], dist, *, max_batch
         target[:, :-1] = ids[:, 1:]
         acc[4] += ((logits.argmax(-1) == target) & valid).sum()
         if n:
-            outs = [teacher_logits(t, mb) for t in teachers]
+            outs = [teacher_outputs(t, mb) for t in teachers]
             _, m = kd_loss(logits, outs, mb, normalizer=[1.0] * n)
             for j, t in enumerate(teachers):
                 acc[5 + 2 * j] += m.get(f"teacher_{j}/kd", zero).double()

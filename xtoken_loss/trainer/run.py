@@ -113,11 +113,6 @@ def teacher_source(cfg: TrainConfig, i: int, dist):
     return str(final)
 
 
-def teacher_sources(cfg: TrainConfig, dist) -> list:
-    """Each teacher's model (`teacher_source`), in config order."""
-    return [teacher_source(cfg, i, dist) for i in range(len(cfg.teachers))]
-
-
 # -------------------------------------------------------------------------------------------------
 # models
 
@@ -203,6 +198,37 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
 
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _open_teacher_caches(cfg: TrainConfig, sides: Sides, data_files: dict) -> list:
+    """Each teacher's `TeacherCache` (None: run online), checked against the run before any model
+    is built: the same teacher identity, tokenizer and documents (`teacher_cache.collate.check_cache`),
+    the configured `top_k` if any, and a positions budget at least the run's teacher budget (a smaller
+    one would cut the run's samples shorter than configured)."""
+    from xtoken_loss.trainer.teacher_cache import open_cache
+    from xtoken_loss.trainer.teacher_cache.collate import check_cache
+    from xtoken_loss.trainer.teacher_cache.writer import teacher_budget
+
+    out = []
+    for i, (t, tok) in enumerate(zip(cfg.teachers, sides.teachers)):
+        if t.cache is None:
+            out.append(None)
+            continue
+        cache = open_cache(t.cache)  # errors name the cache's files
+        where = f"teachers.{i}.cache: {t.cache}"
+        if t.top_k is not None and t.top_k != cache.k:
+            raise TrainConfigError(f"{where} holds the top {cache.k} log-probabilities per position, but "
+                                   f"teachers.{i}.top_k is {t.top_k}; remove top_k or rebuild the cache with "
+                                   f"--top-k {t.top_k}")
+        budget = teacher_budget(cfg, i)
+        if cache.positions_budget < budget:
+            key = "data.max_length" if t.same_vocab else "data.teacher_max_length"
+            raise TrainConfigError(f"{where} holds {cache.positions_budget} positions per document, fewer than "
+                                   f"this run's teacher budget {budget} ({key}); rebuild the cache with this "
+                                   f"config or lower {key}")
+        check_cache(cache, cfg, i, tokenizer_fingerprint=tok.fingerprint, data=data_files)
+        out.append(cache)
+    return out
 
 
 def _check_batch_split(cfg: TrainConfig, dist) -> int:
@@ -307,19 +333,35 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
     s_remap = remaps.get(sides.student.fingerprint)
     kd = _build_kd_loss(cfg, sides, remaps, dist)
 
-    # models (teachers pre-trained first where configured)
-    sources = teacher_sources(cfg, dist)
+    samples, lines = data_mod.read_samples(cfg.data.train, max_chars=max_chars, with_lines=True)
+    eval_samples, eval_lines = (data_mod.read_samples(cfg.data.eval, max_chars=max_chars, with_lines=True)
+                                if cfg.data.eval else ([], []))
+    data_files = {"train": (cfg.data.train, samples, lines)}
+    if cfg.data.eval:
+        data_files["eval"] = (cfg.data.eval, eval_samples, eval_lines)
+    caches = _open_teacher_caches(cfg, sides, data_files)
+
+    # models (teachers pre-trained first where configured; a cached teacher has no model)
+    sources = [None if caches[i] is not None else teacher_source(cfg, i, dist) for i in range(len(cfg.teachers))]
     student = build_side(cfg.student.model, sides.student, s_remap, seed=cfg.seed, dist=dist, cfg=cfg, trainable=True)
     runtimes = []
     for i, (t, tok, src) in enumerate(zip(cfg.teachers, sides.teachers, sources)):
+        if caches[i] is not None:
+            runtimes.append(TeacherRuntime(t.name, i, t.loss, t.same_vocab, None, dict(t.loss_options),
+                                           top_k=caches[i].k, top_k_dtype=caches[i].dtype))
+            continue
         model = build_side(src, tok, remaps.get(tok.fingerprint), seed=cfg.seed, dist=dist, cfg=cfg,
                            trainable=False, offload=t.offload)
-        runtimes.append(TeacherRuntime(t.name, i, t.loss, t.same_vocab, model, dict(t.loss_options)))
+        runtimes.append(TeacherRuntime(t.name, i, t.loss, t.same_vocab, model, dict(t.loss_options), top_k=t.top_k,
+                                       top_k_dtype=getattr(torch, t.top_k_dtype)))
     extra_params = [p for lp in kd.learned.values() for p in lp.parameters()]
     optimizer, scheduler = _build_optimizer(cfg, student, extra_params)
     model_parts = {"student": student, **{f"projection_{k}": v for k, v in kd.learned.items()}}
-    record = {"teachers": [{"name": t.name, "tokenizer": tok.fingerprint, "model": _source_text(src)}
-                           for t, tok, src in zip(cfg.teachers, sides.teachers, sources)],
+    record = {"teachers": [{"name": t.name, "tokenizer": tok.fingerprint, "model": _source_text(src)} if c is None
+                           else {"name": t.name, "tokenizer": tok.fingerprint, "cache": str(c.path),
+                                 "weights_sha256": c.info["teacher"].get("weights_sha256"),
+                                 "settings_sha256": c.info.get("settings_sha256")}
+                           for t, tok, src, c in zip(cfg.teachers, sides.teachers, sources, caches)],
               "projections": kd.projections}
     runner = StepRunner(student=student, teachers=runtimes, kd_loss=kd.loss, kd_weight=cfg.loss.kd_weight,
                         ce_weight=cfg.loss.ce_weight, optimizer=optimizer, scheduler=scheduler,
@@ -345,14 +387,14 @@ def train(cfg: TrainConfig, *, dist=None, label: str = "train") -> RunSummary:
 
     # data
     t_remaps = [None if t.same_vocab else remaps.get(tok.fingerprint) for t, tok in zip(cfg.teachers, sides.teachers)]
+    from xtoken_loss.trainer.teacher_cache.collate import CachedTeacher
+
+    cached = [None if c is None else CachedTeacher(c.path, remap=remaps.get(tok.fingerprint))
+              for c, tok in zip(caches, sides.teachers)]
     collate = data_mod.TrainCollate(sides.student, sides.teachers, max_length=cfg.data.max_length,
                                     teacher_max_length=cfg.data.teacher_max_length, train_on=cfg.data.train_on,
-                                    student_remap=s_remap, teacher_remaps=t_remaps)
-    samples = data_mod.read_samples(cfg.data.train, max_chars=max_chars)
-    eval_list = []
-    if cfg.data.eval:
-        eval_samples = data_mod.read_samples(cfg.data.eval, max_chars=max_chars)
-        eval_list = list(data_mod.eval_batches(eval_samples, collate, cfg.eval.batch_size))
+                                    student_remap=s_remap, teacher_remaps=t_remaps, teacher_caches=cached)
+    eval_list = list(data_mod.eval_batches(eval_samples, collate, cfg.eval.batch_size)) if cfg.data.eval else []
     plan = data_mod.GlobalBatchPlan(data_mod.sample_lengths(samples), cfg.data.batch_size, cfg.seed,
                                     bucket_batches=cfg.data.bucket_batches)
     loader = data_mod.make_train_loader(samples, plan, collate, start_step=start, rank=dist.rank,

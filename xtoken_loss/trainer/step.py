@@ -45,8 +45,10 @@ class TeacherRuntime:
     index: int  # place in the batch's teacher order (`teacher_{index}_*` keys)
     kind: str  # loss kind (registry)
     same_vocab: bool
-    model: nn.Module
+    model: nn.Module | None  # None: read from a teacher cache (the batch holds its top-k outputs)
     loss_options: dict = field(default_factory=dict)
+    top_k: int | None = None  # online teacher: give the loss its top-k form (`teacher_cache.topk_outputs`)
+    top_k_dtype: torch.dtype = torch.bfloat16  # the top-k form's storage dtype
 
 
 def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +65,28 @@ def teacher_logits(t: TeacherRuntime, batch: dict) -> torch.Tensor:
     ids, mask = model_inputs(batch, prefix)
     with torch.no_grad():
         return t.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+TOPK_FIELDS = ("topk_logprobs", "topk_indices", "target_logprob", "rest_logprob")
+
+
+def teacher_outputs(t: TeacherRuntime, batch: dict):
+    """What the losses get from teacher t (CONTRACTS §3): its logits `[B, T_t, V_t]`; with `top_k`,
+    their top-k form as a teacher cache stores it (`teacher_cache.topk_outputs`, the same function the
+    cache writer uses, so the online and cached paths agree); from a cache (no model), the batch's
+    `teacher_{i}_topk_*` tensors (`[B, T_t, K]`, same-vocab teachers on the student's positions)."""
+    if t.model is None:
+        from xtoken_loss.teacher_outputs import TeacherOutputs
+
+        return TeacherOutputs(**{f: batch[f"teacher_{t.index}_{f}"] for f in TOPK_FIELDS})
+    logits = teacher_logits(t, batch)
+    if t.top_k is None:
+        return logits
+    from xtoken_loss.trainer.teacher_cache import topk_outputs
+
+    prefix = "" if t.same_vocab else f"teacher_{t.index}_"
+    ids, mask = model_inputs(batch, prefix)
+    return topk_outputs(logits, ids, mask, t.top_k, dtype=t.top_k_dtype)
 
 
 def count_step_units(microbatches: list[dict], teachers: list[TeacherRuntime], dist) -> torch.Tensor:
@@ -145,7 +169,7 @@ class StepRunner:
     def microbatch_loss(self, mb: dict, counts: torch.Tensor, timer: Timer):
         """The microbatch's loss (summed terms / global counts) and its metric pieces."""
         t0 = timer.mark()
-        outs = [teacher_logits(t, mb) for t in self.teachers]
+        outs = [teacher_outputs(t, mb) for t in self.teachers]
         t0 = timer.add("teacher_forward", t0)
         ids, mask = model_inputs(mb)
         logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T_s, V_s]
