@@ -14,8 +14,9 @@ Figures (one function each):
 - `read_throughput`: teacher positions per second delivered by the cached collate path
   (`TrainCollate` with a `CachedTeacher`: read, align, truncate, pad, remap) against the online path
   it replaces (`TrainCollate` + the teacher forward + `topk_outputs`), same batches, same machine.
-- `cached_step_vs_online_step`: a demo student step with the cached teacher / with the online one;
-  left to the trainer wiring (`teachers.I.cache`), reported as nan until then.
+- `cached_step_vs_online_step`: the demo student's step (data wait + step, median) with both demo
+  teachers (qwen3 P-KL, llama3 KL; random-init) read from K = 64 caches / run online with full
+  logits, as the demo runs them.
 
 RESULT: `bytes_per_token_k64`, `cached_step_vs_online_step` (target <= 0.5),
 `cache_read_tokens_per_s`.
@@ -132,16 +133,52 @@ def read_throughput(cfg, cache_dir: Path, k: int, repeats: int) -> dict[str, flo
     return out
 
 
-def cached_step_vs_online_step(cfg) -> float:
-    """Demo student step time with the cached teacher / with the online teacher (`teachers.I.cache`).
-    Left to the trainer wiring; nan until then."""
-    return float("nan")
+def step_config(root: Path, lines: int, steps: int) -> dict:
+    """The demo config with both its teachers (qwen3 P-KL, llama3 KL), random-init (pre-training
+    changes no size or speed), `steps` steps on the first `lines` lines, no evaluation."""
+    import yaml
+
+    cfg = demo_config(root, lines)
+    full = yaml.safe_load((REPO / "data" / "configs" / "demo.yaml").read_text())
+    teachers = [{k: v for k, v in t.items() if k != "pretrain"} for t in full["teachers"]]
+    cfg.update(teachers=teachers, max_steps=steps, resume=False)
+    cfg["checkpoint"] = {"every": 10 * steps}
+    return cfg
+
+
+def cached_step_vs_online_step(root: Path, lines: int, k: int, steps: int) -> dict:
+    """Median demo step time (data wait + step) of the student with both teachers online (full
+    logits, as the demo runs) and read from K-slot caches (`teachers.I.cache`), same data and seed;
+    the first step warms up and is not counted."""
+    import statistics
+
+    from xtoken_loss.trainer.config import TrainConfig
+    from xtoken_loss.trainer.metrics import read_metrics
+    from xtoken_loss.trainer.run import train
+    from xtoken_loss.trainer.teacher_cache.writer import write_cache
+
+    base = step_config(root, lines, steps)
+    for i in range(len(base["teachers"])):
+        write_cache(TrainConfig.from_dict(base), i, root / f"step-cache{i}", top_k=k)
+    out = {}
+    for mode in ("online", "cached"):
+        cfg = dict(base, output_dir=str(root / f"step-{mode}"))
+        if mode == "cached":
+            cfg["teachers"] = [dict(t, cache=str(root / f"step-cache{i}")) for i, t in enumerate(base["teachers"])]
+        train(TrainConfig.from_dict(cfg))
+        recs = [r for r in read_metrics(cfg["output_dir"]) if "loss" in r][1:]
+        out[mode] = statistics.median(r["time/step"] + r.get("time/data", 0.0) for r in recs)
+        out[f"{mode}_teacher_forward"] = statistics.median(r.get("time/teacher_forward", 0.0) for r in recs)
+        out[f"{mode}_data"] = statistics.median(r.get("time/data", 0.0) for r in recs)
+    out["ratio"] = out["cached"] / out["online"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lines", type=int, default=120, help="lines of data/corpus/train.jsonl used")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the data per throughput figure")
+    ap.add_argument("--steps", type=int, default=6, help="demo steps per step-time run (the first is not counted)")
     args = ap.parse_args()
     from xtoken_loss.trainer.config import TrainConfig
 
@@ -165,7 +202,17 @@ def main() -> None:
         print(f"  cached collate path                    {tp['cached']:>10.0f}")
         print(f"  online collate alone                   {tp['online_collate']:>10.0f}")
         print(f"  online collate + teacher + topk_outputs {tp['online_teacher']:>9.0f}")
-        ratio = cached_step_vs_online_step(cfg)
+        st = cached_step_vs_online_step(root, args.lines, 64, args.steps)
+        ratio = st["ratio"]
+        s, t = cfg.student.model, [dict(x) for x in step_config(root, args.lines, 1)["teachers"]]
+        print(f"demo step (student hidden {s['hidden_size']} x {s['num_layers']} layers; teachers "
+              + ", ".join(f"{x['name']} hidden {x['model']['hidden_size']} x {x['model']['num_layers']} layers"
+                          for x in t) + f"; batch {cfg.data.batch_size} x {cfg.data.max_length} tokens), "
+              f"median of {args.steps - 1} steps, seconds:")
+        for mode, label in (("online", "online teachers (full logits)"), ("cached", "cached teachers (K=64)")):
+            print(f"  {label:<31}{st[mode]:.3f} (teacher forwards {st[f'{mode}_teacher_forward']:.3f}, "
+                  f"data wait {st[f'{mode}_data']:.3f})")
+        print(f"  cached / online                {ratio:.3f} (target <= 0.5)")
     print(f"RESULT bytes_per_token_k64={info['bytes_per_token']:.2f} cached_step_vs_online_step={ratio:.3f} "
           f"cache_read_tokens_per_s={tp['cached']:.0f}")
 
