@@ -106,3 +106,16 @@ def test_top_k_refuses_public_losses_and_other_temperatures(env, options, expect
         teachers = [merge(base["teachers"][0], {key: value, "loss_options": options}), base["teachers"][1]]
         with pytest.raises(ConfigError, match=rf"teachers\.0.*{key}: .*{expect}"):
             TrainConfig.from_dict(merge(base, {"teachers": teachers, "output_dir": str(root / "x")}))
+
+
+def test_a_cached_run_resumes_exactly_and_refuses_another_cache(env):
+    root, base = env
+    cached = [{"cache": str(root / "cache0")}, {"cache": str(root / "cache1")}]
+    whole = _run(base, root / "whole", cached)
+    _run(base, root / "split", cached, max_steps=2)
+    resumed = _run(base, root / "split", cached, resume=True)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole[2:], resumed[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+    with pytest.raises(XTokenError, match="teachers"):  # the same teacher, now run online
+        _run(base, root / "split", [{"top_k": K}, cached[1]], resume=True, max_steps=6)
