@@ -71,6 +71,9 @@ def train_command(configs, overrides):
 @click.argument("overrides", nargs=-1)
 def cache_teacher_command(configs, teacher, out, top_k, dtype, shard_docs, batch_size, overrides):
     """Run one teacher over the config's data once and store its top-k outputs (docs/teacher_cache.md)."""
+    from xtoken_loss.trainer.distributed import use_cpu_huge_pages
+
+    use_cpu_huge_pages()  # before anything large is allocated, as for training
     from xtoken_loss.trainer.config import load_config
 
     cfg = load_config(list(configs), list(overrides))
