@@ -70,7 +70,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "default": Protocol(
         name="default", student=llama(96, 2, 4, 256, 256), teacher=llama(192, 3, 4, 512, 512),
         steps=100, lr=3e-3, warmup=10, teacher_steps=400, teacher_lr=3e-3, teacher_warmup=20,
-        batch_size=8, max_length=128, teacher_max_length=512, eval_every=25, eval_batch_size=16,
+        batch_size=8, max_length=128, teacher_max_length=512, eval_every=50, eval_batch_size=16,
         top_k=64, seeds=3, cache_batch_size=16, device="cpu",
         description="2 CPU cores: the demo's student and teacher sizes, 100 student steps"),
     # One H200 (documented; run there when a device is lent): larger models, longer sequences and runs.
