@@ -59,33 +59,26 @@ def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Ten
     return ids, mask.long()
 
 
-def teacher_logits(t: TeacherRuntime, batch: dict) -> torch.Tensor:
-    """The teacher's logits on its own tokens (`[B, T_t, V_t]`), no gradient."""
-    prefix = "" if t.same_vocab else f"teacher_{t.index}_"
-    ids, mask = model_inputs(batch, prefix)
-    with torch.no_grad():
-        return t.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-
 TOPK_FIELDS = ("topk_logprobs", "topk_indices", "target_logprob", "rest_logprob")
 
 
 def teacher_outputs(t: TeacherRuntime, batch: dict):
-    """What the losses get from teacher t (CONTRACTS §3): its logits `[B, T_t, V_t]`; with `top_k`,
-    their top-k form as a teacher cache stores it (`teacher_cache.topk_outputs`, the same function the
-    cache writer uses, so the online and cached paths agree); from a cache (no model), the batch's
-    `teacher_{i}_topk_*` tensors (`[B, T_t, K]`, same-vocab teachers on the student's positions)."""
+    """What the losses get from teacher t (CONTRACTS §3), no gradient: its logits on its own tokens
+    `[B, T_t, V_t]`; with `top_k`, their top-k form as a teacher cache stores it
+    (`teacher_cache.topk_outputs`, the same function the cache writer uses, so the online and cached
+    paths agree); from a cache (no model), the batch's `teacher_{i}_topk_*` tensors (`[B, T_t, K]`,
+    same-vocab teachers on the student's positions)."""
     if t.model is None:
         from xtoken_loss.teacher_outputs import TeacherOutputs
 
         return TeacherOutputs(**{f: batch[f"teacher_{t.index}_{f}"] for f in TOPK_FIELDS})
-    logits = teacher_logits(t, batch)
+    ids, mask = model_inputs(batch, "" if t.same_vocab else f"teacher_{t.index}_")
+    with torch.no_grad():
+        logits = t.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     if t.top_k is None:
         return logits
     from xtoken_loss.trainer.teacher_cache import topk_outputs
 
-    prefix = "" if t.same_vocab else f"teacher_{t.index}_"
-    ids, mask = model_inputs(batch, prefix)
     return topk_outputs(logits, ids, mask, t.top_k, dtype=t.top_k_dtype)
 
 
