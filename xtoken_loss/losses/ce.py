@@ -27,7 +27,7 @@ from xtoken_loss.chunked import (
     needs_grad,
     resolve_normalizer,
     rows_per_chunk,
-    softmax_rows,
+    shift_rows,
 )
 from xtoken_loss.modules import LossModule
 from xtoken_loss.units import next_token_mask
@@ -83,25 +83,35 @@ def ce_loss(
     norm = resolve_normalizer(normalizer, num_units, cdt)
     zs = student_logits.reshape(B * L, V)
     want_grad = needs_grad(student_logits)
-    grad = torch.zeros_like(student_logits).view(B * L, V) if want_grad else None
+    grad = torch.empty_like(student_logits).view(B * L, V) if want_grad else None  # every row is written
     direct = want_grad and grad.dtype == cdt
     n = rows_per_chunk(position_chunk_size, V)
     total = torch.zeros((), dtype=cdt, device=dev)
+    buf = None if direct else torch.empty(min(n, B * L), V, dtype=cdt, device=dev)
+    on_cpu = dev.type == "cpu"
     with torch.no_grad():
         for r0 in range(0, B * L, n):
             r1 = min(r0 + n, B * L)
             w, t = valid[r0:r1], target[r0:r1]
             z = zs[r0:r1]
-            p, lse = softmax_rows(z, 1.0, out=grad[r0:r1] if direct else None)
+            # e = exp(z - m), then the gradient (e / s - onehot) / norm in one scaling pass
+            e, mx = shift_rows(z, 1.0, grad[r0:r1] if direct else buf[: r1 - r0])
+            e.exp_()
+            s = e.sum(dim=1)
+            safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            lse = safe + torch.log(s)  # NaN / +-inf on a NaN, +inf or all -inf row
             bad = nonfinite(torch.where(w, lse, torch.zeros_like(lse))) | (False if bad is None else bad)
             loss_row = lse - z.gather(1, t[:, None]).squeeze(1).to(cdt)
             total += torch.where(w, loss_row, torch.zeros_like(loss_row)).sum()
             if want_grad:
-                p.scatter_add_(1, t[:, None], -torch.ones_like(loss_row)[:, None])
-                p.mul_(1.0 / norm)
-                p.masked_fill_(~w[:, None], 0.0)  # padding: exactly 0, whatever its logits hold
+                e.mul_(torch.where(s > 0, 1.0 / (s * norm), torch.zeros_like(s))[:, None])
+                e.scatter_add_(1, t[:, None], (torch.zeros_like(s) - 1.0 / norm)[:, None])
+                if not on_cpu:
+                    e.masked_fill_(~w[:, None], 0.0)  # padding: exactly 0, whatever its logits hold
+                elif not bool(w.all()):  # the CPU reads the flag for free: fill only chunks with padding
+                    e[~w] = 0.0
                 if not direct:
-                    grad[r0:r1] = p
+                    grad[r0:r1] = e
     total = poison(total, bad)
     loss = total / norm
     metrics = {"ce": (total / num_units.to(cdt).clamp_min(1)).detach()}

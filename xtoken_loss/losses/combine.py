@@ -105,11 +105,35 @@ def kd_ce_loss(
         if normalizer is None:
             normalizer = count_units(batch, "ce", device=student_logits.device).clamp_min(1)
         kd_norm = ce_norm = normalizer
-    kd_value, kd_metrics = spec.function(student_logits, teacher_outputs, batch, normalizer=kd_norm, **common, **opts)
-    ce_value, ce_metrics = ce_loss(student_logits, None, batch, normalizer=ce_norm, **common)
-    loss, metrics = combine_losses(kd_value, ce_value, scaling=scaling, kd_weight=kd_weight, ce_weight=ce_weight)
+    if _fuses_ce(kd, opts, teacher_outputs, scaling, public, kd_weight, ce_weight):
+        # same-vocab forward KL at T = 1: the CE comes out of the KL's own pass (kl_loss(ce_weight=))
+        fused, kd_metrics = spec.function(student_logits, teacher_outputs, batch, normalizer=kd_norm, **common,
+                                          **opts, ce_weight=ce_weight / kd_weight)
+        kd_value, ce_term = kd_metrics.pop("kl_term"), kd_metrics.pop("ce_term")
+        kd_metrics.pop("ce")
+        loss = kd_weight * fused
+        scale = torch.as_tensor(float(kd_weight), dtype=loss.dtype, device=loss.device)
+        metrics = {"kd": kd_value, "ce": ce_term, "kd_scale": scale}
+    else:
+        kd_value, kd_metrics = spec.function(student_logits, teacher_outputs, batch, normalizer=kd_norm, **common,
+                                             **opts)
+        ce_value, ce_metrics = ce_loss(student_logits, None, batch, normalizer=ce_norm, **common)
+        loss, metrics = combine_losses(kd_value, ce_value, scaling=scaling, kd_weight=kd_weight, ce_weight=ce_weight)
     metrics.update({f"kd_{k}": v for k, v in kd_metrics.items()})
     return loss, metrics
+
+
+def _fuses_ce(kd, opts, teacher_outputs, scaling, public, kd_weight, ce_weight) -> bool:
+    """KD `"kl"` on full teacher logits, forward, T = 1, fixed positive weights: one pass for both."""
+    if kd != "kl" or scaling != "fixed" or public or not kd_weight > 0 or not ce_weight > 0:
+        return False
+    if opts.get("direction", "forward") != "forward" or float(opts.get("temperature", 1.0)) != 1.0:
+        return False
+    if "ce_weight" in opts:
+        return False
+    out = teacher_outputs
+    return isinstance(out, torch.Tensor) or getattr(out, "form", None) == "logits" or (
+        isinstance(out, dict) and out.get("logits") is not None)
 
 
 class KDCELoss(LossModule):

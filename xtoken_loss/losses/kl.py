@@ -53,6 +53,13 @@ class KLOptions(Config):
                                                     "both renormalised over the listed tokens ('renormalize')")
     position_chunk_size: int | None = option(None, help="rows per step (None: automatic from the width)", min=1)
     check_inputs: bool = option(False, help="check the inputs for NaN/inf and top-k indices (syncs)")
+    ce_weight: float = option(0.0, help="also add ce_weight x the student's next-token CE, computed in the same pass "
+                              "(full teacher logits, forward, temperature 1)", min=0)
+
+    def check(self) -> None:
+        if self.ce_weight and (self.direction != "forward" or self.temperature != 1.0):
+            raise self.fail(f"ce_weight={self.ce_weight}: the CE is fused into the forward KL at temperature 1 only "
+                            f"(direction={self.direction!r}, temperature={self.temperature}); compute ce_loss apart")
 
 
 def kl_loss(
@@ -66,6 +73,7 @@ def kl_loss(
     tail: str = "bucket",
     position_chunk_size: int | None = None,
     check_inputs: bool = False,
+    ce_weight: float = 0.0,
 ):
     """Same-vocab KD: `sum over valid positions of T^2 KL / normalizer`.
 
@@ -73,9 +81,15 @@ def kl_loss(
     positions are next-token positions (see `units.next_token_mask`; `token_mask` is required).
     Returns `(loss, metrics)`; metrics: `kl` (mean KL per valid position, without the T^2 factor).
     A NaN / +inf in a row the loss reads gives a NaN loss (docs/losses.md, "Robustness").
+
+    `ce_weight > 0` (full teacher logits, forward, T = 1) returns `(KL_sum + ce_weight * CE_sum) /
+    normalizer` instead, CE being the student's next-token cross-entropy (`ce_loss`) over the same
+    positions: one pass computes the student's softmax for both, so KD + CE costs about what KD
+    alone does. Metrics then also hold `ce` (mean CE per valid position) and the two normalised
+    terms `kl_term` (`KL_sum / normalizer`) and `ce_term` (`CE_sum / normalizer`, unweighted).
     """
     check_options(KLOptions, temperature=temperature, direction=direction, tail=tail,
-                  position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+                  position_chunk_size=position_chunk_size, check_inputs=check_inputs, ce_weight=ce_weight)
     T = float(temperature)
     check_logits("kl", "student_logits", student_logits)
     check_normalizer("kl", normalizer)
@@ -98,8 +112,10 @@ def kl_loss(
             "temperature != 1 with top-k teacher log-probs needs tail='renormalize': the teacher's mass outside "
             "its top-k at another temperature is unknown"
         )
+    if ce_weight and form != "logits":
+        raise LossOptionError("kl: ce_weight needs full teacher logits (a top-k teacher: compute ce_loss apart)")
     check_key("kl", batch, "token_mask", (B, L), " (which positions are real)")
-    bad = check_real_ids("kl", batch, "input_ids", "token_mask", V, "the student logits")
+    bad = check_real_ids("kl", batch, "input_ids", "token_mask", V, "the student logits", required=bool(ce_weight))
 
     dev = student_logits.device
     cdt = compute_dtype(student_logits.dtype)
@@ -134,8 +150,11 @@ def kl_loss(
     direct = want_grad and grad.dtype == cdt  # write p straight into the gradient buffer
     n = rows_per_chunk(position_chunk_size, V)
     scale = T / norm
+    ce_total = None
     if form == "logits":
-        total, bad = _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad)
+        target = _next_ids(batch, valid, B, L, V, dev) if ce_weight else None
+        total, ce_total, bad = _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad,
+                                            target, float(ce_weight))
     else:
         total = torch.zeros((), dtype=cdt, device=dev)
         buf = None if direct else torch.empty(min(n, B * L), V, dtype=cdt, device=dev)
@@ -155,8 +174,22 @@ def kl_loss(
                         grad[r0:r1] = out
     total = poison(total, bad)
     loss = total * (T * T) / norm
-    metrics = {"kl": (total / num_units.to(cdt).clamp_min(1)).detach()}
+    count = num_units.to(cdt).clamp_min(1)
+    metrics = {"kl": (total / count).detach()}
+    if ce_total is not None:
+        ce_total = poison(ce_total, bad)
+        metrics.update(ce=(ce_total / count).detach(), kl_term=loss.detach(), ce_term=(ce_total / norm).detach())
+        loss = loss + ce_weight * ce_total / norm
     return attach_grad(student_logits, loss, grad.view(B, L, V) if want_grad else None), metrics
+
+
+def _next_ids(batch, valid, B, L, V, dev):
+    """The next token id of each row `[N]` (0 where the row is not valid), clamped into the student's
+    width (an accelerator batch's out-of-range ids poison the loss instead, `check_real_ids`)."""
+    ids = batch["input_ids"].to(dev)
+    target = torch.zeros_like(ids)
+    target[:, :-1] = ids[:, 1:]
+    return torch.where(valid.view(B, L), target, torch.zeros_like(target)).flatten().clamp(0, V - 1)
 
 
 def _or(a, b):
@@ -176,9 +209,12 @@ def _check_topk_indices(idx: torch.Tensor, valid: torch.Tensor, V: int):
     return None
 
 
-def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad):
+def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad, target=None, ce_weight=0.0):
     """Full teacher logits: the summed loss over the valid rows of `zs [N, V]` / `zt [N, V_t]`, the
-    gradient rows written into `grad [N, V]` (None: no gradient), and the bad-input flag.
+    gradient rows written into `grad [N, V]` (None: no gradient), and the bad-input flag. With
+    `target [N]` (next-token ids; forward, T = 1) also the summed CE over the valid rows, its
+    gradient `ce_weight * scale * (q - onehot)` added into the same rows: returns `(total, ce_total
+    or None, bad)`.
 
     Each chunk runs a few in-place passes over reusable buffers (`_fast_rows`): log-softmax of both
     sides, then the KL as a row dot product. A row whose fast loss is NaN (a NaN / +inf / all -inf
@@ -196,6 +232,7 @@ def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad):
     bufs = _Buffers(m, V, Vt, cdt, dev)
     g_buf = None if direct or grad is None else torch.empty(m, V, dtype=cdt, device=dev)
     rows_loss = torch.zeros(N, dtype=cdt, device=dev)
+    rows_ce = torch.zeros(N, dtype=cdt, device=dev) if target is not None else None
     on_cpu = dev.type == "cpu"
     with torch.no_grad():
         for r0 in range(0, N, n):
@@ -206,7 +243,11 @@ def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad):
                     grad[r0:r1] = 0.0
                 continue
             g = grad[r0:r1] if direct else (g_buf[: r1 - r0] if grad is not None else bufs.g(r1 - r0))
-            rows_loss[r0:r1] = _fast_rows(zs[r0:r1], zt[r0:r1], g, bufs, T, direction, scale, grad is not None)
+            t = None if target is None else target[r0:r1]
+            rows_loss[r0:r1], ce_rows = _fast_rows(zs[r0:r1], zt[r0:r1], g, bufs, T, direction, scale,
+                                                   grad is not None, t, ce_weight)
+            if ce_rows is not None:
+                rows_ce[r0:r1] = ce_rows
             if grad is not None:
                 if on_cpu:
                     if not bool(w.all()):
@@ -216,6 +257,8 @@ def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad):
                 if not direct:
                     grad[r0:r1] = g
         fix = valid & torch.isnan(rows_loss)
+        if rows_ce is not None:
+            fix |= valid & torch.isnan(rows_ce)
         if bool(fix.any()):
             rows = fix.nonzero().squeeze(1)
             for k0 in range(0, rows.numel(), n):
@@ -225,11 +268,21 @@ def _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad):
                 loss_row, coef, row_bad = _full_rows(z, t, p, lse_s, T, direction, V)
                 rows_loss[r] = loss_row
                 bad = _or(bad, row_bad.any())
+                q_ce = None
+                if rows_ce is not None:  # CE = lse - z[target]; gradient ce_weight * scale * (q - onehot)
+                    tr = target[r]
+                    rows_ce[r] = lse_s - z.gather(1, tr[:, None]).squeeze(1).to(lse_s.dtype)
+                    if grad is not None:
+                        q_ce = p.clone().mul_(ce_weight * scale)
+                        q_ce.scatter_add_(1, tr[:, None], (torch.zeros_like(lse_s) - ce_weight * scale)[:, None])
                 if grad is not None:
                     coef(p, scale)
+                    if q_ce is not None:
+                        p.add_(q_ce)
                     grad[r] = p.to(grad.dtype)
     total = torch.where(valid, rows_loss, torch.zeros_like(rows_loss)).sum()
-    return total, bad
+    ce_total = None if rows_ce is None else torch.where(valid, rows_ce, torch.zeros_like(rows_ce)).sum()
+    return total, ce_total, bad
 
 
 class _Buffers:
@@ -262,10 +315,11 @@ def _log_softmax_into(z, T, out, bufs):
     return torch.log_softmax(z, 1, out=out)
 
 
-def _fast_rows(z, zt, g, bufs, T, direction, scale, want_grad):
-    """One chunk of full-logits KL rows: returns the loss rows `[n]` (KL, without T^2) and, with
-    `want_grad`, writes the gradient rows `scale * d KL / d (z / T)` into `g [n, V]`. NaN rows are
-    redone by `_full_rows` (see `_full_logits`).
+def _fast_rows(z, zt, g, bufs, T, direction, scale, want_grad, target=None, ce_weight=0.0):
+    """One chunk of full-logits KL rows: returns the loss rows `[n]` (KL, without T^2) and the CE
+    rows `[n]` (None without `target`) and, with `want_grad`, writes the gradient rows
+    `scale * d KL / d (z / T)` (plus `ce_weight * scale * d CE / d z` with `target`) into `g [n, V]`.
+    NaN rows are redone by `_full_rows` (see `_full_logits`).
 
     The fused log-softmax sums its exponentials in one running sum per row, off by up to ~1e-5
     relative at a 128k width; the row sums of the exponentiated results (`s_q`, `s_p`, summed
@@ -285,14 +339,19 @@ def _fast_rows(z, zt, g, bufs, T, direction, scale, want_grad):
         s_p = pbuf.sum(dim=1)
         a.sub_(gs)  # log p' - log q'
         dot = a.mul_(pbuf).nansum(dim=1)
+        lq_t = None if target is None else g.gather(1, target[:, None]).squeeze(1)  # log q'[target]
         g.exp_()  # q'
         s_q = g.sum(dim=1)
-        loss_row = dot / s_p - torch.log(s_p) + torch.log(s_q)
+        log_s_q = torch.log(s_q)
+        loss_row = dot / s_p - torch.log(s_p) + log_s_q
         loss_row = torch.where(broken, torch.full_like(loss_row, float("nan")), loss_row)
-        if want_grad:  # scale (q - p) = q' scale / s_q - p' scale / s_p
-            g.mul_((scale / s_q)[:, None])
+        ce_row = None if target is None else log_s_q - lq_t  # -log q[target] (NaN on a broken row)
+        if want_grad:  # scale (q - p) = q' scale / s_q - p' scale / s_p; CE adds ce_weight scale (q - onehot)
+            g.mul_((scale * (1.0 + ce_weight) / s_q)[:, None])
             gs.addcmul_(pbuf, (scale / s_p)[:, None], value=-1.0)
-        return loss_row
+            if target is not None:
+                g.scatter_add_(1, target[:, None], (torch.zeros_like(s_q) - ce_weight * scale)[:, None])
+        return loss_row, ce_row
     # reverse: KL(q || p) = sum q (log q - log p) = sum q' (log q' - log p') / s_q - log s_q + log s_p;
     # gradient q (log q - log p - KL) = q' / s_q (log q' - log p' - k), k = KL + log s_q - log s_p
     s_p = torch.exp(a, out=pbuf).sum(dim=1)
@@ -304,7 +363,7 @@ def _fast_rows(z, zt, g, bufs, T, direction, scale, want_grad):
     if want_grad:
         a.sub_(k[:, None])
         g.mul_(a).mul_((scale / s_q)[:, None])
-    return loss_row
+    return loss_row, None
 
 
 def _full_rows(z, zt, p, lse_s, T, direction, V):
@@ -441,6 +500,6 @@ class KLLoss(LossModule):
     options_type = KLOptions
 
     def __init__(self, *, temperature: float = 1.0, direction: str = "forward", tail: str = "bucket",
-                 position_chunk_size: int | None = None, check_inputs: bool = False):
+                 position_chunk_size: int | None = None, check_inputs: bool = False, ce_weight: float = 0.0):
         super().__init__(temperature=temperature, direction=direction, tail=tail,
-                         position_chunk_size=position_chunk_size, check_inputs=check_inputs)
+                         position_chunk_size=position_chunk_size, check_inputs=check_inputs, ce_weight=ce_weight)

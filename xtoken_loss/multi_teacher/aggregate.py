@@ -34,6 +34,8 @@ from xtoken_core.errors import LossInputError, LossOptionError
 from xtoken_loss import registry
 from xtoken_loss.batch_tokenizers import check_batch_fingerprints
 from xtoken_loss.chunked import compute_dtype
+from xtoken_loss.losses.ce import ce_loss
+from xtoken_loss.losses.kl import kl_loss
 from xtoken_loss.multi_teacher.scores import (
     SCORES,
     goodness,
@@ -300,9 +302,17 @@ class MultiTeacherLoss(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # the call
 
-    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None):
+    def forward(self, student_logits: torch.Tensor, teacher_outputs, batch: dict, *, normalizer=None,
+                ce_weight: float = 0.0, ce_normalizer=None):
         """`(loss, metrics)`; see the class doc. Same argument order as the single-teacher losses, with
-        `teacher_outputs` a list (one entry per teacher)."""
+        `teacher_outputs` a list (one entry per teacher).
+
+        `ce_weight > 0`: the loss also holds `ce_weight * CE_sum / ce_normalizer`, the student's
+        next-token CE (`ce_normalizer` None: its own count of next-token positions). Where a teacher is
+        a same-vocab forward KL at temperature 1 on full logits with a fixed weight, and both
+        normalisers are numbers, the CE is computed inside that teacher's pass (`kl_loss(ce_weight=)`:
+        one student softmax for both, about a third of a CE's cost saved); else by `ce_loss`. Metrics:
+        `ce` (CE_sum / ce_normalizer, unweighted), `ce_fused` (1 or 0), and `kd` the KD part alone."""
         cfg = self.config
         n = len(self.teachers)
         if not isinstance(teacher_outputs, (list, tuple)) or len(teacher_outputs) != n:
@@ -350,6 +360,7 @@ class MultiTeacherLoss(nn.Module):
         # 2. Weights / selection (identical on every rank).
         metrics: dict[str, torch.Tensor] = {}
         batch_good = None
+        weights = None  # per-sequence modes weigh inside the losses
         if cfg.needs_scores:
             values = score_values(stats["score_sum"], stats["score_count"])  # [n]
             batch_good = goodness(self.score, values)
@@ -392,9 +403,11 @@ class MultiTeacherLoss(nn.Module):
             loss, m = self._call(0, student_logits, averaged, batch, norms[0], projections)
             metrics.update({f"averaged/{k}": v for k, v in m.items()})
             metrics["kd"] = loss.detach()
-            return loss, metrics
+            return self._add_ce(loss, metrics, student_logits, batch, ce_weight, ce_normalizer)
 
         total = None
+        kd_part = None  # the KD terms alone, when the CE is fused into one of them
+        fuse_into = self._ce_host(teacher_outputs, norms, weights, seq_sel, seq_weights, ce_weight, ce_normalizer)
         for i in range(n):
             b_i, extra = batch, {}
             if seq_sel is not None:
@@ -408,21 +421,65 @@ class MultiTeacherLoss(nn.Module):
                 if cfg.mode == "select_teacher" and weights[i] == 0.0:
                     continue  # every rank skips the same teachers
                 scale = weights[i] * self.vocab_factors[i]
+            if i == fuse_into:  # loss = kl_term + c ce_term; scale * c * ce_term = ce_weight * CE_sum / ce_normalizer
+                extra["ce_weight"] = ce_weight * float(norms[i]) / (scale * float(ce_normalizer))
             kd, m = self._call(i, student_logits, teacher_outputs[i], b_i, norms[i], projections, **extra)
-            metrics[f"teacher_{i}/kd"] = kd.detach()
+            kd_i = kd
+            if i == fuse_into:
+                kd_i, ce_term = m.pop("kl_term"), m.pop("ce_term")
+                m.pop("ce")
+                metrics["ce"] = (ce_term * (float(norms[i]) / float(ce_normalizer))).detach()
+                metrics["ce_fused"] = torch.ones((), **f64)
+            metrics[f"teacher_{i}/kd"] = kd_i.detach()
             metrics.update({f"teacher_{i}/{k}": v for k, v in m.items()})
             if isinstance(scale, torch.Tensor):
-                term = kd * scale.to(kd.dtype)
+                term, term_kd = kd * scale.to(kd.dtype), kd_i.detach() * scale.to(kd.dtype)
             else:
-                term = kd * scale if scale != 1.0 else kd
+                term, term_kd = (kd * scale, kd_i.detach() * scale) if scale != 1.0 else (kd, kd_i.detach())
             total = term if total is None else total + term
+            kd_part = term_kd if kd_part is None else kd_part + term_kd
         if total is None:  # cannot happen (a teacher is always selected); keep the type stable
             total = student_logits.sum() * 0.0
-        metrics["kd"] = total.detach()
-        return total, metrics
+            kd_part = total.detach()
+        metrics["kd"] = kd_part.detach()
+        if fuse_into is not None:
+            return total, metrics
+        return self._add_ce(total, metrics, student_logits, batch, ce_weight, ce_normalizer)
 
     # ---------------------------------------------------------------------------------------------
     # pieces
+
+    def _ce_host(self, teacher_outputs, norms, weights, seq_sel, seq_weights, ce_weight, ce_normalizer):
+        """The teacher whose KL pass also computes the CE (`forward`'s doc), or None."""
+        if not ce_weight or weights is None or seq_sel is not None or seq_weights is not None:
+            return None
+        if not isinstance(ce_normalizer, (int, float)) or not ce_normalizer > 0:
+            return None
+        for i, spec in enumerate(self.teachers):
+            w = weights[i]
+            if self.loss_fns[i] is not kl_loss or not isinstance(w, float) or not w * self.vocab_factors[i] > 0:
+                continue
+            if not isinstance(norms[i], (int, float)) or not norms[i] > 0:
+                continue
+            opts = spec.loss_options
+            if opts.get("direction", "forward") != "forward" or float(opts.get("temperature", 1.0)) != 1.0 \
+                    or opts.get("ce_weight"):
+                continue
+            out = teacher_outputs[i]
+            if isinstance(out, torch.Tensor) or (isinstance(out, TeacherOutputs) and out.form == "logits") \
+                    or (isinstance(out, dict) and out.get("logits") is not None):
+                return i
+        return None
+
+    @staticmethod
+    def _add_ce(loss, metrics, student_logits, batch, ce_weight, ce_normalizer):
+        """`loss + ce_weight * CE` computed apart (no teacher pass could hold it)."""
+        if not ce_weight:
+            return loss, metrics
+        ce, _ = ce_loss(student_logits, None, batch, normalizer=ce_normalizer)
+        metrics["ce"] = ce.detach()
+        metrics["ce_fused"] = torch.zeros((), dtype=torch.float64, device=student_logits.device)
+        return loss + ce_weight * ce.to(loss.dtype), metrics
 
     def _check_batch_tokenizers(self, batch) -> None:
         """Refuse a batch aligned for other tokenizers than the configured student / teachers (their
