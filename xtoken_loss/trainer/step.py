@@ -169,15 +169,21 @@ class StepRunner:
         t0 = timer.add("student_forward", t0)
         pieces: dict[str, torch.Tensor] = {}
         loss = logits.new_zeros((), dtype=torch.float32)
-        if self.ce_weight:
-            ce, _ = ce_loss(logits, None, mb, normalizer=float(max(counts[0], 1.0)))
+        ce_norm = float(max(counts[0], 1.0))
+        # with teachers the KD loss adds the CE itself, inside a same-vocab KL pass where it can
+        fused = bool(self.teachers) and self.ce_weight > 0 and self.kd_weight > 0
+        if self.ce_weight and not fused:
+            ce, _ = ce_loss(logits, None, mb, normalizer=ce_norm)
             loss = loss + self.ce_weight * ce
             pieces["ce"] = ce.detach()
         if self.teachers:
             norms = [float(max(c, 1.0)) for c in counts[1:]]
-            kd, m = self.kd_loss(logits, outs, mb, normalizer=norms)
+            extra = {"ce_weight": self.ce_weight / self.kd_weight, "ce_normalizer": ce_norm} if fused else {}
+            kd, m = self.kd_loss(logits, outs, mb, normalizer=norms, **extra)
             loss = loss + self.kd_weight * kd
-            pieces["kd"] = kd.detach()
+            pieces["kd"] = m["kd"].detach() if fused else kd.detach()
+            if fused:
+                pieces["ce"] = m["ce"].detach()
             for j in range(len(self.teachers)):
                 for key in ("kd", "weight", "selected"):
                     k = f"teacher_{j}/{key}"
