@@ -106,3 +106,31 @@ def test_evaluate_file_reproduces_the_trainers_final_eval(tmp_path, monkeypatch)
     mine = evaluate_file(cfg, tmp_path / "run", heldout)
     for key in ("eval/bpb", "eval/ce", "eval/top1", "eval/bytes"):
         assert mine[key] == pytest.approx(last[key], rel=1e-6), key
+
+
+def _stats(values: dict[str, list[float]]):
+    from benchmarks.quality.report import ArmStats
+
+    return [ArmStats(P.arm(name), [{"seed": s, "bpb": v, "seconds": 10.0} for s, v in enumerate(vs)])
+            for name, vs in values.items()]
+
+
+def test_paired_differences_use_the_same_seeds():
+    from benchmarks.quality.report import paired
+
+    stats = _stats({"ce": [3.0, 3.2, 3.4], "pkl": [2.9, 3.1, 3.3], "uld": [3.1, 2.0]})
+    m, se, n = paired(stats, "pkl", "ce")
+    assert n == 3 and m == pytest.approx(-0.1) and se == pytest.approx(0.0, abs=1e-12)
+    m, se, n = paired(stats, "uld", "ce")  # seeds 0 and 1 only: differences +0.1 and -1.2
+    assert n == 2 and m == pytest.approx(-0.55) and se == pytest.approx(0.65)
+    assert math.isnan(paired(stats, "pkl", "gold")[0])  # no such arm
+
+
+def test_noise_section_flags_what_the_seeds_resolve():
+    from benchmarks.quality.report import noise
+
+    stats = _stats({"ce": [3.0, 3.1, 3.2], "same_kl": [2.9, 3.15, 3.1], "pkl": [2.8, 2.9, 3.0]})
+    bpb = {s.arm.name: s.mean("bpb") for s in stats}
+    rows = "\n".join(noise(stats, bpb, "pkl"))
+    assert "`pkl` - `ce` | -0.2000 ± 0.0000 | yes" in rows
+    assert "`same_kl` - `ce`" in rows and "| no |" in rows

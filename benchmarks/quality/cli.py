@@ -76,12 +76,36 @@ def run_record(arm: proto.Arm, seed: int, run_dir: Path, cfg: dict, digits: Path
             "teacher_bpb": {n: first.get(f"eval/teacher_{j}/bpb") for j, n in enumerate(names)}}
 
 
+def publish(out: Path) -> None:
+    """Copy a complete default run's REPORT.md and curves.png into benchmarks/quality/ (the committed report)."""
+    for name in ("REPORT.md", "curves.png"):
+        tmp = HERE / f".{name}.tmp"
+        shutil.copyfile(out / name, tmp)
+        tmp.replace(HERE / name)
+    log(f"wrote {HERE / 'REPORT.md'}")
+
+
+def report_only(out: Path | None, p: proto.Protocol, *, complete: bool) -> int:
+    if out is None or not (out / "results.json").is_file():
+        sys.exit(f"error: --report-only needs --out DIR of a finished run (no results.json in {out})")
+    from benchmarks.quality.report import rewrite
+
+    line = rewrite(out, p)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    if p.name == "default" and complete and len(data["arms"]) == len(proto.ARMS):
+        publish(out)
+    print(line, flush=True)
+    return 0
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(proto.PROTOCOLS), default="default")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the configuration's)")
     ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(proto.ARM_NAMES)}")
     ap.add_argument("--out", type=Path, default=None, help="run directory (default benchmarks/quality/runs/...)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the report of the finished run in --out from its results.json (trains nothing)")
     ap.add_argument("--keep-models", action="store_true",
                     help="keep each run's final/ and checkpoints/ (default: removed once its metrics are read)")
     return ap.parse_args(argv)
@@ -97,7 +121,10 @@ def main(argv=None) -> int:
         arms = [proto.arm(a.strip()) for a in args.arms.split(",")] if args.arms else list(proto.ARMS)
     except KeyError as exc:
         sys.exit(f"error: --arms: {exc.args[0]}")
+    if args.report_only:
+        return report_only(args.out, p, complete=args.arms is None and n_seeds >= 3)
     started = datetime.now(timezone.utc)
+    at_commit = commit()  # the code this invocation runs (edits made while it runs are not loaded)
     out = args.out or HERE / "runs" / f"{p.name}-{started:%Y%m%d-%H%M%S}"
     marker = {"config": p.name, "protocol": p.summary()}
     check_out(out, marker)
@@ -152,7 +179,7 @@ def main(argv=None) -> int:
     arms_s = time.perf_counter() - t_arms
 
     info = {
-        "commit": commit(), "machine": machine(), "started": f"{started:%Y-%m-%d %H:%M}", "out": str(out),
+        "commit": at_commit, "machine": machine(), "started": f"{started:%Y-%m-%d %H:%M}", "out": str(out),
         "wall_s": time.perf_counter() - t_start, "teachers_s": teachers_s, "arms_s": arms_s,
         "teachers_built": any(t.pretrain_s is not None or t.cache_s is not None for t in teachers.values()),
         "runs_done": done_here, "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None
@@ -167,11 +194,7 @@ def main(argv=None) -> int:
     line = write_outputs(out, p, ordered, tinfo, info)
     print((out / "table.md").read_text(encoding="utf-8"), flush=True)
     if p.name == "default" and len(arms) == len(proto.ARMS) and n_seeds >= 3:
-        for name in ("REPORT.md", "curves.png"):  # the latest complete default run is the committed report
-            tmp = HERE / f".{name}.tmp"
-            shutil.copyfile(out / name, tmp)
-            tmp.replace(HERE / name)
-        log(f"wrote {HERE / 'REPORT.md'}")
+        publish(out)
     log(f"done in {_hms(info['wall_s'])}: {out / 'REPORT.md'}")
     print(line, flush=True)
     return 0 if all(math.isfinite(r["bpb"]) for s in ordered for r in s.runs) else 1

@@ -123,6 +123,50 @@ def _minutes(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _n_runs(stats: list[ArmStats]) -> int:
+    return sum(len(s.runs) for s in stats)
+
+
+def _run_seconds(stats: list[ArmStats]) -> float:
+    return sum(float(r.get("seconds", 0.0)) for s in stats for r in s.runs)
+
+
+def paired(stats: list[ArmStats], a: str, b: str, key: str = "bpb") -> tuple[float, float, int]:
+    """Per-seed differences `a - b` (the same seed: same initialisation and data order): `(mean,
+    standard error, seeds)`; NaN where fewer than 2 seeds are shared."""
+    by = {s.arm.name: {r["seed"]: float(r[key]) for r in s.runs if key in r} for s in stats}
+    if a not in by or b not in by:
+        return math.nan, math.nan, 0
+    seeds = sorted(set(by[a]) & set(by[b]))
+    d = [by[a][k] - by[b][k] for k in seeds]
+    if len(d) < 2 or not all(map(math.isfinite, d)):
+        return math.nan, math.nan, len(d)
+    return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d)
+
+
+def noise(stats: list[ArmStats], bpb: dict, best: str) -> list[str]:
+    """The "Noise" section: each compared pair's paired per-seed difference with its standard error,
+    flagged as resolved when |mean| > 2 SE (a rough guide with 3 seeds, not a test)."""
+    multi = min(res.MULTI_ARMS, key=lambda a: bpb.get(a, math.inf))
+    single = min(("same_kl", best), key=lambda a: bpb.get(a, math.inf)) if best in bpb else "same_kl"
+    pairs = [("same_kl", "ce", "same-vocab KD vs CE (recovery's denominator)"),
+             (best, "ce", "best cross vs CE (recovery's numerator)"),
+             (best, "uld", "best cross vs ULD"), (best, "gold", "best cross vs GOLD"),
+             (multi, single, "best multi vs best single"), ("pkl", "public_pkl", "P-KL vs public P-KL"),
+             ("pkl", "pkl_full", "cached top-K P-KL vs full logits")]
+    rows = ["## Noise", "",
+            "Paired per-seed differences of held-out BPB (each seed has the same initialisation and data order in",
+            "every arm), mean ± standard error; *resolved* when |mean| > 2 SE. With few seeds this is a rough",
+            "guide: a target met by an unresolved difference is met by the means, not shown.", "",
+            "| pair | difference (BPB) | resolved |", "| --- | ---: | --- |"]
+    for a, b, what in pairs:
+        m, se, n = paired(stats, a, b)
+        if math.isnan(m):
+            continue
+        rows.append(f"| {what}: `{a}` - `{b}` | {m:+.4f} ± {se:.4f} | {'yes' if abs(m) > 2 * se else 'no'} |")
+    return rows
+
+
 def report(p: Protocol, stats: list[ArmStats], teachers: dict, info: dict) -> str:
     """REPORT.md's text; its last line is the RESULT line."""
     bpb = {s.arm.name: s.mean("bpb") for s in stats}
@@ -133,11 +177,13 @@ def report(p: Protocol, stats: list[ArmStats], teachers: dict, info: dict) -> st
     lines = [
         f"# Distillation quality benchmark: `{p.name}` configuration",
         "",
-        f"- Commit: `{info['commit']}`; run {info['started']} (UTC) into `{info['out']}`.",
+        f"- Commit: `{info['commit']}`" + (f" ({info['commit_note']})" if info.get("commit_note") else "")
+        + f"; run {info['started']} (UTC) into `{info['out']}`.",
         f"- Machine: {info['machine']}.",
         f"- Wall time: {_minutes(info['wall_s'])} in all; teachers and caches {_minutes(info['teachers_s'])} "
         f"({'built in this invocation' if info['teachers_built'] else 'found cached'}); student runs "
-        f"{_minutes(info['arms_s'])} ({info['runs_done']} run(s) in this invocation).",
+        f"{_minutes(info['arms_s'])} ({info['runs_done']} run(s) in this invocation); all {_n_runs(stats)} student "
+        f"runs together, over every invocation: {_minutes(_run_seconds(stats))}.",
         f"- Command: `{info['command']}`.",
         "",
         "## Protocol",
@@ -180,6 +226,7 @@ def report(p: Protocol, stats: list[ArmStats], teachers: dict, info: dict) -> st
     ]
     for text, ok in res.targets(values):
         lines.append(f"- {'met' if ok else 'not measured' if ok is None else 'MISSED'}: {text}.")
+    lines += ["", *noise(stats, bpb, best)]
     definitions = res.__doc__.strip().split("\n\n", 1)[1].rstrip()
     lines += ["", "## RESULT definitions", "", "Fixed before any run (`benchmarks/quality/result.py`):", "",
               "```text", definitions, "```", "", res.result_line(values)]
@@ -198,3 +245,13 @@ def write_outputs(out: Path, p: Protocol, stats: list[ArmStats], teachers: dict,
     text = report(p, stats, teachers, info)
     write_atomic(out / "REPORT.md", text)
     return text.rstrip("\n").splitlines()[-1]
+
+
+def rewrite(out: Path, p: Protocol) -> str:
+    """Rebuild table.md, curves.png and REPORT.md of a finished run directory from its results.json
+    (the run's own info: commit, machine, times); returns the RESULT line."""
+    from benchmarks.quality import protocol as proto
+
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    stats = [ArmStats(proto.arm(name), list(a["runs"])) for name, a in data["arms"].items()]
+    return write_outputs(out, p, stats, data["teachers"], data["info"])
