@@ -55,6 +55,16 @@ def next_token_mask(batch: dict, batch_size: int, length: int, prefix: str = "",
     return out
 
 
+def next_token_targets(batch: dict, valid: torch.Tensor, width: int) -> torch.Tensor:
+    """`[B * T]` int64: the student's next token id at each next-token position (`valid [B, T]`,
+    from `next_token_mask`), 0 elsewhere, clamped into `[0, width)` (on an accelerator out-of-range
+    ids are not raised but poison the loss: `checks.check_real_ids`)."""
+    ids = batch["input_ids"].to(valid.device)
+    target = torch.zeros_like(ids)
+    target[:, :-1] = ids[:, 1:]
+    return torch.where(valid, target, torch.zeros_like(target)).flatten().clamp(0, width - 1)
+
+
 def shifted_chunk_ids(chunk_id: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """`[B, T]`: the chunk of token p+1 for each next-token position p, -1 elsewhere."""
     out = torch.full_like(chunk_id, -1)

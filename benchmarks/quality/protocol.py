@@ -65,8 +65,9 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    # 2 CPU cores, ~75 minutes with the teachers and caches. Student = the demo's (hidden 96, 2 layers,
-    # lr 3e-3, 8 x 128 tokens per step); teachers = the demo's teacher size, pre-trained 2.5x longer.
+    # 2 CPU cores, ~85-90 minutes with the teachers and caches (~75 once cached: docs/quality.md).
+    # Student = the demo's (hidden 96, 2 layers, lr 3e-3, 8 x 128 tokens per step); teachers = the
+    # demo's teacher size, pre-trained 2.5x longer.
     "default": Protocol(
         name="default", student=llama(96, 2, 4, 256, 256), teacher=llama(192, 3, 4, 512, 512),
         steps=100, lr=3e-3, warmup=10, teacher_steps=400, teacher_lr=3e-3, teacher_warmup=20,

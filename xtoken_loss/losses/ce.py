@@ -30,7 +30,7 @@ from xtoken_loss.chunked import (
     shift_rows,
 )
 from xtoken_loss.modules import LossModule
-from xtoken_loss.units import next_token_mask
+from xtoken_loss.units import next_token_mask, next_token_targets
 
 TEACHER_FORMS = ()  # uses no teacher
 
@@ -68,14 +68,9 @@ def ce_loss(
     check_key("ce", batch, "token_mask", (B, L), " (which positions are real)")
     bad = check_real_ids("ce", batch, "input_ids", "token_mask", V, "the student logits", required=True)
     dev = student_logits.device
-    ids = batch["input_ids"].to(dev)
-    if bad is not None:
-        ids = ids.clamp(0, V - 1)  # an accelerator batch: out-of-range ids poison the loss instead
     cdt = compute_dtype(student_logits.dtype)
     valid = next_token_mask(batch, B, L, "", dev)
-    target = torch.zeros_like(ids)
-    target[:, :-1] = ids[:, 1:]
-    target = torch.where(valid, target, torch.zeros_like(target)).flatten()  # [N]
+    target = next_token_targets(batch, valid, V)  # [N]
     valid = valid.flatten()
     if check_inputs:
         check_finite_rows("ce", "student_logits", student_logits, valid.nonzero().squeeze(1))

@@ -26,6 +26,7 @@ from xtoken_core.errors import LossOptionError
 from xtoken_loss import registry
 from xtoken_loss.chunked import check_choice, check_options
 from xtoken_loss.losses.ce import ce_loss
+from xtoken_loss.losses.kl import can_fuse_ce
 from xtoken_loss.modules import LossModule
 from xtoken_loss.projection import as_projection
 from xtoken_loss.units import count_units
@@ -124,16 +125,10 @@ def kd_ce_loss(
 
 
 def _fuses_ce(kd, opts, teacher_outputs, scaling, public, kd_weight, ce_weight) -> bool:
-    """KD `"kl"` on full teacher logits, forward, T = 1, fixed positive weights: one pass for both."""
+    """KD `"kl"` that can carry the CE (`kl.can_fuse_ce`), fixed positive weights: one pass for both."""
     if kd != "kl" or scaling != "fixed" or public or not kd_weight > 0 or not ce_weight > 0:
         return False
-    if opts.get("direction", "forward") != "forward" or float(opts.get("temperature", 1.0)) != 1.0:
-        return False
-    if "ce_weight" in opts:
-        return False
-    out = teacher_outputs
-    return isinstance(out, torch.Tensor) or getattr(out, "form", None) == "logits" or (
-        isinstance(out, dict) and out.get("logits") is not None)
+    return can_fuse_ce(teacher_outputs, opts)
 
 
 class KDCELoss(LossModule):

@@ -35,7 +35,7 @@ from xtoken_loss.chunked import (
 )
 from xtoken_loss.modules import LossModule
 from xtoken_loss.teacher_outputs import as_teacher_outputs
-from xtoken_loss.units import next_token_mask
+from xtoken_loss.units import next_token_mask, next_token_targets
 
 TEACHER_FORMS = ("logits", "topk")
 
@@ -152,7 +152,7 @@ def kl_loss(
     scale = T / norm
     ce_total = None
     if form == "logits":
-        target = _next_ids(batch, valid, B, L, V, dev) if ce_weight else None
+        target = next_token_targets(batch, valid.view(B, L), V) if ce_weight else None
         total, ce_total, bad = _full_logits(zs, zt, valid, grad, direct, T, direction, scale, n, bad,
                                             target, float(ce_weight))
     else:
@@ -183,13 +183,15 @@ def kl_loss(
     return attach_grad(student_logits, loss, grad.view(B, L, V) if want_grad else None), metrics
 
 
-def _next_ids(batch, valid, B, L, V, dev):
-    """The next token id of each row `[N]` (0 where the row is not valid), clamped into the student's
-    width (an accelerator batch's out-of-range ids poison the loss instead, `check_real_ids`)."""
-    ids = batch["input_ids"].to(dev)
-    target = torch.zeros_like(ids)
-    target[:, :-1] = ids[:, 1:]
-    return torch.where(valid.view(B, L), target, torch.zeros_like(target)).flatten().clamp(0, V - 1)
+def can_fuse_ce(teacher_outputs, options: dict) -> bool:
+    """Whether `kl_loss(..., teacher_outputs, **options, ce_weight=c)` computes the CE in its own pass:
+    full teacher logits, forward direction, temperature 1, and no `ce_weight` in `options` already
+    (used by `kd_ce_loss` and `MultiTeacherLoss` to decide where the CE goes)."""
+    if options.get("direction", "forward") != "forward" or float(options.get("temperature", 1.0)) != 1.0:
+        return False
+    if options.get("ce_weight"):
+        return False
+    return as_teacher_outputs(teacher_outputs, loss="kl", accepts=TEACHER_FORMS).form == "logits"
 
 
 def _or(a, b):

@@ -35,7 +35,7 @@ from xtoken_loss import registry
 from xtoken_loss.batch_tokenizers import check_batch_fingerprints
 from xtoken_loss.chunked import compute_dtype
 from xtoken_loss.losses.ce import ce_loss
-from xtoken_loss.losses.kl import kl_loss
+from xtoken_loss.losses.kl import can_fuse_ce, kl_loss
 from xtoken_loss.multi_teacher.scores import (
     SCORES,
     goodness,
@@ -461,13 +461,7 @@ class MultiTeacherLoss(nn.Module):
                 continue
             if not isinstance(norms[i], (int, float)) or not norms[i] > 0:
                 continue
-            opts = spec.loss_options
-            if opts.get("direction", "forward") != "forward" or float(opts.get("temperature", 1.0)) != 1.0 \
-                    or opts.get("ce_weight"):
-                continue
-            out = teacher_outputs[i]
-            if isinstance(out, torch.Tensor) or (isinstance(out, TeacherOutputs) and out.form == "logits") \
-                    or (isinstance(out, dict) and out.get("logits") is not None):
+            if can_fuse_ce(teacher_outputs[i], spec.loss_options):
                 return i
         return None
 
